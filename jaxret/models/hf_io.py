@@ -1,0 +1,202 @@
+"""Reading and writing Hugging Face checkpoints without torch.
+
+A checkpoint is a folder (or a hub id resolved to one) with `config.json` and either
+`model.safetensors` or a sharded `model.safetensors.index.json`. `pytorch_model.bin`
+is read only through `torch.load(weights_only=True)` when torch is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message says which file or tensor."""
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec)) and not spec.startswith(".")
+
+
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """A local folder as is, or a hub id downloaded (or found in the HF cache)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    spec = str(spec)
+    if path.exists() or not _looks_like_hub_id(spec):
+        raise CheckpointError(f"{spec!r} is neither a checkpoint folder nor a Hugging Face hub id")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
+        raise CheckpointError(f"cannot resolve hub id {spec!r}: huggingface_hub missing") from e
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+    try:
+        return Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if offline:
+        raise CheckpointError(
+            f"{spec!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
+            "is set. Download it on a connected machine (`huggingface-cli download "
+            f"{spec} --local-dir DIR`) and pass the folder path instead."
+        )
+    try:
+        return Path(snapshot_download(spec, allow_patterns=patterns))
+    except Exception as e:
+        raise CheckpointError(
+            f"could not download {spec!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "If this machine is offline, download the checkpoint elsewhere and pass its local "
+            "folder path instead of the hub id."
+        ) from e
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    with open(cfg_path) as f:
+        return json.load(f)
+
+
+def read_tensors(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint folder as numpy arrays (bf16 stays bf16 via ml_dtypes)."""
+    from safetensors.numpy import load_file
+
+    single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+    if single.is_file():
+        return dict(load_file(str(single)))
+    if index.is_file():
+        with open(index) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index} names shard {shard} which is missing")
+            tensors.update(load_file(str(shard_path)))
+        missing = set(weight_map) - set(tensors)
+        if missing:
+            raise CheckpointError(f"tensors listed in {index} but absent: {sorted(missing)[:5]}")
+        return tensors
+    bin_path = folder / "pytorch_model.bin"
+    if bin_path.is_file():
+        try:
+            import torch
+        except ImportError as e:
+            raise CheckpointError(
+                f"{bin_path} is a PyTorch pickle and torch is not installed. Convert it once to "
+                "safetensors (e.g. `transformers` `model.save_pretrained(dir, "
+                "safe_serialization=True)`) or install torch."
+            ) from e
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+        return {k: _torch_to_numpy(v) for k, v in state.items()}
+    raise CheckpointError(f"{folder} has none of {', '.join(_WEIGHT_FILES)}")
+
+
+def _torch_to_numpy(t: Any) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """One HF tensor ↔ one Flax parameter, with the layout change between them."""
+
+    hf_name: str
+    flax_path: tuple[str, ...]
+    to_flax: Callable[[np.ndarray], np.ndarray] = lambda x: x
+    to_hf: Callable[[np.ndarray], np.ndarray] = lambda x: x
+
+
+def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def tensors_to_params(
+    tensors: Mapping[str, np.ndarray],
+    rules: Iterable[TensorRule],
+    expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    ignore: Iterable[str] = (),
+    source: str = "checkpoint",
+    dtype: Any = np.float32,
+) -> dict:
+    """Builds a Flax params tree; every missing, unexpected or mis-shaped tensor is an error."""
+    rules = list(rules)
+    ignore_re = [re.compile(p) for p in ignore]
+    wanted = {r.hf_name for r in rules}
+    missing = [r.hf_name for r in rules if r.hf_name not in tensors]
+    unexpected = [k for k in tensors if k not in wanted and not any(p.search(k) for p in ignore_re)]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:8]} (of {len(missing)})")
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected tensor(s) {sorted(unexpected)[:8]} (of {len(unexpected)})"
+        )
+    params: dict = {}
+    for rule in rules:
+        value = np.asarray(rule.to_flax(np.asarray(tensors[rule.hf_name])))
+        want = tuple(expected_shapes[rule.flax_path])
+        if value.shape != want:
+            raise CheckpointError(
+                f"{source}: tensor {rule.hf_name} has shape {tuple(tensors[rule.hf_name].shape)}, "
+                f"which does not fit the config (Flax {'/'.join(rule.flax_path)} expects {want})"
+            )
+        _set_path(params, rule.flax_path, value.astype(dtype))
+    return params
+
+
+def params_to_tensors(params: Mapping, rules: Iterable[TensorRule]) -> dict[str, np.ndarray]:
+    out = {}
+    for rule in rules:
+        value = np.asarray(_get_path(params, rule.flax_path), dtype=np.float32)
+        out[rule.hf_name] = np.ascontiguousarray(rule.to_hf(value))
+    return out
+
+
+def flat_shapes(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], tuple]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flat_shapes(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = tuple(v.shape)
+    return out
+
+
+def write_checkpoint(
+    folder: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]
+) -> None:
+    from safetensors.numpy import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "config.json", "w") as f:
+        json.dump(dict(config), f, indent=2, sort_keys=True)
+    save_file(dict(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
