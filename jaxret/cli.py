@@ -1,0 +1,354 @@
+"""`jaxret <command>`: encode, search, eval, export, train, demo.
+
+Every command reads an ml_collections config (`--config=configs/x.py:variant`, default
+configs/retrieval.py) and `--config.a.b=value` overrides; the named flags below are
+shortcuts for the config fields they mention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _cpu_devices_per_core() -> None:
+    # XLA:CPU runs a transformer mostly on one core per device; one host device per core
+    # lets data-parallel encoding use them all. Must happen before jax is imported.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n or 1}".strip()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxret", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def model_flags(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--model", help="HF folder, hub id, or jaxret export/checkpoint")
+        s.add_argument("--pooling", choices=["cls", "mean"])
+        s.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
+        s.add_argument("--max-length", type=int, help="passage max length")
+        s.add_argument("--max-query-length", type=int)
+        s.add_argument("--passage-format", choices=["pair", "join"])
+        s.add_argument("--dtype", choices=["float32", "bfloat16"])
+        s.add_argument("--batch-size", type=int)
+
+    def data_flags(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/, qa/)")
+        s.add_argument(
+            "--corpus", help="corpus file instead of DATA/corpus.jsonl (BEIR or DPR tsv)"
+        )
+        s.add_argument("--split", default="test")
+
+    e = sub.add_parser("encode", help="embed a corpus into a saved sharded index")
+    model_flags(e)
+    data_flags(e)
+    e.add_argument("--out", required=True, help="index folder")
+    e.add_argument("--index-dtype", choices=["float32", "bfloat16"])
+    e.add_argument("--store", help="tokenized corpus store folder (default: cache)")
+
+    s = sub.add_parser("search", help="search a saved index with a text query")
+    model_flags(s)
+    s.add_argument("--index", required=True)
+    s.add_argument("--query", action="append", required=True, help="repeatable")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--backend", choices=["exact", "scann"], default="exact")
+    s.add_argument("--json", action="store_true")
+
+    v = sub.add_parser("eval", help="retrieval metrics of a dense model or BM25")
+    model_flags(v)
+    data_flags(v)
+    v.add_argument("--qa", help="QA file (jsonl or DPR csv) instead of DATA/qa/SPLIT.jsonl")
+    v.add_argument("--retriever", choices=["dense", "bm25"], default="dense")
+    v.add_argument("--k", type=int, default=100)
+    v.add_argument("--max-queries", type=int)
+    v.add_argument("--max-docs", type=int)
+    v.add_argument("--store")
+    v.add_argument("--run-out", help="write the run as a TREC run file")
+    v.add_argument("--json", action="store_true", help="one JSON object on the last line")
+
+    x = sub.add_parser("export", help="write the towers as HF folders (+ jaxret.json)")
+    model_flags(x)
+    x.add_argument("--out", required=True)
+
+    for name, text in (("train", "train a retriever (ART)"), ("demo", "the bundled demo")):
+        t = sub.add_parser(name, help=text)
+        t.add_argument("--workdir", required=name == "train", default="runs/demo")
+    return p
+
+
+def _apply_flags(cfg: Any, args: argparse.Namespace) -> None:
+    m = cfg.model
+    with cfg.unlocked():
+        for flag, field in (
+            ("model", "name"),
+            ("pooling", "pooling"),
+            ("normalize", "normalize"),
+            ("max_length", "max_passage_length"),
+            ("max_query_length", "max_query_length"),
+            ("passage_format", "passage_format"),
+            ("dtype", "dtype"),
+        ):
+            value = getattr(args, flag, None)
+            if value is not None:
+                m[field] = value
+        if getattr(args, "batch_size", None):
+            cfg.encode.batch_size = args.batch_size
+        if getattr(args, "index_dtype", None):
+            cfg.encode.index_dtype = args.index_dtype
+
+
+def _explicit_spec_fields(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> set[str]:
+    names = {
+        "pooling": "pooling",
+        "normalize": "normalize",
+        "max_length": "max_passage_length",
+        "max_query_length": "max_query_length",
+        "passage_format": "passage_format",
+        "dtype": "dtype",
+    }
+    given = {field for flag, field in names.items() if getattr(args, flag, None) is not None}
+    return given | {k.split(".", 1)[1] for k, _ in overrides if k.startswith("model.")}
+
+
+def load_model(cfg: Any, explicit: set[str] = frozenset()) -> tuple[Any, Any, Any]:
+    """(encoder, params, tokenizer) from cfg.model; a jaxret export keeps its saved spec
+    except for fields given explicitly."""
+    import dataclasses
+
+    from jaxret.data.tokenization import load_tokenizer
+    from jaxret.models import dual_encoder as de
+
+    spec = de.EncoderSpec.from_config(cfg.model)
+    folder = Path(cfg.model.name)
+    if (folder / de.SPEC_FILE).is_file():
+        saved = de.EncoderSpec(**json.loads((folder / de.SPEC_FILE).read_text())["spec"])
+        spec = dataclasses.replace(saved, **{f: getattr(spec, f) for f in explicit})
+    encoder, params, tok_folder = de.from_pretrained(
+        cfg.model.name, spec, passage_model=cfg.model.passage_name or None
+    )
+    return encoder, params, load_tokenizer(tok_folder)
+
+
+def _mesh(cfg: Any) -> Any:
+    from jaxret.parallel import initialize_distributed, make_mesh
+
+    initialize_distributed(cfg.get("distributed"))
+    return make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+
+
+def _place_params(cfg: Any, params: Any, mesh: Any) -> Any:
+    from jaxret.parallel import shard_params
+
+    return shard_params(params, mesh, cfg.mesh.param_sharding)
+
+
+def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
+    from jaxret.eval import evaluate as ev
+    from jaxret.eval.trec import write_run
+    from jaxret.lexical.bm25 import BM25Config
+
+    data = ev.load_eval_data(args.data, args.split, args.corpus, args.qa)
+    data = ev.subsample(data, args.max_queries, args.max_docs, cfg.seed)
+    progress = not args.json
+    info: dict[str, Any] = {"data": data.name, "split": args.split, "docs": len(data.corpus)}
+    if args.retriever == "bm25":
+        scores, rows, desc = ev.bm25_search(data, args.k, BM25Config(), progress)
+        info["retriever"] = desc
+    else:
+        if not cfg.model.name:
+            raise SystemExit("jaxret eval: --model is required for the dense retriever")
+        mesh = _mesh(cfg)
+        encoder, params, tokenizer = load_model(cfg, explicit)
+        params = _place_params(cfg, params, mesh)
+        scores, rows = ev.dense_search(
+            encoder,
+            params,
+            tokenizer,
+            data,
+            mesh,
+            args.k,
+            cfg.encode.batch_size,
+            cfg.encode.index_dtype,
+            args.store,
+            progress,
+        )
+        info["retriever"] = {"model": cfg.model.name, **vars(encoder.spec)}
+    result = ev.compute_metrics(data, scores, rows)
+    if args.run_out:
+        from jaxret.eval.metrics import run_from_arrays
+
+        write_run(args.run_out, run_from_arrays(data.query_ids, data.corpus.ids, scores, rows))
+    return {**result, **info}
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    keys = [
+        k
+        for k in ("ndcg@10", "recall@100", "mrr@10", "map", "top1", "top5", "top20", "top100")
+        if k in result
+    ]
+    n = int(result.get("num_queries", 0))
+    print(f"{result.get('data', '')}: {n} queries, {result.get('docs')} docs")
+    for k in keys:
+        print(f"  {k:>10}  {result[k]:.4f}")
+
+
+def cmd_encode(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
+    from jaxret.eval import evaluate as ev
+
+    if not (args.data or args.corpus):
+        raise SystemExit("jaxret encode: give --data DIR or --corpus FILE")
+    corpus_path = Path(args.corpus) if args.corpus else Path(args.data) / "corpus.jsonl"
+    from jaxret.data.readers import read_beir_corpus, read_dpr_passages
+
+    tsv = corpus_path.name.removesuffix(".gz").endswith(".tsv")
+    corpus = read_dpr_passages(corpus_path) if tsv else read_beir_corpus(corpus_path)
+    mesh = _mesh(cfg)
+    encoder, params, tokenizer = load_model(cfg, explicit)
+    params = _place_params(cfg, params, mesh)
+    index = ev.dense_index(
+        encoder,
+        params,
+        tokenizer,
+        corpus,
+        mesh,
+        cfg.encode.batch_size,
+        cfg.encode.index_dtype,
+        args.store,
+    )
+    out = Path(args.out)
+    index.save(out)
+    source = {
+        "corpus": str(corpus_path.absolute()),
+        "model": str(cfg.model.name),
+        "spec": vars(encoder.spec),
+    }
+    (out / "source.json").write_text(json.dumps(source, indent=2))
+    print(f"wrote {index.num_rows} × {index.dim} {cfg.encode.index_dtype} index to {out}")
+
+
+def cmd_search(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
+    import numpy as np
+
+    from jaxret.data.readers import read_beir_corpus, read_dpr_passages
+    from jaxret.eval import evaluate as ev
+    from jaxret.index.sharded import ShardedIndex, params_fingerprint
+
+    index_dir = Path(args.index)
+    source = json.loads((index_dir / "source.json").read_text())
+    with cfg.unlocked():
+        if args.model is None:
+            cfg.model.name = source["model"]
+    mesh = _mesh(cfg)
+    encoder, params, tokenizer = load_model(cfg, explicit | set(source["spec"]))
+    corpus_path = Path(source["corpus"])
+    tsv = corpus_path.name.removesuffix(".gz").endswith(".tsv")
+    corpus = read_dpr_passages(corpus_path) if tsv else read_beir_corpus(corpus_path)
+    expect = {
+        "corpus_hash": corpus.content_hash(),
+        "encoder": params_fingerprint(encoder.tower_params(params, "passage"), 0),
+    }
+    index = ShardedIndex.load(index_dir, mesh, expect=expect)
+    q = ev.encode_queries(encoder, params, tokenizer, args.query, mesh, progress=False)
+    k = min(args.k, index.num_rows)
+    scores, rows = index.search_batched(q, k)
+    extra: dict[str, Any] = {}
+    if args.backend == "scann":
+        from jaxret.index.scann_index import ScannIndex, recall_at_k
+
+        scann_dir = index_dir / "scann"
+        if (scann_dir / "jaxret_scann.json").is_file():
+            scann = ScannIndex.load(scann_dir)
+        else:
+            scann = ScannIndex.build(index.rows(), k=max(k, 100))
+            scann.save(scann_dir)
+        exact_rows = rows
+        scores, rows = scann.search(q, k)
+        extra[f"recall@{k}_vs_exact"] = recall_at_k(rows, exact_rows)
+    results = [
+        [
+            {
+                "rank": j + 1,
+                "id": corpus.ids[r],
+                "score": float(s),
+                "title": corpus.titles[r],
+                "text": corpus.texts[r],
+            }
+            for j, (s, r) in enumerate(zip(srow, rrow))
+            if r >= 0
+        ]
+        for srow, rrow in zip(np.asarray(scores), np.asarray(rows))
+    ]
+    if args.json:
+        print(json.dumps({"backend": args.backend, **extra, "results": results}))
+        return
+    for query, hits in zip(args.query, results):
+        print(f"query: {query}")
+        for h in hits:
+            title, text = h["title"][:40], h["text"][:80]
+            print(f"  {h['rank']:>3}. {h['score']:8.4f}  {h['id']}  {title}  {text}")
+    for key, value in extra.items():
+        print(f"{key}: {value:.3f}")
+
+
+def cmd_export(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
+    from jaxret.models import dual_encoder as de
+
+    encoder, params, tokenizer = load_model(cfg, explicit)
+    folders = de.export(encoder, params, args.out, tokenizer)
+    for tower, folder in folders.items():
+        print(f"{tower}: {folder}")
+
+
+def _train_or_demo(args: argparse.Namespace, spec: str | None, overrides: list) -> int:
+    # Until the ART recipe lands, the demo is the encoder evaluation on the bundled data.
+    from jaxret.configlib import ROOT
+
+    data = str(ROOT / "data" / "squad-dev-open")
+    for retriever in ("bm25", "dense"):
+        main(["eval", "--data", data, "--retriever", retriever, "--max-queries", "500"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jaxret.configlib import ConfigError, load_config, split_config_args
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _cpu_devices_per_core()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    try:
+        spec, overrides, rest = split_config_args(argv)
+        args = _parser().parse_args(rest)
+        if args.command in ("train", "demo"):
+            return _train_or_demo(args, spec, overrides)
+        cfg = load_config(spec or "configs/retrieval.py", overrides)
+        _apply_flags(cfg, args)
+        explicit = _explicit_spec_fields(args, overrides)
+        if args.command == "eval":
+            result = cmd_eval(cfg, args, explicit)
+            if args.json:
+                print(json.dumps(result, default=str))
+            else:
+                _print_table(result)
+        elif args.command == "encode":
+            cmd_encode(cfg, args, explicit)
+        elif args.command == "search":
+            cmd_search(cfg, args, explicit)
+        elif args.command == "export":
+            cmd_export(cfg, args, explicit)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"jaxret: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""Strict readers for BEIR, DPR and QA files.
+
+Every malformed line, missing field, duplicate id, empty text or dangling qrels id is a
+`DataError` naming file and line. Where a field is optional (a BEIR title, a QA id), its
+absence is counted and reported once as a warning — never silently skipped.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+csv.field_size_limit(sys.maxsize)
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Corpus:
+    ids: list[str]
+    titles: list[str]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __post_init__(self) -> None:
+        if not len(self.ids) == len(self.titles) == len(self.texts):
+            raise DataError("corpus ids, titles and texts differ in length")
+        self.row_of = {doc_id: i for i, doc_id in enumerate(self.ids)}
+
+    def content_hash(self) -> str:
+        """Identifies the corpus content and order (index manifests refer to it)."""
+        h = hashlib.sha256()
+        for row in zip(self.ids, self.titles, self.texts):
+            for field in row:
+                h.update(field.encode())
+                h.update(b"\x00")
+        return h.hexdigest()[:32]
+
+    def subset(self, rows: list[int]) -> Corpus:
+        return Corpus(
+            [self.ids[i] for i in rows],
+            [self.titles[i] for i in rows],
+            [self.texts[i] for i in rows],
+        )
+
+
+@dataclasses.dataclass
+class Queries:
+    ids: list[str]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+Qrels = dict[str, dict[str, int]]  # query id -> doc id -> graded relevance
+
+
+@dataclasses.dataclass
+class QAExample:
+    id: str
+    question: str
+    answers: list[str]
+    match_type: str = "string"  # "string" (DPR token match) or "regex" (CuratedTREC)
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Opens `path`, or `path.gz` when only the gzipped file exists."""
+    path = Path(path)
+    if not path.exists() and Path(f"{path}.gz").exists():
+        path = Path(f"{path}.gz")
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_no}: expected a JSON object")
+            yield line_no, row
+
+
+def _field(row: dict, key: str, path: Path, line_no: int, kind: type = str) -> Any:
+    if key not in row:
+        raise DataError(f"{path}:{line_no}: missing field {key!r}")
+    value = row[key]
+    if key in ("_id", "id") and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # BEIR ids are sometimes numbers
+    if not isinstance(value, kind):
+        raise DataError(f"{path}:{line_no}: field {key!r} must be {kind.__name__}")
+    return value
+
+
+def _warn_counts(path: Path, counts: Counter) -> None:
+    for what, n in counts.items():
+        if n:
+            log.warning("%s: %d row(s) %s", path, n, what)
+
+
+def _empty_document(path: Path, line_no: int, doc_id: str, on_empty: str, counts: Counter) -> None:
+    """Official collections hold empty documents (BEIR cranfield 471, 995): by default they
+    are kept, so ids and the corpus hash stay faithful, and counted; `on_empty="error"`
+    refuses them."""
+    if on_empty == "error":
+        raise DataError(f"{path}:{line_no}: document {doc_id!r} has empty title and text")
+    if on_empty != "warn":
+        raise ValueError(f"on_empty={on_empty!r}; expected 'warn' or 'error'")
+    counts["are empty (no title, no text; kept)"] += 1
+
+
+def read_beir_corpus(path: str | Path, on_empty: str = "warn") -> Corpus:
+    """`corpus.jsonl[.gz]`: {"_id", "title"?, "text"}. A missing title counts as empty."""
+    path = Path(path)
+    ids, titles, texts, seen, counts = [], [], [], {}, Counter()
+    for line_no, row in _jsonl(path):
+        doc_id = _field(row, "_id", path, line_no)
+        text = _field(row, "text", path, line_no)
+        title = row.get("title")
+        if title is None:
+            counts["have no title"] += 1
+            title = ""
+        elif not isinstance(title, str):
+            raise DataError(f"{path}:{line_no}: field 'title' must be str")
+        if doc_id in seen:
+            raise DataError(
+                f"{path}:{line_no}: duplicate _id {doc_id!r} (first on line {seen[doc_id]})"
+            )
+        if not text.strip():
+            if not title.strip():
+                _empty_document(path, line_no, doc_id, on_empty, counts)
+            else:
+                counts["have an empty text (title only)"] += 1
+        seen[doc_id] = line_no
+        ids.append(doc_id)
+        titles.append(title)
+        texts.append(text)
+    if not ids:
+        raise DataError(f"{path}: no documents")
+    _warn_counts(path, counts)
+    return Corpus(ids, titles, texts)
+
+
+def read_beir_queries(path: str | Path) -> Queries:
+    path = Path(path)
+    ids, texts, seen = [], [], {}
+    for line_no, row in _jsonl(path):
+        qid = _field(row, "_id", path, line_no)
+        text = _field(row, "text", path, line_no)
+        if qid in seen:
+            raise DataError(f"{path}:{line_no}: duplicate _id {qid!r} (first on line {seen[qid]})")
+        if not text.strip():
+            raise DataError(f"{path}:{line_no}: query {qid!r} has empty text")
+        seen[qid] = line_no
+        ids.append(qid)
+        texts.append(text)
+    if not ids:
+        raise DataError(f"{path}: no queries")
+    return Queries(ids, texts)
+
+
+def read_qrels(
+    path: str | Path,
+    query_ids: set[str] | None = None,
+    doc_ids: set[str] | dict[str, int] | None = None,
+) -> Qrels:
+    """BEIR `qrels/<split>.tsv` (query-id, corpus-id, score; header optional) or TREC 4-column."""
+    path = Path(path)
+    qrels: Qrels = {}
+    with open_text(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            cols = line.rstrip("\n").split("\t") if "\t" in line else line.split()
+            if line_no == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
+                continue
+            if len(cols) == 4:
+                cols = [cols[0], cols[2], cols[3]]
+            if len(cols) != 3:
+                raise DataError(
+                    f"{path}:{line_no}: expected 3 tab-separated columns, got {len(cols)}"
+                )
+            qid, did, score = (c.strip() for c in cols)
+            try:
+                rel = int(float(score))
+            except ValueError:
+                raise DataError(f"{path}:{line_no}: score {score!r} is not a number") from None
+            if query_ids is not None and qid not in query_ids:
+                raise DataError(f"{path}:{line_no}: unknown query id {qid!r}")
+            if doc_ids is not None and did not in doc_ids:
+                raise DataError(f"{path}:{line_no}: unknown corpus id {did!r}")
+            if did in qrels.get(qid, {}):
+                raise DataError(f"{path}:{line_no}: duplicate judgement ({qid!r}, {did!r})")
+            qrels.setdefault(qid, {})[did] = rel
+    return qrels
+
+
+@dataclasses.dataclass
+class BeirDataset:
+    corpus: Corpus
+    queries: Queries
+    qrels: Qrels
+
+
+def read_beir(folder: str | Path, split: str = "test") -> BeirDataset:
+    folder = Path(folder)
+    corpus = read_beir_corpus(folder / "corpus.jsonl")
+    queries = read_beir_queries(folder / "queries.jsonl")
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    qrels = read_qrels(qrels_path, set(queries.ids), corpus.row_of)
+    return BeirDataset(corpus, queries, qrels)
+
+
+def read_dpr_passages(path: str | Path, on_empty: str = "warn") -> Corpus:
+    """DPR `psgs_w100.tsv`: header `id text title`, then one passage per row."""
+    path = Path(path)
+    ids, titles, texts, seen, counts = [], [], [], {}, Counter()
+    with open_text(path) as f:
+        reader = csv.reader(f, delimiter="\t")
+        for line_no, cols in enumerate(reader, 1):
+            if line_no == 1 and cols and cols[0] == "id":
+                continue
+            if len(cols) != 3:
+                raise DataError(
+                    f"{path}:{line_no}: expected 3 columns (id, text, title), got {len(cols)}"
+                )
+            pid, text, title = cols
+            if pid in seen:
+                raise DataError(
+                    f"{path}:{line_no}: duplicate id {pid!r} (first on line {seen[pid]})"
+                )
+            if not text.strip() and not title.strip():
+                _empty_document(path, line_no, pid, on_empty, counts)
+            seen[pid] = line_no
+            ids.append(pid)
+            texts.append(text)
+            titles.append(title)
+    if not ids:
+        raise DataError(f"{path}: no passages")
+    _warn_counts(path, counts)
+    return Corpus(ids, titles, texts)
+
+
+def _check_answers(answers: Any, path: Path, line_no: int) -> list[str]:
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise DataError(f"{path}:{line_no}: answers must be a list of strings")
+    if not answers or not all(a.strip() for a in answers):
+        raise DataError(f"{path}:{line_no}: empty answer list or empty answer string")
+    return answers
+
+
+def read_dpr_qa(path: str | Path, match_type: str = "string") -> list[QAExample]:
+    """DPR QA csv: `question \\t ['answer', ...]` (answers parsed with ast.literal_eval)."""
+    path = Path(path)
+    out = []
+    with open_text(path) as f:
+        for line_no, cols in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if not cols or not any(c.strip() for c in cols):
+                continue
+            if len(cols) != 2:
+                raise DataError(f"{path}:{line_no}: expected 2 columns (question, answers)")
+            question, raw = cols
+            if not question.strip():
+                raise DataError(f"{path}:{line_no}: empty question")
+            try:
+                answers = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                raise DataError(
+                    f"{path}:{line_no}: answers {raw[:60]!r} are not a Python list"
+                ) from None
+            out.append(
+                QAExample(
+                    str(line_no - 1), question, _check_answers(answers, path, line_no), match_type
+                )
+            )
+    if not out:
+        raise DataError(f"{path}: no questions")
+    return out
+
+
+def read_qa_jsonl(path: str | Path) -> list[QAExample]:
+    """`{"question", "answers", "id"?, "answer_type"?: "string"|"regex"}` per line."""
+    path = Path(path)
+    out, seen, counts = [], {}, Counter()
+    for line_no, row in _jsonl(path):
+        question = _field(row, "question", path, line_no)
+        if not question.strip():
+            raise DataError(f"{path}:{line_no}: empty question")
+        answers = _check_answers(_field(row, "answers", path, line_no, list), path, line_no)
+        if "id" in row:
+            qid = _field(row, "id", path, line_no)
+        else:
+            counts["have no id (line number used)"] += 1
+            qid = str(line_no)
+        if qid in seen:
+            raise DataError(f"{path}:{line_no}: duplicate id {qid!r} (first on line {seen[qid]})")
+        seen[qid] = line_no
+        match_type = row.get("answer_type", "string")
+        if match_type not in ("string", "regex"):
+            raise DataError(f"{path}:{line_no}: answer_type {match_type!r} not in (string, regex)")
+        out.append(QAExample(qid, question, answers, match_type))
+    if not out:
+        raise DataError(f"{path}: no questions")
+    _warn_counts(path, counts)
+    return out
+
+
+def read_questions(path: str | Path) -> list[str]:
+    """Training questions (ART needs nothing else): BEIR queries.jsonl, QA jsonl or DPR QA csv."""
+    path = Path(path)
+    name = path.name.removesuffix(".gz")
+    if name.endswith((".csv", ".tsv")):
+        return [ex.question for ex in read_dpr_qa(path)]
+    with open_text(path) as f:
+        first = next((line for line in f if line.strip()), "")
+    if '"_id"' in first:
+        return read_beir_queries(path).texts
+    return [ex.question for ex in read_qa_jsonl(path)]

@@ -1,0 +1,237 @@
+"""Retrieval evaluation of a dense model or BM25 on BEIR and/or QA data."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxret.data.readers import (
+    Corpus,
+    DataError,
+    QAExample,
+    Qrels,
+    read_beir_corpus,
+    read_beir_queries,
+    read_dpr_passages,
+    read_dpr_qa,
+    read_qa_jsonl,
+    read_qrels,
+)
+from jaxret.data.tokenization import tokenize_queries
+from jaxret.eval import metrics, qa
+from jaxret.index.encode import encode_corpus, encode_rows, passage_table
+from jaxret.index.sharded import ShardedIndex
+from jaxret.lexical.bm25 import BM25, BM25Config
+from jaxret.models.dual_encoder import DualEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class EvalData:
+    name: str
+    corpus: Corpus
+    query_ids: list[str]
+    query_texts: list[str]
+    qrels: Qrels | None = None  # BEIR judgements
+    answers: list[QAExample] | None = None  # QA answers, aligned with query_ids
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("JAXRET_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "jaxret"
+    )
+    return Path(root)
+
+
+def load_eval_data(
+    data: str | os.PathLike | None = None,
+    split: str = "test",
+    corpus_path: str | os.PathLike | None = None,
+    qa_path: str | os.PathLike | None = None,
+) -> EvalData:
+    """A BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv, optional
+    qa/<split>.jsonl), or a corpus file (BEIR jsonl or DPR tsv) plus a QA file."""
+    folder = Path(data) if data else None
+    if corpus_path is None:
+        if folder is None:
+            raise DataError("give a data folder or a corpus file")
+        corpus_path = folder / "corpus.jsonl"
+    corpus_path = Path(corpus_path)
+    if corpus_path.name.removesuffix(".gz").endswith(".tsv"):
+        corpus = read_dpr_passages(corpus_path)
+    else:
+        corpus = read_beir_corpus(corpus_path)
+
+    if qa_path is None and folder is not None:
+        for candidate in (folder / "qa" / f"{split}.jsonl", folder / "qa" / f"{split}.csv"):
+            if candidate.exists() or Path(f"{candidate}.gz").exists():
+                qa_path = candidate
+    examples = None
+    if qa_path is not None:
+        qa_path = Path(qa_path)
+        examples = (
+            read_dpr_qa(qa_path)
+            if qa_path.name.endswith((".csv", ".tsv"))
+            else read_qa_jsonl(qa_path)
+        )
+
+    qrels = None
+    qrels_path = folder / "qrels" / f"{split}.tsv" if folder else None
+    if qrels_path is not None and (qrels_path.exists() or Path(f"{qrels_path}.gz").exists()):
+        queries = read_beir_queries(folder / "queries.jsonl")
+        qrels = read_qrels(qrels_path, set(queries.ids), corpus.row_of)
+        text_of = dict(zip(queries.ids, queries.texts))
+        # Unjudged queries are skipped (BEIR): only those in the qrels are searched.
+        qids = [q for q in queries.ids if q in qrels]
+        texts = [text_of[q] for q in qids]
+    elif examples is not None:
+        qids, texts = [e.id for e in examples], [e.question for e in examples]
+    else:
+        raise DataError(f"{folder}: no qrels/{split}.tsv and no QA file: nothing to evaluate")
+
+    if examples is not None:
+        by_id = {e.id: e for e in examples}
+        if qrels is not None:
+            missing = [q for q in qids if q not in by_id]
+            if missing:
+                raise DataError(f"{qa_path}: no answers for judged query ids {missing[:5]}")
+        examples = [by_id[q] for q in qids]
+    name = folder.name if folder else corpus_path.stem
+    return EvalData(name, corpus, qids, texts, qrels, examples)
+
+
+def subsample(
+    data: EvalData, max_queries: int | None, max_docs: int | None, seed: int = 0
+) -> EvalData:
+    """A smaller, self-consistent problem: the first `max_queries` queries, every document
+    they judge relevant, then other documents (seeded) up to `max_docs`."""
+    n_q = len(data.query_ids) if not max_queries else min(max_queries, len(data.query_ids))
+    qids, texts = data.query_ids[:n_q], data.query_texts[:n_q]
+    answers = data.answers[:n_q] if data.answers is not None else None
+    corpus = data.corpus
+    qrels = {q: data.qrels[q] for q in qids} if data.qrels is not None else None
+    if max_docs and max_docs < len(corpus):
+        keep = {corpus.row_of[d] for q in qids for d in (qrels or {}).get(q, {})}
+        rest = np.random.RandomState(seed).permutation(len(corpus))
+        for r in rest:
+            if len(keep) >= max_docs:
+                break
+            keep.add(int(r))
+        corpus = corpus.subset(sorted(keep))
+        if qrels is not None:
+            qrels = {
+                q: {d: s for d, s in r.items() if d in corpus.row_of} for q, r in qrels.items()
+            }
+    return EvalData(data.name, corpus, qids, texts, qrels, answers)
+
+
+def dense_index(
+    encoder: DualEncoder,
+    params: Any,
+    tokenizer: Any,
+    corpus: Corpus,
+    mesh: Mesh,
+    batch_size: int = 128,
+    index_dtype: str = "float32",
+    store: str | os.PathLike | None = None,
+    step: int = 0,
+    progress: bool = True,
+) -> ShardedIndex:
+    corpus_hash = corpus.content_hash()
+    store = Path(store) if store else default_cache_dir() / "stores" / corpus_hash
+    table = passage_table(store, corpus, encoder, tokenizer)
+    return encode_corpus(
+        encoder,
+        params,
+        table,
+        mesh,
+        batch_size,
+        index_dtype,
+        corpus_hash=corpus_hash,
+        step=step,
+        desc="encoding corpus" if progress else None,
+    )
+
+
+def encode_queries(
+    encoder: DualEncoder,
+    params: Any,
+    tokenizer: Any,
+    texts: list[str],
+    mesh: Mesh,
+    batch_size: int = 128,
+    progress: bool = True,
+) -> np.ndarray:
+    tokens = tokenize_queries(tokenizer, texts, encoder.spec.max_query_length)
+    return encode_rows(
+        encoder,
+        params,
+        tokens,
+        "query",
+        mesh,
+        range(len(texts)),
+        batch_size,
+        desc="encoding queries" if progress else None,
+    )
+
+
+def dense_search(
+    encoder: DualEncoder,
+    params: Any,
+    tokenizer: Any,
+    data: EvalData,
+    mesh: Mesh,
+    k: int = 100,
+    batch_size: int = 128,
+    index_dtype: str = "float32",
+    store: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    index = dense_index(
+        encoder,
+        params,
+        tokenizer,
+        data.corpus,
+        mesh,
+        batch_size,
+        index_dtype,
+        store,
+        progress=progress,
+    )
+    q = encode_queries(encoder, params, tokenizer, data.query_texts, mesh, batch_size, progress)
+    k = min(k, len(data.corpus))
+    return index.search_batched(q, k, desc="searching" if progress else None)
+
+
+def bm25_search(
+    data: EvalData, k: int = 100, config: BM25Config | None = None, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    bm25 = BM25(data.corpus, config or BM25Config(), show_progress=progress)
+    scores, rows = bm25.retrieve(data.query_texts, k, show_progress=progress)
+    return scores, rows, bm25.describe()
+
+
+def compute_metrics(data: EvalData, scores: np.ndarray, rows: np.ndarray) -> dict[str, float]:
+    """BEIR metrics when judged, top-k answer accuracy when answers are known."""
+    out: dict[str, float] = {}
+    if data.qrels is not None:
+        run = metrics.run_from_arrays(data.query_ids, data.corpus.ids, scores, rows)
+        out.update(metrics.evaluate(data.qrels, run))
+    if data.answers is not None:
+        hits = qa.hits_matrix(
+            [e.answers for e in data.answers],
+            [e.match_type for e in data.answers],
+            rows,
+            data.corpus.texts,
+        )
+        ks = [k for k in (1, 5, 20, 100) if k <= rows.shape[1]]
+        out.update(qa.top_k_accuracy(hits, ks))
+        out.setdefault("num_queries", float(len(data.answers)))
+    return out

@@ -1,0 +1,159 @@
+"""Corpus encoding: jitted, data-parallel over the mesh, each process encoding its own rows."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
+from jaxret.data.readers import Corpus
+from jaxret.data.tokenization import tokenize_passages
+from jaxret.index.mips import RowLayout
+from jaxret.index.sharded import ShardedIndex, params_fingerprint, process_row_range
+from jaxret.models.dual_encoder import DualEncoder, Tower
+from jaxret.parallel.host_data import global_batch
+
+DATA = PartitionSpec("data")
+
+
+def passage_table(
+    store: str | os.PathLike, corpus: Corpus, encoder: DualEncoder, tokenizer: Any
+) -> TokenTable:
+    """The retriever's tokenization of the corpus, built once and memory-mapped."""
+    spec = encoder.spec
+
+    def tokenize(titles: list[str], texts: list[str]) -> dict[str, np.ndarray]:
+        return tokenize_passages(
+            tokenizer, titles, texts, spec.max_passage_length, spec.passage_format
+        )
+
+    fingerprint = {
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "vocab_size": len(tokenizer),
+        "max_length": spec.max_passage_length,
+        "passage_format": spec.passage_format,
+    }
+    return open_table(store, "passages", corpus, tokenize, fingerprint)
+
+
+def make_embed_fn(encoder: DualEncoder, tower: Tower, mesh: Mesh) -> Any:
+    return jax.jit(
+        lambda params, tokens: encoder.embed(params, tower, tokens),
+        out_shardings=NamedSharding(mesh, DATA),
+    )
+
+
+def bucket_lengths(lengths: np.ndarray, max_length: int, multiple: int = 32) -> np.ndarray:
+    """Pad lengths up to a multiple of `multiple` (at most `max_length`): few compiled shapes."""
+    return np.minimum(np.maximum(1, -(-lengths // multiple)) * multiple, max_length)
+
+
+def encode_rows(
+    encoder: DualEncoder,
+    params: Any,
+    tokens: TokenTable | dict[str, np.ndarray],
+    tower: Tower,
+    mesh: Mesh,
+    rows: range,
+    batch_size: int = 128,
+    desc: str | None = "encoding",
+    embed_fn: Any = None,
+) -> np.ndarray:
+    """Embeds this process's `rows` (rows past the table's end are padding) → [len(rows), d].
+
+    Rows are encoded longest first and each batch is cut to its bucketed longest length, so
+    short passages do not pay for the maximum length. Every process must call this with
+    ranges of equal length: each batch is one SPMD step, and the bucket lengths are agreed
+    across processes.
+    """
+    data_size = mesh.shape["data"] if "data" in mesh.shape else 1
+    local_data = max(1, data_size // jax.process_count())
+    local_bs = math.ceil(max(1, batch_size // jax.process_count()) / local_data) * local_data
+    embed_fn = embed_fn or make_embed_fn(encoder, tower, mesh)
+    table = tokens if isinstance(tokens, TokenTable) else None
+    arrays = table.arrays if table else tokens
+    n_real = len(table) if table else len(tokens["input_ids"])
+    max_len = next(iter(arrays.values())).shape[1]
+
+    ids = np.arange(rows.start, rows.stop)
+    lengths = np.zeros(len(ids), np.int64)
+    real = ids < n_real
+    lengths[real] = _lengths(arrays["attention_mask"], ids[real])
+    order = np.argsort(-lengths, kind="stable")
+    starts = list(range(0, len(ids), local_bs))
+    batch_len = np.array(
+        [bucket_lengths(lengths[order[s]], max_len) for s in starts], np.int64
+    ).reshape(-1)
+    if jax.process_count() > 1:
+        batch_len = np.asarray(multihost_utils.process_allgather(batch_len)).max(0)
+
+    out = np.zeros((len(ids), encoder.dim), np.float32)
+    start_time = time.perf_counter()
+    bar = tqdm(total=len(ids), desc=desc, unit="psg", disable=desc is None, unit_scale=True)
+    for s, length in zip(starts, batch_len):
+        sel = order[s : s + local_bs]
+        real_rows = ids[sel][ids[sel] < n_real]  # a prefix: padding rows have length 0, sort last
+        batch = {}
+        for k, arr in arrays.items():
+            block = np.zeros((local_bs, int(length)), np.int32)
+            block[: len(real_rows)] = np.asarray(arr[real_rows], np.int32)[:, :length]
+            batch[k] = block
+        emb = embed_fn(params, global_batch(batch, mesh, DATA))
+        local = np.asarray(multihost_utils.global_array_to_host_local_array(emb, mesh, DATA))
+        out[sel] = local[: len(sel)]
+        bar.update(len(sel))
+    bar.close()
+    if desc is not None and len(ids):
+        rate = len(ids) / max(time.perf_counter() - start_time, 1e-9)
+        tqdm.write(f"{desc}: {len(ids)} passages, {rate:.0f} passages/s")
+    return out
+
+
+def _lengths(mask: np.ndarray, ids: np.ndarray, block: int = 65536) -> np.ndarray:
+    """Token counts of rows `ids` (contiguous in practice), read in blocks from a memmap."""
+    out = np.zeros(len(ids), np.int64)
+    for s in range(0, len(ids), block):
+        part = ids[s : s + block]
+        if len(part) and part[-1] - part[0] == len(part) - 1:
+            out[s : s + block] = np.asarray(mask[part[0] : part[-1] + 1]).sum(1)
+        else:
+            out[s : s + block] = np.asarray(mask[part]).sum(1)
+    return out
+
+
+def encode_corpus(
+    encoder: DualEncoder,
+    params: Any,
+    tokens: TokenTable | dict[str, np.ndarray],
+    mesh: Mesh,
+    batch_size: int = 128,
+    dtype: Any = "bfloat16",
+    chunk_rows: int = 32768,
+    corpus_hash: str = "",
+    step: int = 0,
+    desc: str | None = "encoding corpus",
+    embed_fn: Any = None,
+) -> ShardedIndex:
+    """Embeds every passage with the passage tower into a row-sharded `ShardedIndex`.
+
+    The index's fingerprint records the corpus hash and which parameters produced it.
+    """
+    n = len(tokens) if isinstance(tokens, TokenTable) else len(tokens["input_ids"])
+    layout = RowLayout.for_mesh(n, mesh, chunk_rows)
+    rows = process_row_range(layout, mesh)
+    local = encode_rows(
+        encoder, params, tokens, "passage", mesh, rows, batch_size, desc, embed_fn=embed_fn
+    )
+    fingerprint = {
+        "corpus_hash": corpus_hash,
+        "encoder": params_fingerprint(encoder.tower_params(params, "passage"), step),
+    }
+    return ShardedIndex.from_process_rows(local, layout, mesh, dtype, fingerprint)

@@ -1,0 +1,131 @@
+"""Exact maximum inner product search over an embedding matrix sharded by rows.
+
+Layout: [N_pad, d] rows split into equal contiguous blocks over *every* device of the mesh
+(PartitionSpec over all mesh axes), each block a whole number of `chunk` rows. Rows ≥ N are
+padding and never returned.
+
+Per device: scores = q · blockᵀ chunk by chunk (fp32 accumulation), a running local top-k;
+then all_gather of the local candidates and one global top-k. lax.top_k keeps the lower
+index among equal scores and candidates are concatenated in row order, so ties always go to
+the lower row id, on any device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+_NO_ID = jnp.iinfo(jnp.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """How N rows spread over `num_shards` devices in blocks of `rows_per_shard`."""
+
+    num_rows: int
+    num_shards: int
+    rows_per_shard: int
+    chunk: int
+
+    @property
+    def padded_rows(self) -> int:
+        return self.rows_per_shard * self.num_shards
+
+    @classmethod
+    def for_mesh(cls, num_rows: int, mesh: Mesh, chunk_rows: int = 32768) -> RowLayout:
+        if num_rows <= 0:
+            raise ValueError("an index needs at least one row")
+        shards = mesh.size
+        per_shard = math.ceil(num_rows / shards)
+        chunk = max(1, min(chunk_rows, per_shard))
+        per_shard = math.ceil(per_shard / chunk) * chunk
+        return cls(num_rows, shards, per_shard, chunk)
+
+
+def row_spec(mesh: Mesh) -> PartitionSpec:
+    return PartitionSpec(tuple(mesh.axis_names))
+
+
+def row_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, row_spec(mesh))
+
+
+def _merge(a_s: jax.Array, a_i: jax.Array, b_s: jax.Array, b_i: jax.Array, k: int):
+    """Top-k of two candidate lists; `a` holds lower row ids, so it wins ties."""
+    s = jnp.concatenate([a_s, b_s], axis=1)
+    i = jnp.concatenate([a_i, b_i], axis=1)
+    s, pos = jax.lax.top_k(s, k)
+    return s, jnp.take_along_axis(i, pos, axis=1)
+
+
+def _local_top_k(
+    block: jax.Array,  # [n, d] this device's rows
+    queries: jax.Array,  # [B, d]
+    k: int,
+    row_offset: jax.Array,  # first global row id of the block
+    num_rows: int,
+    chunk: int,
+) -> tuple[jax.Array, jax.Array]:
+    n, d = block.shape
+    k_local = min(k, n)
+    kc = min(k_local, chunk)
+    q = queries.astype(block.dtype)
+    chunks = block.reshape(n // chunk, chunk, d)
+
+    def score_chunk(c: int | jax.Array, rows: jax.Array):
+        s = jnp.einsum("bd,nd->bn", q, rows, preferred_element_type=jnp.float32)  # [B, chunk]
+        ids = row_offset + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+        s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)
+        s, pos = jax.lax.top_k(s, kc)
+        return s, ids[pos]
+
+    best_s, best_i = score_chunk(0, chunks[0])
+    if kc < k_local:  # pad the running list to k_local so the scan carry has a fixed shape
+        pad = k_local - kc
+        best_s = jnp.pad(best_s, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+        best_i = jnp.pad(best_i, ((0, 0), (0, pad)), constant_values=_NO_ID)
+    if chunks.shape[0] == 1:
+        return best_s, best_i
+
+    def step(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, jax.Array]):
+        c, rows = xs
+        s, i = score_chunk(c, rows)
+        return _merge(*carry, s, i, k_local), None
+
+    cs = jnp.arange(1, chunks.shape[0], dtype=jnp.int32)
+    (best_s, best_i), _ = jax.lax.scan(step, (best_s, best_i), (cs, chunks[1:]))
+    return best_s, best_i
+
+
+def mips_top_k(
+    embeddings: jax.Array,  # [N_pad, d] sharded by row_spec(mesh)
+    queries: jax.Array,  # [B, d]
+    k: int,
+    layout: RowLayout,
+    mesh: Mesh,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k by inner product: (scores [B, k] fp32, row ids [B, k] int32), replicated."""
+    if not 0 < k <= layout.num_rows:
+        raise ValueError(f"k={k} must be in [1, {layout.num_rows}] (the number of indexed rows)")
+    axes = tuple(mesh.axis_names)
+
+    def per_device(block: jax.Array, q: jax.Array):
+        offset = jax.lax.axis_index(axes).astype(jnp.int32) * layout.rows_per_shard
+        s, i = _local_top_k(block, q, k, offset, layout.num_rows, layout.chunk)
+        s = jax.lax.all_gather(s, axes, axis=1, tiled=True)  # [B, shards * k_local], row order
+        i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
+        s, pos = jax.lax.top_k(s, k)
+        return s, jnp.take_along_axis(i, pos, axis=1)
+
+    fn = jax.shard_map(
+        per_device,
+        mesh=mesh,
+        in_specs=(row_spec(mesh), PartitionSpec()),
+        out_specs=(PartitionSpec(), PartitionSpec()),
+        check_vma=False,
+    )
+    return fn(embeddings, queries)

@@ -1,0 +1,148 @@
+import gzip
+import json
+
+import pytest
+
+from jaxret.data import readers as R
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_beir_corpus_good_gz_and_warnings(tmp_path, caplog):
+    rows = [
+        {"_id": "a", "title": "T", "text": "x"},
+        {"_id": 7, "text": "y"},
+        {"_id": "c", "title": "", "text": ""},
+    ]
+    path = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(jsonl(rows))
+    corpus = R.read_beir_corpus(tmp_path / "corpus.jsonl")  # finds the .gz
+    assert corpus.ids == ["a", "7", "c"] and corpus.titles == ["T", "", ""]
+    assert "1 row(s) have no title" in caplog.text and "1 row(s) are empty" in caplog.text
+    with pytest.raises(R.DataError, match=r"corpus.jsonl.gz:3: document 'c' has empty"):
+        R.read_beir_corpus(path, on_empty="error")
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ('{"_id": "a", "text": "x"}\n{not json\n', r":2: malformed JSON"),
+        ('{"_id": "a"}\n', r":1: missing field 'text'"),
+        ('{"text": "x"}\n', r":1: missing field '_id'"),
+        (
+            '{"_id": "a", "text": "x"}\n{"_id": "a", "text": "y"}\n',
+            r":2: duplicate _id 'a' \(first on line 1\)",
+        ),
+        ('{"_id": "a", "text": 3}\n', r":1: field 'text' must be str"),
+        ("[1, 2]\n", r":1: expected a JSON object"),
+        ("", "no documents"),
+    ],
+)
+def test_beir_corpus_errors(tmp_path, content, match):
+    with pytest.raises(R.DataError, match=match):
+        R.read_beir_corpus(write(tmp_path / "corpus.jsonl", content))
+
+
+def test_queries_errors(tmp_path):
+    with pytest.raises(R.DataError, match=r"queries.jsonl:2: query 'q2' has empty text"):
+        R.read_beir_queries(
+            write(
+                tmp_path / "queries.jsonl",
+                jsonl([{"_id": "q1", "text": "a"}, {"_id": "q2", "text": " "}]),
+            )
+        )
+    with pytest.raises(R.DataError, match=r":2: duplicate _id 'q1'"):
+        R.read_beir_queries(write(tmp_path / "q2.jsonl", jsonl([{"_id": "q1", "text": "a"}] * 2)))
+
+
+def test_qrels(tmp_path):
+    good = write(
+        tmp_path / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\ta\t2\nq1\tb\t0\n"
+    )
+    assert R.read_qrels(good, {"q1"}, {"a", "b"}) == {"q1": {"a": 2, "b": 0}}
+    trec = write(tmp_path / "trec.txt", "q1 0 a 1\n")
+    assert R.read_qrels(trec) == {"q1": {"a": 1}}
+    cases = [
+        ("q1\tzz\t1\n", r"t.tsv:1: unknown corpus id 'zz'"),
+        ("qx\ta\t1\n", r"t.tsv:1: unknown query id 'qx'"),
+        ("q1\ta\n", r"t.tsv:1: expected 3"),
+        ("q1\ta\thigh\n", r"t.tsv:1: score 'high'"),
+        ("q1\ta\t1\nq1\ta\t1\n", r"t.tsv:2: duplicate judgement"),
+    ]
+    for content, match in cases:
+        with pytest.raises(R.DataError, match=match):
+            R.read_qrels(write(tmp_path / "t.tsv", content), {"q1"}, {"a"})
+
+
+def test_read_beir_folder(tmp_path):
+    write(tmp_path / "corpus.jsonl", jsonl([{"_id": "d1", "title": "", "text": "x"}]))
+    write(
+        tmp_path / "queries.jsonl", jsonl([{"_id": "q1", "text": "a"}, {"_id": "q2", "text": "b"}])
+    )
+    write(tmp_path / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    ds = R.read_beir(tmp_path)
+    assert ds.qrels == {"q1": {"d1": 1}} and len(ds.queries) == 2
+
+
+def test_dpr_passages(tmp_path):
+    good = write(tmp_path / "psgs.tsv", 'id\ttext\ttitle\n1\t"quoted ""text"""\tT1\n2\tplain\tT2\n')
+    c = R.read_dpr_passages(good)
+    assert c.ids == ["1", "2"] and c.texts[0] == 'quoted "text"' and c.titles == ["T1", "T2"]
+    with pytest.raises(R.DataError, match=r"psgs.tsv:3: expected 3 columns"):
+        R.read_dpr_passages(write(tmp_path / "psgs.tsv", "id\ttext\ttitle\n1\ta\tb\n2\tonly\n"))
+    with pytest.raises(R.DataError, match=r":3: duplicate id '1'"):
+        R.read_dpr_passages(write(tmp_path / "psgs.tsv", "id\ttext\ttitle\n1\ta\tb\n1\tc\td\n"))
+    with pytest.raises(R.DataError, match=r":2: document '1' has empty"):
+        R.read_dpr_passages(
+            write(tmp_path / "psgs.tsv", "id\ttext\ttitle\n1\t \t\n"), on_empty="error"
+        )
+
+
+def test_dpr_qa_uses_literal_eval_only(tmp_path):
+    good = write(tmp_path / "qa.csv", "who is it?\t['Bob', \"O'Neil\"]\n")
+    assert R.read_dpr_qa(good)[0].answers == ["Bob", "O'Neil"]
+    evil = write(tmp_path / "evil.csv", "q?\t__import__('os').system('echo pwned')\n")
+    with pytest.raises(R.DataError, match=r"evil.csv:1: answers .* not a Python list"):
+        R.read_dpr_qa(evil)
+    with pytest.raises(R.DataError, match=r":1: answers must be a list of strings"):
+        R.read_dpr_qa(write(tmp_path / "n.csv", "q?\t[1, 2]\n"))
+    with pytest.raises(R.DataError, match=r":1: empty answer"):
+        R.read_dpr_qa(write(tmp_path / "e.csv", "q?\t[]\n"))
+    with pytest.raises(R.DataError, match=r":1: expected 2 columns"):
+        R.read_dpr_qa(write(tmp_path / "c.csv", "q?\n"))
+
+
+def test_qa_jsonl(tmp_path, caplog):
+    rows = [
+        {"question": "q?", "answers": ["a"]},
+        {"id": "x", "question": "r?", "answers": ["\\d+"], "answer_type": "regex"},
+    ]
+    out = R.read_qa_jsonl(write(tmp_path / "qa.jsonl", jsonl(rows)))
+    assert [e.id for e in out] == ["1", "x"] and out[1].match_type == "regex"
+    assert "1 row(s) have no id" in caplog.text
+    bad = [
+        ([{"question": "q", "answers": "a"}], r":1: field 'answers' must be list"),
+        ([{"answers": ["a"]}], r":1: missing field 'question'"),
+        ([{"question": "", "answers": ["a"]}], r":1: empty question"),
+        ([{"id": "1", "question": "q", "answers": ["a"]}] * 2, r":2: duplicate id '1'"),
+        ([{"question": "q", "answers": ["a"], "answer_type": "fuzzy"}], r":1: answer_type 'fuzzy'"),
+    ]
+    for rows, match in bad:
+        with pytest.raises(R.DataError, match=match):
+            R.read_qa_jsonl(write(tmp_path / "bad.jsonl", jsonl(rows)))
+
+
+def test_read_questions_all_formats(tmp_path):
+    beir = write(tmp_path / "queries.jsonl", jsonl([{"_id": "1", "text": "a?"}]))
+    qa = write(tmp_path / "qa.jsonl", jsonl([{"question": "b?", "answers": ["x"]}]))
+    dpr = write(tmp_path / "qa.csv", "c?\t['x']\n")
+    assert [R.read_questions(p) for p in (beir, qa, dpr)] == [["a?"], ["b?"], ["c?"]]

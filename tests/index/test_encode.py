@@ -1,0 +1,71 @@
+import jax
+import numpy as np
+import pytest
+
+from jaxret.data.corpus_store import StoreMismatchError, open_table
+from jaxret.data.readers import Corpus
+from jaxret.data.tokenization import load_tokenizer, tokenize_passages
+from jaxret.index.encode import encode_corpus, passage_table
+from jaxret.index.sharded import params_fingerprint
+from jaxret.models import dual_encoder as de
+from jaxret.parallel import make_mesh
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert):
+    enc, params, tok_folder = de.from_pretrained(
+        tiny_bert, de.EncoderSpec(pooling="mean", max_passage_length=48, passage_format="pair")
+    )
+    r = np.random.RandomState(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    texts = [" ".join(r.choice(words, r.randint(1, 40))) for _ in range(37)]
+    corpus = Corpus([f"d{i}" for i in range(37)], [f"title {i}" for i in range(37)], texts)
+    return enc, params, load_tokenizer(tok_folder), corpus
+
+
+def test_encode_corpus_equals_direct_embedding(setup, tmp_path):
+    """Length bucketing and sorting must not change any row: compare with one full pass."""
+    enc, params, tok, corpus = setup
+    table = passage_table(tmp_path, corpus, enc, tok)
+    index = encode_corpus(
+        enc,
+        params,
+        table,
+        make_mesh(),
+        batch_size=8,
+        dtype="float32",
+        chunk_rows=4,
+        corpus_hash=corpus.content_hash(),
+        step=5,
+    )
+    full = tokenize_passages(tok, corpus.titles, corpus.texts, 48, "pair")
+    direct = np.asarray(jax.jit(lambda p, t: enc.embed(p, "passage", t))(params, full))
+    np.testing.assert_allclose(index.rows(), direct, atol=2e-5)
+    assert index.embeddings.sharding.spec == jax.sharding.PartitionSpec(("data", "model"))
+    assert index.meta["corpus_hash"] == corpus.content_hash()
+    assert index.meta["encoder"] == params_fingerprint(params["shared"], 5)
+
+
+def test_store_reuses_and_rebuilds(setup, tmp_path):
+    enc, params, tok, corpus = setup
+    calls = []
+
+    def tokenize(titles, texts):
+        calls.append(len(titles))
+        return tokenize_passages(tok, titles, texts, 16, "join")
+
+    fp = {"tokenizer": "t", "max_length": 16, "vocab_size": 30522}
+    t1 = open_table(tmp_path, "p", corpus, tokenize, fp, batch_size=10)
+    assert calls == [10, 10, 10, 7] and len(t1) == 37
+    assert t1.arrays["input_ids"].dtype == np.uint16  # 30k vocabulary fits
+    t2 = open_table(tmp_path, "p", corpus, tokenize, fp, batch_size=10)
+    assert calls == [10, 10, 10, 7]  # reloaded, not re-tokenized
+    np.testing.assert_array_equal(t2.rows(0, 37)["input_ids"], t1.rows(0, 37)["input_ids"])
+    assert t2.rows(30, 40)["input_ids"][7:].sum() == 0  # past the end: padding rows
+    with pytest.raises(StoreMismatchError, match="max_length"):
+        open_table(tmp_path, "p", corpus, tokenize, {**fp, "max_length": 32}, build=False)
+    other = Corpus(corpus.ids, corpus.titles, corpus.texts[:-1] + ["changed"])
+    with pytest.raises(StoreMismatchError, match="corpus_hash"):
+        open_table(tmp_path, "p", other, tokenize, fp, build=False)
+    open_table(tmp_path, "p", other, tokenize, fp, batch_size=100)  # rebuilds
+    assert calls[-1] == 37

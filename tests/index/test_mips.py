@@ -1,0 +1,118 @@
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jaxret.index.sharded import IndexMismatchError, ShardedIndex
+from jaxret.parallel import make_mesh
+
+
+def brute_force(emb, q, k):
+    """numpy reference: scores desc, ties to the lower row id."""
+    s = q @ emb.T
+    rows = np.broadcast_to(np.arange(emb.shape[0]), s.shape)
+    order = np.lexsort((rows, -s), axis=1)[:, :k]
+    return np.take_along_axis(s, order, 1), order
+
+
+@pytest.fixture(scope="module")
+def data():
+    r = np.random.RandomState(0)
+    emb = r.randn(1003, 24).astype(np.float32)  # 1003: not divisible by 8 devices
+    emb[700] = emb[5]  # exact duplicates: ties
+    emb[998] = emb[5]
+    q = r.randn(6, 24).astype(np.float32)
+    q[0] = emb[5]
+    return emb, q
+
+
+@pytest.mark.parametrize("k,chunk", [(1, 32768), (10, 16), (150, 32), (1003, 64)])
+def test_exact_equals_numpy_on_8_devices(data, k, chunk):
+    emb, q = data
+    assert jax.device_count() == 8
+    index = ShardedIndex.from_embeddings(emb, dtype=jnp.float32, chunk_rows=chunk)
+    assert index.layout.padded_rows % 8 == 0 and index.layout.rows_per_shard < 150
+    scores, ids = index.search(q, k)
+    ref_s, ref_i = brute_force(emb, q, k)
+    np.testing.assert_array_equal(np.asarray(ids), ref_i)
+    np.testing.assert_allclose(np.asarray(scores), ref_s, rtol=1e-5, atol=1e-4)
+    assert (np.asarray(ids) < 1003).all()  # padding never returned
+
+
+def test_ties_go_to_lower_row(data):
+    emb, q = data
+    _, ids = ShardedIndex.from_embeddings(emb, dtype=jnp.float32, chunk_rows=16).search(q[:1], 3)
+    assert list(np.asarray(ids)[0]) == [5, 700, 998]
+
+
+def test_bf16_storage(data):
+    emb, q = data
+    index = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32)
+    assert index.embeddings.dtype == jnp.bfloat16
+    emb16 = emb.astype(ml_dtypes.bfloat16).astype(np.float32)
+    q16 = q.astype(ml_dtypes.bfloat16).astype(np.float32)
+    scores, ids = index.search(q, 20)
+    ref_s, ref_i = brute_force(emb16, q16, 20)
+    np.testing.assert_allclose(np.asarray(scores), ref_s, rtol=1e-4, atol=1e-3)
+    # Ids agree except where two bf16 scores are closer than accumulation-order noise.
+    gaps = np.abs(np.diff(ref_s, axis=1)).min(1)
+    clear = gaps > 1e-3
+    np.testing.assert_array_equal(np.asarray(ids)[clear], ref_i[clear])
+
+
+def test_callable_inside_jit_with_sharded_queries(data):
+    emb, q = data
+    index = ShardedIndex.from_embeddings(emb, dtype=jnp.float32, chunk_rows=32)
+
+    @jax.jit
+    def step(index, queries):
+        s, i = index.search(queries * 2.0, 7)  # traced queries
+        return s.sum(), i
+
+    total, ids = step(index, q)
+    ref_s, ref_i = brute_force(emb, q * 2.0, 7)
+    np.testing.assert_array_equal(np.asarray(ids), ref_i)
+    np.testing.assert_allclose(float(total), ref_s.sum(), rtol=1e-5)
+
+
+def test_other_mesh_shapes_and_k_bounds(data):
+    emb, q = data
+    for shape in ((4, 2), (2, 4), (1, 8)):
+        index = ShardedIndex.from_embeddings(
+            emb, make_mesh(("data", "model"), shape), jnp.float32, chunk_rows=40
+        )
+        np.testing.assert_array_equal(
+            np.asarray(index.search(q, 50)[1]), brute_force(emb, q, 50)[1]
+        )
+    with pytest.raises(ValueError, match="k=1004"):
+        index.search(q, 1004)
+    with pytest.raises(ValueError, match="k=0"):
+        index.search(q, 0)
+
+
+def test_search_batched_pads_last_batch(data):
+    emb, q = data
+    index = ShardedIndex.from_embeddings(emb, dtype=jnp.float32)
+    many = np.concatenate([q] * 3)  # 18 queries in batches of 4
+    s, i = index.search_batched(many, 5, batch_size=4)
+    np.testing.assert_array_equal(i, brute_force(emb, many, 5)[1])
+
+
+def test_save_load_and_mismatch_refusal(data, tmp_path):
+    emb, q = data
+    fp = {"corpus_hash": "abc", "encoder": {"step": 3, "param_hash": "ff"}}
+    index = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32, fingerprint=fp)
+    index.save(tmp_path / "idx")
+    loaded = ShardedIndex.load(tmp_path / "idx", make_mesh(("data", "model"), (2, 4)), expect=fp)
+    assert loaded.embeddings.dtype == jnp.bfloat16 and loaded.meta == fp
+    np.testing.assert_array_equal(loaded.rows(), index.rows())
+    np.testing.assert_array_equal(
+        np.asarray(loaded.search(q, 9)[1]), np.asarray(index.search(q, 9)[1])
+    )
+    with pytest.raises(IndexMismatchError, match="corpus_hash"):
+        ShardedIndex.load(tmp_path / "idx", expect={"corpus_hash": "other"})
+    with pytest.raises(IndexMismatchError, match="encoder"):
+        ShardedIndex.load(tmp_path / "idx", expect={"encoder": {"step": 4, "param_hash": "ff"}})
+    with pytest.raises(IndexMismatchError, match="not a jaxret index"):
+        ShardedIndex.load(tmp_path)
