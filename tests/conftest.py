@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,3 +82,82 @@ def minilm() -> Path:
 @pytest.fixture()
 def rng() -> np.random.RandomState:
     return np.random.RandomState(0)
+
+
+def train_t5_tokenizer(folder: Path, texts: list[str], vocab_size: int = 300) -> Any:
+    """A small SentencePiece-style Unigram tokenizer (pad=0, </s>=1, <unk>=2) that appends
+    </s> like T5's, trained with the `tokenizers` library and saved as an HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+    fast.save_pretrained(str(folder))
+    return fast
+
+
+def save_tiny_t5(folder: Path, texts: list[str], gated: bool, seed: int = 0) -> Path:
+    """A random T5ForConditionalGeneration saved by PyTorch transformers: the original family
+    (ReLU, tied + scaled) or the v1.1/T0 family (gated-GELU, untied lm_head, unscaled)."""
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    tok = train_t5_tokenizer(folder, texts)
+    cfg = transformers.T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        tie_word_embeddings=not gated,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        dropout_rate=0.0,
+    )
+    torch.manual_seed(seed)
+    transformers.T5ForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    if gated:
+        # As in T0 / t5-lm-adapt checkpoints: a separate lm_head tensor.
+        path = folder / "model.safetensors"
+        tensors = load_file(str(path))
+        rng = np.random.RandomState(seed + 1)
+        tensors["lm_head.weight"] = rng.normal(0, 0.5, tensors["shared.weight"].shape).astype(
+            np.float32
+        )
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return folder
+
+
+T5_TEXTS = [
+    "Passage: the bowling hall of fame is located in arlington texas ."
+    " Please write a question based on this passage.",
+    "Question: where is the bowling hall of fame located?",
+    "the eiffel tower was built in 1889 for the world fair in paris france",
+    "Question: when was the eiffel tower built?",
+    "photosynthesis converts light energy into chemical energy in plants",
+    "Question: what does photosynthesis convert?",
+] * 20
+
+
+@pytest.fixture(scope="session", params=["relu_tied", "gated_untied"])
+def tiny_t5(request, tmp_path_factory) -> Path:
+    gated = request.param == "gated_untied"
+    return save_tiny_t5(tmp_path_factory.mktemp(request.param), T5_TEXTS, gated)

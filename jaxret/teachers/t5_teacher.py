@@ -1,0 +1,249 @@
+"""Frozen T5/T0 teacher: how well does each passage reconstruct the question?
+
+As in ART and its original code: encoder input
+    "Passage: " + title + " " + text + " . Please write a question based on this passage."
+decoder target "Question: " + question + </s>, teacher forcing, score = MEAN log p over the
+target tokens (sum available). Parameters and forward in bf16, log-softmax in fp32, and the
+[pairs, T, vocab] logits exist only one chunk of pairs at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxret.models.hf_t5 import load_t5
+from jaxret.models.t5 import T5, T5Config, shift_right
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    passage_prefix: str = "Passage: "
+    passage_suffix: str = " . Please write a question based on this passage."
+    question_prefix: str = "Question: "
+    max_passage_length: int = 512
+    max_question_length: int = 64
+    reduction: Literal["mean", "sum"] = "mean"
+    chunk_pairs: int = 0  # pairs per forward chunk; 0 = all at once
+
+    def verbalize(self, title: str, text: str) -> str:
+        return f"{self.passage_prefix}{title} {text}{self.passage_suffix}"
+
+
+def _append_eos(pieces: list[list[int]], eos: int, max_length: int) -> dict[str, np.ndarray]:
+    ids = np.zeros((len(pieces), max_length), np.int32)
+    mask = np.zeros((len(pieces), max_length), np.int32)
+    for i, p in enumerate(pieces):
+        row = p[: max_length - 1] + [eos]
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def tokenize_passages(
+    tokenizer: Any, titles: list[str], texts: list[str], spec: TeacherSpec
+) -> dict[str, np.ndarray]:
+    """[N, max_passage_length] ids/mask, EOS-terminated as T5's tokenizer does. A passage too
+    long keeps its instruction suffix: the passage body is cut, never the prompt."""
+    full = [spec.verbalize(t, x) for t, x in zip(titles, texts)]
+    pieces = tokenizer(full, add_special_tokens=False)["input_ids"]
+    long = [i for i, p in enumerate(pieces) if len(p) > spec.max_passage_length - 1]
+    if long:
+        suffix = tokenizer(spec.passage_suffix, add_special_tokens=False)["input_ids"]
+        bodies = tokenizer(
+            [f"{spec.passage_prefix}{titles[i]} {texts[i]}" for i in long], add_special_tokens=False
+        )["input_ids"]
+        room = spec.max_passage_length - 1 - len(suffix)
+        if room < 1:
+            raise ValueError(
+                f"max_passage_length={spec.max_passage_length} cannot hold the instruction "
+                f"({len(suffix)} tokens) plus any passage"
+            )
+        for i, body in zip(long, bodies):
+            pieces[i] = body[:room] + suffix
+    return _append_eos(pieces, tokenizer.eos_token_id, spec.max_passage_length)
+
+
+def tokenize_questions(
+    tokenizer: Any, questions: list[str], spec: TeacherSpec
+) -> dict[str, np.ndarray]:
+    """Decoder targets [B, max_question_length]: "Question: q" + EOS (labels, label mask)."""
+    pieces = tokenizer([spec.question_prefix + q for q in questions], add_special_tokens=False)[
+        "input_ids"
+    ]
+    out = _append_eos(pieces, tokenizer.eos_token_id, spec.max_question_length)
+    return {"labels": out["input_ids"], "label_mask": out["attention_mask"]}
+
+
+def token_logprobs(
+    model: T5,
+    params: Any,
+    input_ids: jax.Array,  # [N, Lp]
+    attention_mask: jax.Array,  # [N, Lp]
+    labels: jax.Array,  # [N, Lq]
+    chunk: int = 0,
+) -> jax.Array:
+    """log p(label_t | label_<t, passage) for every pair and position → [N, Lq] fp32."""
+    n = input_ids.shape[0]
+    chunk = n if chunk <= 0 else min(chunk, n)
+    cfg = model.config
+
+    def one_chunk(args: tuple[jax.Array, ...]) -> jax.Array:
+        ids, mask, lab = args
+        dec_in = shift_right(lab, cfg.decoder_start_token_id, cfg.pad_token_id)
+
+        def fwd(m: T5) -> jax.Array:
+            hidden = m.decode(dec_in, m.encode(ids, mask), mask)
+            logits = m.logits(hidden)  # [chunk, Lq, V] fp32, this chunk only
+            gold = jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
+            return gold - jax.nn.logsumexp(logits, axis=-1)
+
+        return nn_apply(model, params, fwd)
+
+    pad = (-n) % chunk
+    if pad:
+        widen = lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
+        input_ids, attention_mask, labels = map(widen, (input_ids, attention_mask, labels))
+    if chunk == n + pad:
+        out = one_chunk((input_ids, attention_mask, labels))
+    else:
+        split = lambda x: x.reshape((-1, chunk) + x.shape[1:])
+        out = jax.lax.map(one_chunk, (split(input_ids), split(attention_mask), split(labels)))
+        out = out.reshape((-1,) + out.shape[2:])
+    return out[:n]
+
+
+def nn_apply(model: T5, params: Any, fn: Any) -> Any:
+    return model.apply({"params": params}, method=lambda m: fn(m))
+
+
+def pair_scores(
+    model: T5,
+    params: Any,
+    passage_ids: jax.Array,  # [B, K, Lp]
+    passage_mask: jax.Array,  # [B, K, Lp]
+    labels: jax.Array,  # [B, Lq]
+    label_mask: jax.Array,  # [B, Lq]
+    reduction: str = "mean",
+    chunk: int = 0,
+) -> jax.Array:
+    """[B, K] mean (or sum) question log-likelihood given each passage. Jittable."""
+    b, k, lp = passage_ids.shape
+    rep = lambda x: jnp.repeat(x, k, axis=0)  # [B*K, Lq]: question b for each of its K passages
+    logp = token_logprobs(
+        model,
+        params,
+        passage_ids.reshape(b * k, lp),
+        passage_mask.reshape(b * k, lp),
+        rep(labels),
+        chunk,
+    )
+    m = rep(label_mask).astype(jnp.float32)
+    total = (logp * m).sum(-1)
+    if reduction == "sum":
+        out = total
+    elif reduction == "mean":
+        out = total / jnp.maximum(m.sum(-1), 1.0)
+    else:
+        raise ValueError(f"reduction {reduction!r}; expected 'mean' or 'sum'")
+    return out.reshape(b, k)
+
+
+@dataclasses.dataclass
+class T5Teacher:
+    config: T5Config
+    params: Any
+    tokenizer: Any
+    spec: TeacherSpec = TeacherSpec()
+    dtype: str = "bfloat16"
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        dtype: str = "bfloat16",
+        spec: TeacherSpec | None = None,
+    ) -> T5Teacher:
+        from transformers import AutoTokenizer
+
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}; expected float32 or bfloat16")
+        cfg, params, folder = load_t5(path_or_hub_id, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(cfg, params, tokenizer, spec or TeacherSpec(), dtype)
+
+    @property
+    def model(self) -> T5:
+        return T5(self.config, dtype=_DTYPES[self.dtype])
+
+    def score_tokens(
+        self,
+        params: Any,
+        passage_ids: jax.Array,
+        passage_mask: jax.Array,
+        labels: jax.Array,
+        label_mask: jax.Array,
+    ) -> jax.Array:
+        """[B, K] scores from token arrays; call inside a jitted step (no gradient flows)."""
+        params = jax.lax.stop_gradient(params)
+        return pair_scores(
+            self.model,
+            params,
+            passage_ids,
+            passage_mask,
+            labels,
+            label_mask,
+            self.spec.reduction,
+            self.spec.chunk_pairs,
+        )
+
+    def score(self, questions: list[str], passages: list[list[dict]]) -> np.ndarray:
+        """Host API: questions [B] and, per question, K passages {"title", "text"} → [B, K]."""
+        if len(questions) != len(passages):
+            raise ValueError(f"{len(questions)} questions but {len(passages)} passage lists")
+        ks = {len(p) for p in passages}
+        if len(ks) != 1 or 0 in ks:
+            raise ValueError(
+                f"every question needs the same number (> 0) of passages, got {sorted(ks)}"
+            )
+        k = ks.pop()
+        flat = [p for ps in passages for p in ps]
+        for p in flat:
+            if not isinstance(p, dict) or "text" not in p:
+                raise ValueError('each passage must be a dict with "text" (and optionally "title")')
+        tok = tokenize_passages(
+            self.tokenizer, [p.get("title", "") for p in flat], [p["text"] for p in flat], self.spec
+        )
+        q = tokenize_questions(self.tokenizer, list(questions), self.spec)
+        b = len(questions)
+        shape = (b, k, self.spec.max_passage_length)
+        out = _jit_score(self)(
+            self.params,
+            tok["input_ids"].reshape(shape),
+            tok["attention_mask"].reshape(shape),
+            q["labels"],
+            q["label_mask"],
+        )
+        return np.asarray(out, np.float32)
+
+
+def _jit_score(teacher: T5Teacher) -> Any:
+    return _cached_jit(teacher.config, teacher.dtype, teacher.spec)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_jit(config: T5Config, dtype: str, spec: TeacherSpec) -> Any:
+    model = T5(config, dtype=_DTYPES[dtype])
+    return jax.jit(
+        lambda params, pi, pm, lab, lm: pair_scores(
+            model, params, pi, pm, lab, lm, spec.reduction, spec.chunk_pairs
+        )
+    )

@@ -1,0 +1,122 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxret.teachers.t5_teacher import T5Teacher, TeacherSpec, tokenize_passages, tokenize_questions
+
+QUESTIONS = ["where is the bowling hall of fame located?", "when was the eiffel tower built?"]
+PASSAGES = [
+    [
+        {"title": "Bowling", "text": "the bowling hall of fame is located in arlington texas"},
+        {"title": "Tower", "text": "the eiffel tower was built in 1889"},
+        {"title": "", "text": "photosynthesis converts light energy"},
+    ],
+    [
+        {
+            "title": "Paris",
+            "text": "the eiffel tower was built in 1889 for the world fair in paris",
+        },
+        {"title": "Plants", "text": "plants convert light"},
+        {"title": "Hall", "text": "hall of fame"},
+    ],
+]
+
+
+def torch_mean_loglik(folder, teacher):
+    """Per-example mean token log-likelihood with PyTorch: −CE over the question tokens."""
+    m = transformers.T5ForConditionalGeneration.from_pretrained(str(folder)).eval()
+    flat = [p for ps in PASSAGES for p in ps]
+    enc = tokenize_passages(
+        teacher.tokenizer, [p["title"] for p in flat], [p["text"] for p in flat], teacher.spec
+    )
+    q = tokenize_questions(teacher.tokenizer, QUESTIONS, teacher.spec)
+    labels = np.repeat(q["labels"], 3, 0).astype(np.int64)
+    labels[np.repeat(q["label_mask"], 3, 0) == 0] = -100
+    with torch.no_grad():
+        logits = m(
+            input_ids=torch.tensor(enc["input_ids"]),
+            attention_mask=torch.tensor(enc["attention_mask"]),
+            labels=torch.tensor(labels),
+        ).logits
+    ce = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), torch.tensor(labels), reduction="none", ignore_index=-100
+    )
+    per_example = ce.sum(1) / (torch.tensor(labels) != -100).sum(1)
+    return -per_example.numpy().reshape(2, 3)
+
+
+def test_fp32_scores_equal_pytorch_loss(tiny_t5):
+    teacher = T5Teacher.from_pretrained(
+        tiny_t5, dtype="float32", spec=TeacherSpec(max_passage_length=48, max_question_length=24)
+    )
+    ours = teacher.score(QUESTIONS, PASSAGES)
+    assert ours.shape == (2, 3) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, torch_mean_loglik(tiny_t5, teacher), atol=1e-4)
+
+
+def test_bf16_close_and_chunked_equals_unchunked(tiny_t5):
+    spec = TeacherSpec(max_passage_length=48, max_question_length=24)
+    fp32 = T5Teacher.from_pretrained(tiny_t5, dtype="float32", spec=spec).score(QUESTIONS, PASSAGES)
+    bf16_teacher = T5Teacher.from_pretrained(tiny_t5, dtype="bfloat16", spec=spec)
+    assert all(
+        x.dtype == np.dtype("bfloat16") for x in __import__("jax").tree.leaves(bf16_teacher.params)
+    )
+    bf16 = bf16_teacher.score(QUESTIONS, PASSAGES)
+    assert np.abs(bf16 - fp32).max() < 0.05
+    for chunk in (1, 4):  # 6 pairs: 4 leaves a padded last chunk
+        chunked = T5Teacher.from_pretrained(
+            tiny_t5, "float32", dataclasses.replace(spec, chunk_pairs=chunk)
+        )
+        np.testing.assert_allclose(chunked.score(QUESTIONS, PASSAGES), fp32, atol=1e-5)
+    summed = T5Teacher.from_pretrained(
+        tiny_t5, "float32", dataclasses.replace(spec, reduction="sum")
+    )
+    lengths = tokenize_questions(summed.tokenizer, QUESTIONS, spec)["label_mask"].sum(1)
+    np.testing.assert_allclose(
+        summed.score(QUESTIONS, PASSAGES), fp32 * lengths[:, None], rtol=1e-5
+    )
+
+
+def test_prompt_format_and_truncation(tiny_t5):
+    teacher = T5Teacher.from_pretrained(
+        tiny_t5, dtype="float32", spec=TeacherSpec(max_passage_length=24)
+    )
+    tok = teacher.tokenizer
+    assert (
+        teacher.spec.verbalize("T", "x y")
+        == "Passage: T x y . Please write a question based on this passage."
+    )
+    roomy = dataclasses.replace(teacher.spec, max_passage_length=64)
+    enc = tokenize_passages(tok, ["Bowling"], ["short text"], roomy)
+    ref = tok(roomy.verbalize("Bowling", "short text"))["input_ids"]  # the tokenizer's own EOS
+    assert 24 < len(ref) < 64
+    assert enc["input_ids"][0, : len(ref)].tolist() == ref and enc["attention_mask"][
+        0
+    ].sum() == len(ref)
+    suffix = tok(teacher.spec.passage_suffix, add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="cannot hold the instruction"):
+        tokenize_passages(tok, ["t"], ["word " * 200], teacher.spec)  # 24 < the instruction
+    tight = dataclasses.replace(teacher.spec, max_passage_length=len(suffix) + 8)
+    long = tokenize_passages(tok, ["t"], ["word " * 200], tight)
+    row = long["input_ids"][0].tolist()
+    assert long["attention_mask"][0].sum() == len(suffix) + 8 and row[-1] == tok.eos_token_id
+    assert row[-1 - len(suffix) : -1] == suffix  # the instruction survives truncation
+    q = tokenize_questions(tok, ["where?"], teacher.spec)
+    assert (
+        q["labels"][0, : q["label_mask"][0].sum()].tolist() == tok("Question: where?")["input_ids"]
+    )
+
+
+def test_score_input_errors(tiny_t5):
+    teacher = T5Teacher.from_pretrained(tiny_t5, dtype="float32")
+    with pytest.raises(ValueError, match="same number"):
+        teacher.score(QUESTIONS, [PASSAGES[0], PASSAGES[1][:2]])
+    with pytest.raises(ValueError, match="2 questions but 1"):
+        teacher.score(QUESTIONS, PASSAGES[:1])
+    with pytest.raises(ValueError, match='"text"'):
+        teacher.score(QUESTIONS[:1], [[{"title": "x"}]])
+    with pytest.raises(ValueError, match="float16"):
+        T5Teacher.from_pretrained(tiny_t5, dtype="float16")
