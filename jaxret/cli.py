@@ -307,16 +307,6 @@ def cmd_export(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
         print(f"{tower}: {folder}")
 
 
-def _train_or_demo(args: argparse.Namespace, spec: str | None, overrides: list) -> int:
-    # Until the ART recipe lands, the demo is the encoder evaluation on the bundled data.
-    from jaxret.configlib import ROOT
-
-    data = str(ROOT / "data" / "squad-dev-open")
-    for retriever in ("bm25", "dense"):
-        main(["eval", "--data", data, "--retriever", retriever, "--max-queries", "500"])
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     from jaxret.configlib import ConfigError, load_config, split_config_args
 
@@ -328,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         spec, overrides, rest = split_config_args(argv)
         args = _parser().parse_args(rest)
         if args.command in ("train", "demo"):
-            return _train_or_demo(args, spec, overrides)
+            from jaxret.train import entry
+
+            return entry.main(args.command, spec, overrides, args.workdir)
         cfg = load_config(spec or "configs/retrieval.py", overrides)
         _apply_flags(cfg, args)
         explicit = _explicit_spec_fields(args, overrides)

