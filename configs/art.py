@@ -57,7 +57,7 @@ def base():
     )
     c.data = ml_collections.ConfigDict(
         dict(
-            dir="",  # BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/) and/or qa/<split>.jsonl
+            dir="",  # BEIR folder (corpus, queries, qrels/) and/or qa/<split>.jsonl
             split="test",
             split_fractions=(0.8, 0.1, 0.1),  # train/dev/test by a hash of the question id
             train_questions="",  # or an explicit questions file; dev/test then come from dir
