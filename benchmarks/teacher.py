@@ -37,6 +37,7 @@ def main():
         num_heads=8,
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
+        decoder_start_token_id=0,
     )
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(cfg).eval()

@@ -104,7 +104,9 @@ def open_table(
 def _build(
     folder: Path, corpus: Corpus, tokenize: TokenizeFn, manifest: dict, batch_size: int
 ) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
+    # Several processes of one run may build the same table at once: each writes its own
+    # temporary folder and the first rename wins.
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     n = len(corpus)
@@ -130,5 +132,14 @@ def _build(
     max_length = next(iter(arrays.values())).shape[1]
     manifest = {**manifest, "keys": sorted(arrays), "max_length": max_length}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    stale = folder.with_name(f"{folder.name}.stale{os.getpid()}")
+    if folder.exists():
+        try:
+            folder.rename(stale)
+        except OSError:
+            pass
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process finished first; its table is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(stale, ignore_errors=True)

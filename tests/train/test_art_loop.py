@@ -1,0 +1,222 @@
+"""The ART loop end to end on the tiny config: refresh, eval, checkpoints, resume, multi-host."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors.numpy import load_file
+
+from jaxret.configlib import load_config
+from jaxret.train.art_loop import train
+from jaxret.train.checkpoint import Manager
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def config(tiny_bert, **overrides):
+    return load_config(
+        "configs/art.py:tiny",
+        [("model.name", str(tiny_bert))] + [(k, str(v)) for k, v in overrides.items()],
+    )
+
+
+def train_losses(workdir):
+    rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+def test_tiny_config_runs_the_whole_loop(tiny_bert, tmp_path):
+    summary = train(config(tiny_bert), tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["kind"] == "dev"] == [0, 3, 6]
+    assert all(math.isfinite(r["loss"]) for r in rows if r["kind"] == "train")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
+    assert (tmp_path / "best" / "best.json").is_file()
+    assert (tmp_path / "export" / "encoder" / "model.safetensors").is_file()
+    assert (tmp_path / "training.png").stat().st_size > 10_000
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert {"top20", "recall@100"} <= set(summary["test_after"])
+
+
+def test_refreshed_index_equals_fresh_encoding(tiny_bert, tmp_path):
+    from jaxret.data.corpus_store import TokenTable
+    from jaxret.models import dual_encoder as de
+
+    cfg = config(
+        tiny_bert, **{"train.steps": 3, "train.checkpoint_every": 1, "train.keep_checkpoints": 3}
+    )
+    summary = train(cfg, tmp_path)
+    index = summary["index"]
+    assert index.meta["encoder"]["step"] == 2  # refreshed at step 2 (refresh_every = 2)
+    mgr = Manager(tmp_path / "checkpoints", 3)
+    encoder, params, _ = de.from_pretrained(tiny_bert, de.EncoderSpec.from_config(cfg.model))
+    template = jax.tree.map(jax.numpy.asarray, params)
+    from jaxret.recipes import art
+    from jaxret.train.optim import make_optimizer
+
+    state_like = art.init_state(template, make_optimizer(cfg.optimizer, 3), 0)
+    state2, _, _ = mgr.restore(2, state_like, template["shared"])
+    _, index_params3, meta3 = mgr.restore(3, state_like, template["shared"])
+    assert meta3["index_step"] == 2
+    # The index parameters are the parameters after 2 steps (not the initial ones) ...
+    jax.tree.map(np.testing.assert_array_equal, index_params3, state2.params["shared"])
+    assert not np.array_equal(
+        np.asarray(index_params3["layer_0"]["output"]["kernel"]),
+        params["shared"]["layer_0"]["output"]["kernel"],
+    )
+    # ... and the index is exactly a fresh encoding of every passage with them.
+    table = TokenTable(tmp_path / "store" / "passages")
+    fresh = jax.jit(lambda p, t: encoder.embed(p, "passage", t))(
+        {"shared": index_params3}, table.rows(0, len(table))
+    )
+    np.testing.assert_allclose(index.rows(), np.asarray(fresh), atol=2e-5)
+
+
+def test_oracle_teacher_learns_on_real_data(tiny_bert, tmp_path):
+    """retrieve → score → KL → refresh really learns: held-out top-20 and Recall@100 rise."""
+    cfg = config(
+        tiny_bert,
+        **{
+            "model.pooling": "mean",
+            "data.max_docs": 200,
+            "data.max_eval_questions": 200,
+            "art.top_k": 16,
+            "optimizer.lr": 3e-3,
+            "train.steps": 40,
+            "train.refresh_every": 10,
+            "train.eval_every": 1000,
+            "train.checkpoint_every": 1000,
+            "eval.at_start": False,
+        },
+    )
+    s = train(cfg, tmp_path)
+    before, after = s["test_before"], s["test_after"]
+    assert before["num_queries"] >= 50
+    assert after["top20"] > before["top20"] + 0.03, (before, after)
+    assert after["recall@100"] > before["recall@100"], (before, after)
+
+
+def test_t5_teacher_path_end_to_end(tiny_bert, tmp_path):
+    from conftest import T5_TEXTS, save_tiny_t5
+
+    t5 = save_tiny_t5(tmp_path / "t5", T5_TEXTS, gated=True)
+    cfg = config(
+        tiny_bert,
+        **{
+            "teacher.kind": "t5",
+            "teacher.model": str(t5),
+            "teacher.dtype": "bfloat16",
+            "train.steps": 3,
+            "train.eval_every": 3,
+            "eval.test_at_end": False,
+        },
+    )
+    train(cfg, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "train"]
+    assert len(steps) == 3 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
+    assert all(
+        r["teacher_entropy"] < math.log(4) - 1e-3 for r in steps
+    )  # the T5 teacher has opinions
+    assert (tmp_path / "run" / "store" / "teacher" / "manifest.json").is_file()
+
+
+def _cli(tiny_bert, workdir, *extra, devices=8):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxret.cli",
+        "train",
+        "--config=configs/art.py:tiny",
+        f"--config.model.name={tiny_bert}",
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
+    return cmd, env
+
+
+def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
+    extra = (
+        "--config.train.steps=12",
+        "--config.train.checkpoint_every=2",
+        "--config.train.eval_every=4",
+        "--config.eval.test_at_end=false",
+    )
+    cmd, env = _cli(tiny_bert, tmp_path / "a", *extra)
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+
+    cmd, env = _cli(tiny_bert, tmp_path / "b", *extra)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = tmp_path / "b" / "checkpoints" / "4"
+    deadline = time.time() + 300
+    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert len(train_losses(tmp_path / "b")) == 12
+    a = load_file(str(tmp_path / "a" / "export" / "encoder" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "export" / "encoder" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tiny_bert, tmp_path):
+    extra = (
+        "--config.train.steps=3",
+        "--config.eval.at_start=false",
+        "--config.eval.test_at_end=false",
+    )
+    cmd, env = _cli(tiny_bert, tmp_path / "single", *extra)
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        cmd, env = _cli(
+            tiny_bert,
+            tmp_path / "multi",
+            *extra,
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={pid}",
+            devices=4,
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+    single, multi = train_losses(tmp_path / "single"), train_losses(tmp_path / "multi")
+    assert [s for s, _ in multi] == [1, 2, 3]
+    np.testing.assert_allclose(
+        [loss for _, loss in multi], [loss for _, loss in single], rtol=1e-5, atol=1e-7
+    )
