@@ -35,9 +35,11 @@ test: lint
 	$(TEST_ENV) $(PY) -m pytest tests
 
 bench: $(VENV)/.dev
-	$(TEST_ENV) $(PY) benchmarks/mips.py
+	$(PY) benchmarks/mips.py
 	$(PY) benchmarks/encode.py
 	$(PY) benchmarks/teacher.py
+	$(PY) benchmarks/art_step.py --variant demo
+	$(PY) benchmarks/eval_full.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

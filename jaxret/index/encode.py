@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -44,7 +45,10 @@ def passage_table(
     return open_table(store, "passages", corpus, tokenize, fingerprint)
 
 
+@functools.lru_cache(maxsize=32)
 def make_embed_fn(encoder: DualEncoder, tower: Tower, mesh: Mesh) -> Any:
+    """One jitted encoder per (model, tower, mesh): refreshes and evaluations reuse its
+    compilations instead of re-tracing a fresh wrapper each time."""
     return jax.jit(
         lambda params, tokens: encoder.embed(params, tower, tokens),
         out_shardings=NamedSharding(mesh, DATA),

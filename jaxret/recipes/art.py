@@ -74,8 +74,8 @@ def art_loss(
     params: Any,
     batch: dict[str, Any],
     index: ShardedIndex,
-    passage_tables: dict[str, jax.Array],  # retriever tokens [N_pad, Lp], index layout
-    teacher_tables: dict[str, jax.Array],  # t5: input_ids/attention_mask [N_pad, Lt]
+    passage_tables: dict[str, jax.Array],  # input_ids (+ token_type_ids) [N_pad, Lp], uint16
+    teacher_tables: dict[str, jax.Array],  # t5: input_ids [N_pad, Lt], uint16
     teacher_params: Any,
     rng: jax.Array,
     *,
@@ -92,7 +92,10 @@ def art_loss(
     _, ids = index.search(jax.lax.stop_gradient(q), k)  # [B, K]
     flat = ids.reshape(-1)
     layout = index.layout
+    # Only ids live on the devices; the mask is "not padding" (pad id 0 in BERT and T5).
     p_tokens = {name: gather_rows(t, flat, layout, mesh) for name, t in passage_tables.items()}
+    p_tokens["attention_mask"] = (p_tokens["input_ids"] != 0).astype(jnp.int32)
+    p_tokens.setdefault("token_type_ids", jnp.zeros_like(p_tokens["input_ids"]))
     p_tokens = jax.lax.with_sharding_constraint(p_tokens, NamedSharding(mesh, DATA))
     p = encoder.embed(params, "passage", p_tokens, dropout_rng=drop(p_rng)).reshape(b, k, -1)
     tau = cfg.temperature_multiplier * math.sqrt(encoder.dim)
@@ -100,7 +103,7 @@ def art_loss(
 
     if cfg.teacher == "t5":
         z_ids = gather_rows(teacher_tables["input_ids"], flat, layout, mesh)
-        z_mask = gather_rows(teacher_tables["attention_mask"], flat, layout, mesh)
+        z_mask = (z_ids != 0).astype(jnp.int32)
         lt = z_ids.shape[-1]
         z_ids = jax.lax.with_sharding_constraint(z_ids.reshape(b, k, lt), NamedSharding(mesh, DATA))
         z_mask = jax.lax.with_sharding_constraint(

@@ -93,7 +93,35 @@ def plot(workdir: Path, rows: list[dict], metric: str) -> Path:
 def _tables_on_device(
     table: TokenTable, layout: RowLayout, mesh: Mesh, keys: tuple[str, ...]
 ) -> dict:
-    return {k: device_table(lambda s, e, k=k: table.rows(s, e)[k], layout, mesh) for k in keys}
+    """The table's own compact dtype (uint16 for 30k/32k vocabularies) on the devices."""
+    return {
+        k: device_table(lambda s, e, k=k: table.rows(s, e)[k], layout, mesh, table.arrays[k].dtype)
+        for k in keys
+    }
+
+
+def encode_index(
+    encoder: de.DualEncoder,
+    params: Any,
+    table: TokenTable,
+    mesh: Mesh,
+    cfg: Any,
+    step: int,
+    corpus_hash: str = "",
+) -> ShardedIndex:
+    e = cfg.encode
+    return encode_corpus(
+        encoder,
+        params,
+        table,
+        mesh,
+        e.batch_size,
+        e.index_dtype,
+        e.chunk_rows,
+        corpus_hash=corpus_hash,
+        step=step,
+        desc=None,
+    )
 
 
 def evaluate(
@@ -106,17 +134,7 @@ def evaluate(
     cfg: Any,
     step: int,
 ) -> tuple[dict[str, float], ShardedIndex]:
-    index = encode_corpus(
-        encoder,
-        params,
-        table,
-        mesh,
-        cfg.encode.batch_size,
-        cfg.encode.index_dtype,
-        cfg.encode.chunk_rows,
-        step=step,
-        desc=None,
-    )
+    index = encode_index(encoder, params, table, mesh, cfg, step)
     q = ev.encode_queries(
         encoder, params, tokenizer, data.query_texts, mesh, cfg.encode.batch_size, False
     )
@@ -139,13 +157,17 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
     from jaxret.data.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(tok_folder)
+    if tokenizer.pad_token_id != 0:
+        raise ValueError(
+            f"the retriever tokenizer pads with id {tokenizer.pad_token_id}; the ART step derives "
+            "attention masks from pad id 0 (BERT's and T5's)"
+        )
     store = Path(cfg.data.store) if cfg.data.store else workdir / "store"
     p_table = passage_table(store, data.corpus, encoder, tokenizer)
     corpus_hash = data.corpus.content_hash()
     layout = RowLayout.for_mesh(len(data.corpus), mesh, cfg.encode.chunk_rows)
-    passage_tables = _tables_on_device(
-        p_table, layout, mesh, ("input_ids", "attention_mask", "token_type_ids")
-    )
+    keys = ("input_ids", "token_type_ids") if spec.passage_format == "pair" else ("input_ids",)
+    passage_tables = _tables_on_device(p_table, layout, mesh, keys)
 
     art_cfg = art.ArtConfig(
         top_k=min(cfg.art.top_k, len(data.corpus)),
@@ -177,7 +199,7 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
             "verbalizer": tspec.verbalize("{t}", "{x}"),
         }
         t_table = open_table(store, "teacher", data.corpus, t5_tokenize, fp)
-        teacher_tables = _tables_on_device(t_table, layout, mesh, ("input_ids", "attention_mask"))
+        teacher_tables = _tables_on_device(t_table, layout, mesh, ("input_ids",))
         host_batch["target"] = t5_teacher.tokenize_questions(ttok, data.train_questions, tspec)
         teacher_params = jax.device_put(
             teacher.params, param_shardings(teacher.params, mesh, cfg.teacher.param_sharding)
@@ -212,18 +234,7 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
 
     def build_index(p_params: Any, at_step: int) -> ShardedIndex:
         tower_params = {"shared": p_params} if spec.shared else {"passage": p_params}
-        return encode_corpus(
-            encoder,
-            tower_params,
-            p_table,
-            mesh,
-            cfg.encode.batch_size,
-            cfg.encode.index_dtype,
-            cfg.encode.chunk_rows,
-            corpus_hash=corpus_hash,
-            step=at_step,
-            desc=None,
-        )
+        return encode_index(encoder, tower_params, p_table, mesh, cfg, at_step, corpus_hash)
 
     index = build_index(index_params, index_step)
     batch_sharding = NamedSharding(mesh, DATA)
