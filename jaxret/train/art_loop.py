@@ -79,7 +79,13 @@ def plot(workdir: Path, rows: list[dict], metric: str) -> Path:
     train = [r for r in rows if r["kind"] == "train"]
     dev = [r for r in rows if r["kind"] == "dev" and metric in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.plot([r["step"] for r in train], [r["loss"] for r in train], lw=0.8)
+    steps, loss = [r["step"] for r in train], np.array([r["loss"] for r in train])
+    a.plot(steps, loss, lw=0.6, alpha=0.4, label="per step")
+    window = max(1, min(20, len(loss) // 5))
+    if window > 1:  # per-step KL is noisy at small batches: show a moving average too
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        a.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    a.legend()
     a.set(xlabel="step", ylabel="KL loss", title="training loss")
     b.plot([r["step"] for r in dev], [r[metric] for r in dev], marker="o")
     b.set(xlabel="step", ylabel=metric, title=f"dev {metric}")
