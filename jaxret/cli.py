@@ -242,12 +242,35 @@ def cmd_search(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
     from jaxret.index.sharded import ShardedIndex, params_fingerprint
 
     index_dir = Path(args.index)
+    if not (index_dir / "source.json").is_file():
+        raise FileNotFoundError(f"{index_dir} is not an index written by `jaxret encode`")
     source = json.loads((index_dir / "source.json").read_text())
+    built = source["spec"]
+    # Queries must be embedded the way the index's passages were.
+    passage_side = (
+        "pooling",
+        "projection",
+        "normalize",
+        "similarity",
+        "passage_format",
+        "max_passage_length",
+        "shared",
+    )
+    conflicts = [
+        f"{k}={cfg.model[k]!r} (index: {built[k]!r})"
+        for k in passage_side
+        if k in explicit and k in built and cfg.model[k] != built[k]
+    ]
+    if conflicts:
+        raise ValueError(f"{index_dir} was encoded differently: {', '.join(conflicts)}")
     with cfg.unlocked():
         if args.model is None:
             cfg.model.name = source["model"]
+        for k, v in built.items():
+            if k in cfg.model and k not in explicit:
+                cfg.model[k] = v
     mesh = _mesh(cfg)
-    encoder, params, tokenizer = load_model(cfg, explicit | set(source["spec"]))
+    encoder, params, tokenizer = load_model(cfg, explicit | set(built))
     corpus_path = Path(source["corpus"])
     tsv = corpus_path.name.removesuffix(".gz").endswith(".tsv")
     corpus = read_dpr_passages(corpus_path) if tsv else read_beir_corpus(corpus_path)

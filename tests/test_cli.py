@@ -172,6 +172,12 @@ def test_encode_search_export(capsys, tiny_bert, tmp_path):
     assert 0 <= json.loads(out.strip().splitlines()[-1])["recall@5_vs_exact"] <= 1
     run_cli(capsys, "export", "--model", tiny_bert, "--out", tmp_path / "exp", "--pooling", "cls")
     assert (tmp_path / "exp" / "encoder" / "model.safetensors").is_file()
+    # Queries are embedded with the index's spec; a contradicting flag is refused.
+    assert (
+        cli.main(["search", "--index", str(tmp_path / "idx"), "--query", "x", "--pooling", "mean"])
+        == 2
+    )
+    assert "pooling='mean' (index: 'cls')" in capsys.readouterr().err
     # The exported copy has the same weights: accepted. Other weights: refused, naming why.
     run_cli(
         capsys, "search", "--index", tmp_path / "idx", "--model", tmp_path / "exp", "--query", "x"
