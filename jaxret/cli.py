@@ -126,8 +126,8 @@ def load_model(cfg: Any, explicit: set[str] = frozenset()) -> tuple[Any, Any, An
     from jaxret.models import dual_encoder as de
 
     spec = de.EncoderSpec.from_config(cfg.model)
-    folder = Path(cfg.model.name)
-    if (folder / de.SPEC_FILE).is_file():
+    folder = de.export_folder(cfg.model.name)
+    if folder is not None:
         saved = de.EncoderSpec(**json.loads((folder / de.SPEC_FILE).read_text())["spec"])
         spec = dataclasses.replace(saved, **{f: getattr(spec, f) for f in explicit})
     encoder, params, tok_folder = de.from_pretrained(

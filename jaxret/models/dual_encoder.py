@@ -113,6 +113,26 @@ class DualEncoder:
         return s * self.spec.scale if self.spec.similarity == "cosine" else s
 
 
+def export_folder(model: str | os.PathLike) -> Path | None:
+    """The jaxret export behind `model` (an export, a training workdir or its best/), if any."""
+    folder = Path(model)
+    if (folder / SPEC_FILE).is_file():  # an export
+        return folder
+    if (folder / "export" / SPEC_FILE).is_file():  # a training workdir
+        return folder / "export"
+    if (folder / "best.json").is_file() and (folder.parent / "export" / SPEC_FILE).is_file():
+        return folder.parent / "export"  # a workdir's best/
+    return None
+
+
+def _restore_params(directory: Path, like: dict) -> dict:
+    import orbax.checkpoint as ocp
+
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
+    restored = ocp.StandardCheckpointer().restore(directory.absolute(), target)
+    return jax.tree.map(np.asarray, restored)
+
+
 def _with_pooler(cfg: BertConfig, params: dict, rng: jax.Array) -> tuple[BertConfig, dict]:
     """Adds a freshly initialized pooler when the checkpoint has none but dense_tanh needs one."""
     if cfg.add_pooler:
@@ -132,9 +152,15 @@ def from_pretrained(
     """Builds a dual encoder from an HF BERT checkpoint (both towers) or a jaxret export.
 
     Returns (encoder, params, folder holding the tokenizer). A jaxret export (a folder with
-    `jaxret.json`) carries its own spec, used when `spec` is None.
+    `jaxret.json`) carries its own spec, used when `spec` is None. A training workdir means
+    its final export; its `best/` folder, the best-by-dev parameters on that structure.
     """
     folder = Path(model)
+    if (folder / "params").is_dir() and (folder / "best.json").is_file():
+        encoder, params, tok = from_pretrained(folder.parent / "export", spec, passage_model, rng)
+        return encoder, _restore_params(folder / "params", params), tok
+    if (folder / "export" / SPEC_FILE).is_file():
+        folder = folder / "export"
     if (folder / SPEC_FILE).is_file():
         with open(folder / SPEC_FILE) as f:
             saved = json.load(f)

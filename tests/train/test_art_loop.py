@@ -220,3 +220,34 @@ def test_two_processes_match_one_process(tiny_bert, tmp_path):
     np.testing.assert_allclose(
         [loss for _, loss in multi], [loss for _, loss in single], rtol=1e-5, atol=1e-7
     )
+
+
+def test_cli_evaluates_a_training_run_and_its_best(tiny_bert, tmp_path, capsys):
+    from jaxret import cli
+
+    train(config(tiny_bert), tmp_path / "run")
+    data = ROOT / "data" / "squad-dev-open"
+    results = {}
+    for model in ("run", "run/best", "run/export"):
+        code = cli.main(
+            [
+                "eval",
+                "--data",
+                str(data),
+                "--model",
+                str(tmp_path / model),
+                "--max-queries",
+                "20",
+                "--max-docs",
+                "60",
+                "--json",
+                "--store",
+                str(tmp_path / "store"),
+            ]
+        )
+        assert code == 0
+        results[model] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["run"]["ndcg@10"] == results["run/export"]["ndcg@10"]
+    assert results["run"]["retriever"]["pooling"] == "cls"  # the run's spec, not the default
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["step"] in (3, 6)
