@@ -75,7 +75,7 @@ def main():
         teacher=cfg.teacher.kind,
         dropout=cfg.art.dropout,
     )
-    params = jax.device_put(params)
+    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     opt = optax.adamw(1e-5)
     opt_state = opt.init(params)
 
@@ -98,7 +98,7 @@ def main():
         mesh=mesh,
         teacher=None,
     )[0]
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)
     parts = {
         "question encoding": (
             jax.jit(lambda prm: encoder.embed(prm, "query", batch["query"])),
