@@ -139,8 +139,11 @@ def evaluate(
     mesh: Mesh,
     cfg: Any,
     step: int,
+    index: ShardedIndex | None = None,
 ) -> tuple[dict[str, float], ShardedIndex]:
-    index = encode_index(encoder, params, table, mesh, cfg, step)
+    """Metrics of `params` on `data`; `index`, when given, must come from these parameters."""
+    if index is None:
+        index = encode_index(encoder, params, table, mesh, cfg, step)
     q = ev.encode_queries(
         encoder, params, tokenizer, data.query_texts, mesh, cfg.encode.batch_size, False
     )
@@ -257,7 +260,8 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
     metric_name = cfg.eval.metric
 
     if start == 0 and cfg.eval.at_start:
-        base, _ = evaluate(encoder, state.params, tokenizer, data.dev, p_table, mesh, cfg, 0)
+        # The training index was just built from these very parameters.
+        base, _ = evaluate(encoder, state.params, tokenizer, data.dev, p_table, mesh, cfg, 0, index)
         logger.write(0, "dev", base)
     log.info("setup took %.1fs", time.perf_counter() - t_setup)
 
@@ -302,7 +306,10 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
     if data.test is not None and cfg.eval.test_at_end:
         baseline = jax.device_put(params, shardings.params)
         before, _ = evaluate(encoder, baseline, tokenizer, data.test, p_table, mesh, cfg, 0)
-        after, _ = evaluate(encoder, state.params, tokenizer, data.test, p_table, mesh, cfg, total)
+        final = eval_cache[1] if eval_cache is not None and eval_cache[0] == total else None
+        after, _ = evaluate(
+            encoder, state.params, tokenizer, data.test, p_table, mesh, cfg, total, final
+        )
         summary.update(test_before=before, test_after=after)
         logger.write(total, "test", after)
     if jax.process_index() == 0:
