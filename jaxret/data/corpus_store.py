@@ -20,8 +20,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxret.data.readers import Corpus
+from jaxret.data.tokenization import Truncation
 
-TokenizeFn = Callable[[list[str], list[str]], dict[str, np.ndarray]]  # (titles, texts) → arrays
+# (titles, texts, truncation counter) → arrays [n, L]
+TokenizeFn = Callable[[list[str], list[str], Truncation], dict[str, np.ndarray]]
 
 
 class StoreMismatchError(ValueError):
@@ -54,6 +56,13 @@ class TokenTable:
     def max_length(self) -> int:
         return int(self.manifest["max_length"])
 
+    def truncation(self, what: str) -> Truncation:
+        """What tokenizing the corpus cut (recorded in the manifest when the table was built)."""
+        t = Truncation(what, self.max_length)
+        recorded = self.manifest.get("truncation") or {}
+        t.rows, t.cut, t.longest = (int(recorded.get(k, 0)) for k in ("rows", "cut", "longest"))
+        return t
+
     def rows(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Rows [start, stop) as int32; rows past the end are zero (padding)."""
         n = len(self)
@@ -83,6 +92,8 @@ def open_table(
 
     `fingerprint` must describe everything that changes the token ids (tokenizer fingerprint,
     max length, passage format or verbalizer); its `vocab_size` decides the storage dtype.
+    `tokenize` counts what it cuts in the `Truncation` it is given; the count is kept in the
+    manifest (`TokenTable.truncation`).
     """
     folder = Path(store) / name
     expected = {"corpus_hash": corpus.content_hash(), "rows": len(corpus), **fingerprint}
@@ -111,10 +122,11 @@ def _build(
     tmp.mkdir(parents=True)
     n = len(corpus)
     arrays: dict[str, np.ndarray] = {}
+    trunc = Truncation(folder.name, int(manifest.get("max_length", 0)))
     starts = range(0, n, batch_size)
     for s in tqdm(starts, desc=f"tokenizing {folder.name}", unit="batch", disable=n <= batch_size):
         e = min(s + batch_size, n)
-        part = tokenize(corpus.titles[s:e], corpus.texts[s:e])
+        part = tokenize(corpus.titles[s:e], corpus.texts[s:e], trunc)
         if not arrays:
             # Half the bytes when every id fits (BERT's 30k and T5's 32k vocabularies do).
             small = int(manifest.get("vocab_size", 2**31)) <= 2**16
@@ -130,7 +142,12 @@ def _build(
     for arr in arrays.values():
         arr.flush()
     max_length = next(iter(arrays.values())).shape[1]
-    manifest = {**manifest, "keys": sorted(arrays), "max_length": max_length}
+    manifest = {
+        **manifest,
+        "keys": sorted(arrays),
+        "max_length": max_length,
+        "truncation": trunc.as_dict(),
+    }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     stale = folder.with_name(f"{folder.name}.stale{os.getpid()}")
     if folder.exists():

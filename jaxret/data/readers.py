@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -80,30 +81,64 @@ class QAExample:
     match_type: str = "string"  # "string" (DPR token match) or "regex" (CuratedTREC)
 
 
-def open_text(path: str | Path) -> io.TextIOBase:
-    """Opens `path`, or `path.gz` when only the gzipped file exists."""
+def _resolve(path: str | Path) -> Path:
+    """`path`, or `path.gz` when only the gzipped file exists."""
     path = Path(path)
     if not path.exists() and Path(f"{path}.gz").exists():
         path = Path(f"{path}.gz")
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    return path
+
+
+def open_text(path: str | Path) -> io.TextIOBase:
+    """Opens `path` (or `path.gz`) as UTF-8 text; a byte-order mark is dropped."""
+    path = _resolve(path)
     if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line, decoded one line at a time so that a byte that is not
+    UTF-8 is reported on its own line. A BOM at the start is dropped (a BOM'd header is a
+    header)."""
+    path = _resolve(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start} of the line)"
+                ) from None
+            if line_no == 1:
+                line = line.removeprefix("\ufeff")
+            yield line_no, line
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object")
-            yield line_no, row
+    for line_no, line in iter_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{line_no}: expected a JSON object")
+        yield line_no, row
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Tab-separated rows with their first line number (quoted fields may span lines)."""
+    lines = iter_lines(path)
+    reader = csv.reader((line for _, line in lines), delimiter="\t")
+    last = 0
+    for cols in reader:
+        yield last + 1, cols
+        last = reader.line_num
 
 
 def _field(row: dict, key: str, path: Path, line_no: int, kind: type = str) -> Any:
@@ -184,39 +219,62 @@ def read_beir_queries(path: str | Path) -> Queries:
     return Queries(ids, texts)
 
 
+def _relevance(score: str, path: Path, line_no: int) -> int:
+    try:
+        value = float(score)
+    except ValueError:
+        raise DataError(f"{path}:{line_no}: score {score!r} is not a number") from None
+    if not math.isfinite(value) or value != int(value):
+        raise DataError(f"{path}:{line_no}: relevance {score!r} is not an integer")
+    return int(value)
+
+
 def read_qrels(
     path: str | Path,
     query_ids: set[str] | None = None,
     doc_ids: set[str] | dict[str, int] | None = None,
+    on_missing: str = "error",
 ) -> Qrels:
-    """BEIR `qrels/<split>.tsv` (query-id, corpus-id, score; header optional) or TREC 4-column."""
+    """BEIR `qrels/<split>.tsv` (query-id, corpus-id, score; header optional) or TREC 4-column.
+
+    A judgement naming a query or document that is not in `query_ids` / `doc_ids` is an error;
+    with `on_missing="warn"` it is dropped and counted in one warning (BEIR's loaders keep
+    going the same way).
+    """
+    if on_missing not in ("error", "warn"):
+        raise ValueError(f"on_missing={on_missing!r}; expected 'error' or 'warn'")
     path = Path(path)
     qrels: Qrels = {}
-    with open_text(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            cols = line.rstrip("\n").split("\t") if "\t" in line else line.split()
-            if line_no == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
-                continue
-            if len(cols) == 4:
-                cols = [cols[0], cols[2], cols[3]]
-            if len(cols) != 3:
+    dropped: Counter = Counter()
+    for line_no, line in iter_lines(path):
+        if not line.strip():
+            continue
+        cols = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+        if line_no == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(cols) == 4:
+            cols = [cols[0], cols[2], cols[3]]
+        if len(cols) != 3:
+            raise DataError(f"{path}:{line_no}: expected 3 tab-separated columns, got {len(cols)}")
+        qid, did, score = (c.strip() for c in cols)
+        rel = _relevance(score, path, line_no)
+        missing = None
+        if query_ids is not None and qid not in query_ids:
+            missing = f"unknown query id {qid!r}"
+            dropped["name a query missing from the queries file"] += 1
+        elif doc_ids is not None and did not in doc_ids:
+            missing = f"unknown corpus id {did!r}"
+            dropped["name a document missing from the corpus"] += 1
+        if missing is not None:
+            if on_missing == "error":
                 raise DataError(
-                    f"{path}:{line_no}: expected 3 tab-separated columns, got {len(cols)}"
+                    f"{path}:{line_no}: {missing} (on_missing='warn' drops such judgements)"
                 )
-            qid, did, score = (c.strip() for c in cols)
-            try:
-                rel = int(float(score))
-            except ValueError:
-                raise DataError(f"{path}:{line_no}: score {score!r} is not a number") from None
-            if query_ids is not None and qid not in query_ids:
-                raise DataError(f"{path}:{line_no}: unknown query id {qid!r}")
-            if doc_ids is not None and did not in doc_ids:
-                raise DataError(f"{path}:{line_no}: unknown corpus id {did!r}")
-            if did in qrels.get(qid, {}):
-                raise DataError(f"{path}:{line_no}: duplicate judgement ({qid!r}, {did!r})")
-            qrels.setdefault(qid, {})[did] = rel
+            continue
+        if did in qrels.get(qid, {}):
+            raise DataError(f"{path}:{line_no}: duplicate judgement ({qid!r}, {did!r})")
+        qrels.setdefault(qid, {})[did] = rel
+    _warn_counts(path, Counter({f"{k} (dropped)": v for k, v in dropped.items()}))
     return qrels
 
 
@@ -227,39 +285,57 @@ class BeirDataset:
     qrels: Qrels
 
 
-def read_beir(folder: str | Path, split: str = "test") -> BeirDataset:
+def read_beir(folder: str | Path, split: str = "test", on_missing: str = "error") -> BeirDataset:
     folder = Path(folder)
     corpus = read_beir_corpus(folder / "corpus.jsonl")
     queries = read_beir_queries(folder / "queries.jsonl")
     qrels_path = folder / "qrels" / f"{split}.tsv"
-    qrels = read_qrels(qrels_path, set(queries.ids), corpus.row_of)
+    qrels = read_qrels(qrels_path, set(queries.ids), corpus.row_of, on_missing)
     return BeirDataset(corpus, queries, qrels)
+
+
+CORPUS_NAMES = ("corpus.jsonl", "corpus.tsv", "psgs_w100.tsv")
+
+
+def find_corpus(folder: str | Path) -> Path:
+    """A data folder's corpus file: BEIR `corpus.jsonl` or a DPR `corpus.tsv` / `psgs_w100.tsv`
+    (each possibly gzipped)."""
+    folder = Path(folder)
+    for name in CORPUS_NAMES:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return folder / name
+    raise DataError(f"{folder}: no corpus file (looked for {', '.join(CORPUS_NAMES)}[.gz])")
+
+
+def read_corpus(path: str | Path, on_empty: str = "warn") -> Corpus:
+    """A BEIR `corpus.jsonl[.gz]` or a DPR `psgs_w100.tsv[.gz]`, by the file name."""
+    path = Path(path)
+    if path.name.removesuffix(".gz").endswith(".tsv"):
+        return read_dpr_passages(path, on_empty)
+    return read_beir_corpus(path, on_empty)
 
 
 def read_dpr_passages(path: str | Path, on_empty: str = "warn") -> Corpus:
     """DPR `psgs_w100.tsv`: header `id text title`, then one passage per row."""
     path = Path(path)
     ids, titles, texts, seen, counts = [], [], [], {}, Counter()
-    with open_text(path) as f:
-        reader = csv.reader(f, delimiter="\t")
-        for line_no, cols in enumerate(reader, 1):
-            if line_no == 1 and cols and cols[0] == "id":
-                continue
-            if len(cols) != 3:
-                raise DataError(
-                    f"{path}:{line_no}: expected 3 columns (id, text, title), got {len(cols)}"
-                )
-            pid, text, title = cols
-            if pid in seen:
-                raise DataError(
-                    f"{path}:{line_no}: duplicate id {pid!r} (first on line {seen[pid]})"
-                )
-            if not text.strip() and not title.strip():
-                _empty_document(path, line_no, pid, on_empty, counts)
-            seen[pid] = line_no
-            ids.append(pid)
-            texts.append(text)
-            titles.append(title)
+    for line_no, cols in _csv_rows(path):
+        if line_no == 1 and cols and cols[0] == "id":
+            continue
+        if len(cols) != 3:
+            raise DataError(
+                f"{path}:{line_no}: expected 3 columns (id, text, title), got {len(cols)}"
+            )
+        pid, text, title = cols
+        if pid in seen:
+            raise DataError(f"{path}:{line_no}: duplicate id {pid!r} (first on line {seen[pid]})")
+        if not text.strip() and not title.strip():
+            _empty_document(path, line_no, pid, on_empty, counts)
+        seen[pid] = line_no
+        ids.append(pid)
+        texts.append(text)
+        titles.append(title)
     if not ids:
         raise DataError(f"{path}: no passages")
     _warn_counts(path, counts)
@@ -278,26 +354,25 @@ def read_dpr_qa(path: str | Path, match_type: str = "string") -> list[QAExample]
     """DPR QA csv: `question \\t ['answer', ...]` (answers parsed with ast.literal_eval)."""
     path = Path(path)
     out = []
-    with open_text(path) as f:
-        for line_no, cols in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not cols or not any(c.strip() for c in cols):
-                continue
-            if len(cols) != 2:
-                raise DataError(f"{path}:{line_no}: expected 2 columns (question, answers)")
-            question, raw = cols
-            if not question.strip():
-                raise DataError(f"{path}:{line_no}: empty question")
-            try:
-                answers = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                raise DataError(
-                    f"{path}:{line_no}: answers {raw[:60]!r} are not a Python list"
-                ) from None
-            out.append(
-                QAExample(
-                    str(line_no - 1), question, _check_answers(answers, path, line_no), match_type
-                )
+    for line_no, cols in _csv_rows(path):
+        if not cols or not any(c.strip() for c in cols):
+            continue
+        if len(cols) != 2:
+            raise DataError(f"{path}:{line_no}: expected 2 columns (question, answers)")
+        question, raw = cols
+        if not question.strip():
+            raise DataError(f"{path}:{line_no}: empty question")
+        try:
+            answers = ast.literal_eval(raw)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            raise DataError(
+                f"{path}:{line_no}: answers {raw[:60]!r} are not a Python list"
+            ) from None
+        out.append(
+            QAExample(
+                str(line_no - 1), question, _check_answers(answers, path, line_no), match_type
             )
+        )
     if not out:
         raise DataError(f"{path}: no questions")
     return out
@@ -336,8 +411,7 @@ def read_questions(path: str | Path) -> list[str]:
     name = path.name.removesuffix(".gz")
     if name.endswith((".csv", ".tsv")):
         return [ex.question for ex in read_dpr_qa(path)]
-    with open_text(path) as f:
-        first = next((line for line in f if line.strip()), "")
+    first = next((line for _, line in iter_lines(path) if line.strip()), "")
     if '"_id"' in first:
         return read_beir_queries(path).texts
     return [ex.question for ex in read_qa_jsonl(path)]

@@ -16,9 +16,9 @@ from jaxret.data.readers import (
     DataError,
     QAExample,
     Qrels,
-    read_beir_corpus,
+    find_corpus,
     read_beir_queries,
-    read_dpr_passages,
+    read_corpus,
     read_dpr_qa,
     read_qa_jsonl,
     read_qrels,
@@ -55,19 +55,21 @@ def load_eval_data(
     split: str = "test",
     corpus_path: str | os.PathLike | None = None,
     qa_path: str | os.PathLike | None = None,
+    corpus: Corpus | None = None,
+    on_missing: str = "error",
 ) -> EvalData:
     """A BEIR folder (corpus.jsonl[.gz], queries.jsonl, qrels/<split>.tsv, optional
-    qa/<split>.jsonl), or a corpus file (BEIR jsonl or DPR tsv) plus a QA file."""
+    qa/<split>.jsonl), or a corpus file (BEIR jsonl or DPR tsv) plus a QA file. `corpus`, when
+    given, is the already-read corpus (not read again). `on_missing="warn"` drops judgements of
+    documents or queries that do not exist (with a warning) instead of refusing them."""
     folder = Path(data) if data else None
     if corpus_path is None:
         if folder is None:
             raise DataError("give a data folder or a corpus file")
-        corpus_path = folder / "corpus.jsonl"
+        corpus_path = find_corpus(folder)
     corpus_path = Path(corpus_path)
-    if corpus_path.name.removesuffix(".gz").endswith(".tsv"):
-        corpus = read_dpr_passages(corpus_path)
-    else:
-        corpus = read_beir_corpus(corpus_path)
+    if corpus is None:
+        corpus = read_corpus(corpus_path)
 
     if qa_path is None and folder is not None:
         for candidate in (folder / "qa" / f"{split}.jsonl", folder / "qa" / f"{split}.csv"):
@@ -86,7 +88,7 @@ def load_eval_data(
     qrels_path = folder / "qrels" / f"{split}.tsv" if folder else None
     if qrels_path is not None and (qrels_path.exists() or Path(f"{qrels_path}.gz").exists()):
         queries = read_beir_queries(folder / "queries.jsonl")
-        qrels = read_qrels(qrels_path, set(queries.ids), corpus.row_of)
+        qrels = read_qrels(qrels_path, set(queries.ids), corpus.row_of, on_missing)
         text_of = dict(zip(queries.ids, queries.texts))
         # Unjudged queries are skipped (BEIR): only those in the qrels are searched.
         qids = [q for q in queries.ids if q in qrels]
@@ -160,6 +162,40 @@ def dense_index(
     )
 
 
+def drop_self_hits(
+    query_ids: list[str], doc_ids: list[str], scores: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """BEIR's rule for corpora that contain the queries (Quora, ArguAna, CQADupStack): a hit
+    whose document id equals the query id is not a result. Given k + 1 hits per query, drops
+    such hits and keeps the first k of the rest ([Q, k]; row −1 / score −inf = no hit)."""
+    rows = np.asarray(rows)
+    ids = np.asarray(doc_ids, dtype=object)
+    hit_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)], None)
+    own = hit_ids == np.asarray(query_ids, dtype=object)[:, None]
+    order = np.argsort(own, axis=1, kind="stable")[:, :k]  # self hits move to the end
+    out_rows = np.take_along_axis(np.where(own, -1, rows), order, 1)
+    out_scores = np.take_along_axis(np.where(own, -np.inf, scores), order, 1)
+    out_scores = np.where(out_rows < 0, -np.inf, out_scores)
+    return out_scores.astype(np.float32), out_rows
+
+
+def search_index(
+    index: ShardedIndex,
+    queries: np.ndarray,
+    query_ids: list[str],
+    doc_ids: list[str],
+    k: int = 100,
+    batch_size: int = 256,
+    desc: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k [Q, k] of every query, searched k + 1 deep so that dropping a query's own
+    document (drop_self_hits) still leaves k hits."""
+    k = min(k, index.num_rows)
+    deep = min(k + 1, index.num_rows)
+    scores, rows = index.search_batched(queries, deep, batch_size, desc=desc)
+    return drop_self_hits(query_ids, doc_ids, scores, rows, k)
+
+
 def encode_queries(
     encoder: DualEncoder,
     params: Any,
@@ -206,15 +242,18 @@ def dense_search(
         progress=progress,
     )
     q = encode_queries(encoder, params, tokenizer, data.query_texts, mesh, batch_size, progress)
-    k = min(k, len(data.corpus))
-    return index.search_batched(q, k, desc="searching" if progress else None)
+    return search_index(
+        index, q, data.query_ids, data.corpus.ids, k, desc="searching" if progress else None
+    )
 
 
 def bm25_search(
     data: EvalData, k: int = 100, config: BM25Config | None = None, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     bm25 = BM25(data.corpus, config or BM25Config(), show_progress=progress)
-    scores, rows = bm25.retrieve(data.query_texts, k, show_progress=progress)
+    k = min(k, len(data.corpus))
+    scores, rows = bm25.retrieve(data.query_texts, k + 1, show_progress=progress)
+    scores, rows = drop_self_hits(data.query_ids, data.corpus.ids, scores, rows, k)
     return scores, rows, bm25.describe()
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
 from jaxret.data.readers import Corpus
-from jaxret.data.tokenization import tokenize_passages
+from jaxret.data.tokenization import Truncation, tokenize_passages
 from jaxret.index.mips import RowLayout
 from jaxret.index.sharded import ShardedIndex, params_fingerprint, process_row_range
 from jaxret.models.dual_encoder import DualEncoder, Tower
@@ -31,9 +31,14 @@ def passage_table(
     """The retriever's tokenization of the corpus, built once and memory-mapped."""
     spec = encoder.spec
 
-    def tokenize(titles: list[str], texts: list[str]) -> dict[str, np.ndarray]:
+    def tokenize(titles: list[str], texts: list[str], trunc: Truncation) -> dict[str, np.ndarray]:
         return tokenize_passages(
-            tokenizer, titles, texts, spec.max_passage_length, spec.passage_format
+            tokenizer,
+            titles,
+            texts,
+            spec.max_passage_length,
+            spec.passage_format,
+            truncation=trunc,
         )
 
     fingerprint = {
@@ -41,6 +46,7 @@ def passage_table(
         "vocab_size": len(tokenizer),
         "max_length": spec.max_passage_length,
         "passage_format": spec.passage_format,
+        "layout": 2,  # bumped whenever the row layout of a format changes
     }
     return open_table(store, "passages", corpus, tokenize, fingerprint)
 

@@ -1,5 +1,9 @@
-"""Flax (linen) BERT encoder, numerically equal to transformers' `BertModel`.
+"""Flax (linen) BERT encoder, numerically equal to transformers' `BertModel` and
+`MegatronBertModel`.
 
+Two block layouts: BERT's post-LN (embedding LayerNorm, LayerNorm after each residual add)
+and Megatron-BERT's pre-LN (no embedding LayerNorm, LayerNorm before attention and before
+the MLP, a final LayerNorm) — the layout of the MSS-pretrained towers ART starts from.
 Parameters are fp32; `dtype` is the compute dtype. Attention softmax and layer-norm
 statistics always run in fp32. Parameter names follow the HF layout closely so that
 `jaxret.models.hf_bert` can convert both ways without a lookup table.
@@ -38,16 +42,17 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     add_pooler: bool = True
+    pre_layer_norm: bool = False  # Megatron-BERT block layout (model_type "megatron-bert")
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], add_pooler: bool = True) -> BertConfig:
         """Builds from a HF `config.json` dict; rejects architectures this module cannot run."""
         model_type = d.get("model_type", "bert")
-        if model_type not in ("bert", "roberta", "xlm-roberta", "electra"):
+        if model_type not in ("bert", "megatron-bert", "roberta", "xlm-roberta", "electra"):
             raise ValueError(
                 f"unsupported model_type {model_type!r}: jaxret's encoder is BERT-family"
             )
-        if model_type != "bert":
+        if model_type not in ("bert", "megatron-bert"):
             raise ValueError(
                 f"model_type {model_type!r} needs position-id offsets that jaxret's BERT "
                 "does not implement yet; use a BERT checkpoint"
@@ -58,14 +63,18 @@ class BertConfig:
         act = d.get("hidden_act", "gelu")
         if act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"add_pooler"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"add_pooler", "pre_layer_norm"}
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
-        return cls(**kwargs, add_pooler=add_pooler)
+        return cls(**kwargs, add_pooler=add_pooler, pre_layer_norm=model_type == "megatron-bert")
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("add_pooler")
-        d.update(model_type="bert", architectures=["BertModel"], position_embedding_type="absolute")
+        pre_ln = d.pop("pre_layer_norm")
+        model_type, arch = (
+            ("megatron-bert", "MegatronBertModel") if pre_ln else ("bert", "BertModel")
+        )
+        d.update(model_type=model_type, architectures=[arch], position_embedding_type="absolute")
         return d
 
     @property
@@ -143,6 +152,27 @@ class BertLayer(nn.Module):
         )
 
 
+class PreLNBertLayer(nn.Module):
+    """Megatron-BERT's pre-LN block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    config: BertConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
+        cfg = self.config
+        drop = nn.Dropout(cfg.hidden_dropout_prob)
+        h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="attention_norm")(x)
+        h = SelfAttention(cfg, self.dtype, name="attention")(h, bias, deterministic)
+        x = x + drop(h, deterministic=deterministic)
+        h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="output_norm")(x)
+        h = _ACTIVATIONS[cfg.hidden_act](
+            _dense(cfg.intermediate_size, self.dtype, "intermediate")(h)
+        )
+        h = _dense(cfg.hidden_size, self.dtype, "output")(h)
+        return x + drop(h, deterministic=deterministic)
+
+
 class BertModel(nn.Module):
     """Returns (last hidden states [B, L, E], pooled [B, E] or None)."""
 
@@ -170,16 +200,22 @@ class BertModel(nn.Module):
             + embed("position_embeddings", cfg.max_position_embeddings)(jnp.arange(length))[None]
             + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids)
         )
-        x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="embeddings_norm")(x)
+        if cfg.pre_layer_norm:  # Megatron applies no LayerNorm to the embeddings
+            x = x.astype(self.dtype)
+        else:
+            x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="embeddings_norm")(x)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
         # Additive mask in fp32: 0 for tokens, finfo.min for padding (as HF does).
         neg = jnp.finfo(jnp.float32).min
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, neg).astype(jnp.float32)
 
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
+        block = PreLNBertLayer if cfg.pre_layer_norm else BertLayer
+        layer_cls = nn.remat(block, static_argnums=(3,)) if self.remat else block
         for i in range(cfg.num_hidden_layers):
             x = layer_cls(cfg, self.dtype, name=f"layer_{i}")(x, bias, deterministic)
+        if cfg.pre_layer_norm:
+            x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="final_norm")(x)
 
         pooled = None
         if cfg.add_pooler:

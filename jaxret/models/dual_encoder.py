@@ -35,7 +35,9 @@ class EncoderSpec:
     normalize: bool = False
     similarity: Literal["dot", "cosine"] = "dot"
     scale: float = 1.0  # multiplies cosine similarity
-    passage_format: Literal["pair", "join"] = "pair"  # title/text as a sentence pair or "t x"
+    # pair: ART/DPR [CLS] title [SEP] text [SEP], types 0; hf_pair: HF sentence pair (types
+    # 0/1, longest-first cut); join: "title text" (jaxret.data.tokenization)
+    passage_format: Literal["pair", "hf_pair", "join"] = "pair"
     max_query_length: int = 64
     max_passage_length: int = 256
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -46,7 +48,7 @@ class EncoderSpec:
             "pooling": ("cls", "mean"),
             "projection": ("none", "dense_tanh"),
             "similarity": ("dot", "cosine"),
-            "passage_format": ("pair", "join"),
+            "passage_format": ("pair", "hf_pair", "join"),
             "dtype": tuple(_DTYPES),
         }
         for name, allowed in checks.items():

@@ -1,4 +1,4 @@
-"""HF BERT checkpoints ↔ `jaxret.models.bert.BertModel` parameters."""
+"""HF BERT / MegatronBERT checkpoints ↔ `jaxret.models.bert.BertModel` parameters."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def _rules(cfg: BertConfig, prefix: str = "") -> list[hf_io.TensorRule]:
             rule(f"{hf}.bias", flax + ("bias",)),
         ]
 
-    rules += norm(f"{prefix}embeddings.LayerNorm", ("embeddings_norm",))
+    pre_ln = cfg.pre_layer_norm  # MegatronBertModel: attention.ln, layer ln, encoder.ln
+    if not pre_ln:
+        rules += norm(f"{prefix}embeddings.LayerNorm", ("embeddings_norm",))
     for i in range(cfg.num_hidden_layers):
         hf, fx = f"{prefix}encoder.layer.{i}.", (f"layer_{i}",)
         for n in ("query", "key", "value"):
@@ -61,10 +63,13 @@ def _rules(cfg: BertConfig, prefix: str = "") -> list[hf_io.TensorRule]:
             ),
             rule(f"{hf}attention.output.dense.bias", fx + ("attention", "output", "bias")),
         ]
-        rules += norm(f"{hf}attention.output.LayerNorm", fx + ("attention_norm",))
+        attention_norm = f"{hf}attention.ln" if pre_ln else f"{hf}attention.output.LayerNorm"
+        rules += norm(attention_norm, fx + ("attention_norm",))
         rules += dense(f"{hf}intermediate.dense", fx + ("intermediate",))
         rules += dense(f"{hf}output.dense", fx + ("output",))
-        rules += norm(f"{hf}output.LayerNorm", fx + ("output_norm",))
+        rules += norm(f"{hf}ln" if pre_ln else f"{hf}output.LayerNorm", fx + ("output_norm",))
+    if pre_ln:
+        rules += norm(f"{prefix}encoder.ln", ("final_norm",))
     if cfg.add_pooler:
         rules += dense(f"{prefix}pooler.dense", ("pooler",))
     return rules
@@ -106,7 +111,8 @@ def bert_to_tensors(cfg: BertConfig, params: dict) -> dict[str, np.ndarray]:
 
 
 def save_bert(folder: str | os.PathLike, cfg: BertConfig, params: dict) -> None:
-    """Writes a folder that `transformers.BertModel.from_pretrained` loads."""
+    """Writes a folder that `transformers.AutoModel.from_pretrained` loads (a `BertModel`, or
+    a `MegatronBertModel` for the pre-LN layout)."""
     config = cfg.to_hf_dict()
     config["dtype"] = "float32"
     hf_io.write_checkpoint(Path(folder), config, bert_to_tensors(cfg, params))

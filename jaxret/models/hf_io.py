@@ -20,7 +20,20 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# What a hub download fetches: config, tokenizer files, and safetensors weights; the PyTorch
+# pickles only when the repo has no safetensors (a second, narrower download).
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+_HUB_PICKLES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+
+def has_weights(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _WEIGHT_FILES)
 
 
 class CheckpointError(ValueError):
@@ -33,6 +46,8 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 def resolve_checkpoint(spec: str | os.PathLike) -> Path:
     """A local folder as is, or a hub id downloaded (or found in the HF cache)."""
+    if not str(spec).strip():
+        raise CheckpointError("no checkpoint given (the model name or path is empty)")
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -43,26 +58,33 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - huggingface_hub ships with transformers
         raise CheckpointError(f"cannot resolve hub id {spec!r}: huggingface_hub missing") from e
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
-    try:
-        return Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=True))
-    except Exception:
-        pass
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if offline:
+
+    def download(patterns: list[str]) -> Path | None:
+        try:  # the local HF cache first, then (when online) the hub
+            return Path(snapshot_download(spec, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            if offline:
+                return None
+        try:
+            return Path(snapshot_download(spec, allow_patterns=patterns))
+        except Exception as e:
+            raise CheckpointError(
+                f"could not download {spec!r} from the Hugging Face hub ({type(e).__name__}: "
+                f"{e}). If this machine is offline, download the checkpoint elsewhere and pass "
+                "its local folder path instead of the hub id."
+            ) from e
+
+    folder = download(_HUB_FILES)
+    if folder is not None and not has_weights(folder):
+        folder = download(_HUB_FILES + _HUB_PICKLES) or folder
+    if folder is None:
         raise CheckpointError(
             f"{spec!r} is not a local folder and not in the Hugging Face cache, and HF_HUB_OFFLINE "
             "is set. Download it on a connected machine (`huggingface-cli download "
             f"{spec} --local-dir DIR`) and pass the folder path instead."
         )
-    try:
-        return Path(snapshot_download(spec, allow_patterns=patterns))
-    except Exception as e:
-        raise CheckpointError(
-            f"could not download {spec!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "If this machine is offline, download the checkpoint elsewhere and pass its local "
-            "folder path instead of the hub id."
-        ) from e
+    return folder
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -93,19 +115,35 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
         if missing:
             raise CheckpointError(f"tensors listed in {index} but absent: {sorted(missing)[:5]}")
         return tensors
+    bin_index = folder / "pytorch_model.bin.index.json"
     bin_path = folder / "pytorch_model.bin"
-    if bin_path.is_file():
-        try:
-            import torch
-        except ImportError as e:
-            raise CheckpointError(
-                f"{bin_path} is a PyTorch pickle and torch is not installed. Convert it once to "
-                "safetensors (e.g. `transformers` `model.save_pretrained(dir, "
-                "safe_serialization=True)`) or install torch."
-            ) from e
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
-        return {k: _torch_to_numpy(v) for k, v in state.items()}
+    if bin_path.is_file() or bin_index.is_file():
+        if bin_index.is_file():
+            with open(bin_index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            shards = [bin_path.name]
+        tensors = {}
+        for shard in shards:
+            tensors.update(_read_pickle(folder / shard))
+        return tensors
     raise CheckpointError(f"{folder} has none of {', '.join(_WEIGHT_FILES)}")
+
+
+def _read_pickle(path: Path) -> dict[str, np.ndarray]:
+    """A PyTorch state dict, read with `weights_only=True` (no code runs from the file)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle and torch is not installed. Convert it once to "
+            "safetensors (e.g. `transformers` `model.save_pretrained(dir, "
+            "safe_serialization=True)`) or install torch."
+        ) from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: _torch_to_numpy(v) for k, v in state.items()}
 
 
 def _torch_to_numpy(t: Any) -> np.ndarray:
@@ -199,4 +237,6 @@ def write_checkpoint(
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "config.json", "w") as f:
         json.dump(dict(config), f, indent=2, sort_keys=True)
-    save_file(dict(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes a numpy array's buffer as is: strided views must be made contiguous.
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

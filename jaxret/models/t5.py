@@ -138,6 +138,26 @@ def _dense(features: Any, dtype: Any, name: str, axis: Any = -1) -> nn.Module:
     )
 
 
+class LMHead(nn.Module):
+    """Untied output projection [D, V]; the logits accumulate in fp32 whatever the compute
+    dtype (a bf16 [.., V] output would round every logit before the log-softmax)."""
+
+    vocab_size: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", nn.initializers.normal(0.05), (hidden.shape[-1], self.vocab_size), jnp.float32
+        )
+        return jnp.einsum(
+            "...d,dv->...v",
+            hidden.astype(self.dtype),
+            kernel.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+
 class RelativeBias(nn.Module):
     config: T5Config
     bidirectional: bool
@@ -369,7 +389,7 @@ class T5(nn.Module):
         self.encoder = Encoder(cfg, self.dtype, self.remat)
         self.decoder = Decoder(cfg, self.dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _dense(cfg.vocab_size, self.dtype, "lm_head")
+            self.lm_head = LMHead(cfg.vocab_size, self.dtype)
 
     def embed(self, ids: jax.Array) -> jax.Array:
         return self.shared(ids).astype(self.dtype)
@@ -402,7 +422,7 @@ class T5(nn.Module):
                 table,
                 preferred_element_type=jnp.float32,
             )
-        return self.lm_head(hidden).astype(jnp.float32)
+        return self.lm_head(hidden)
 
     def init_cache(self, encoded: jax.Array, max_len: int) -> tuple[list, list]:
         """(empty self-attention cache, cross-attention K/V) for `max_len` decoding steps."""

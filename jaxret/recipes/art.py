@@ -70,7 +70,7 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) 
     )
 
 
-def art_loss(
+def art_logits(
     params: Any,
     batch: dict[str, Any],
     index: ShardedIndex,
@@ -83,7 +83,8 @@ def art_loss(
     cfg: ArtConfig,
     mesh: Mesh,
     teacher: T5Teacher | None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(student logits [B, K], teacher logits [B, K] (no gradient), retrieved rows [B, K])."""
     k = cfg.top_k
     q_rng, p_rng = jax.random.split(rng)
     drop = lambda r: r if cfg.dropout else None
@@ -117,7 +118,12 @@ def art_loss(
         teacher_logits = teacher_logits / cfg.teacher_temperature
     else:
         raise ValueError(f"teacher {cfg.teacher!r}; expected t5, bm25 or oracle")
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    return student, jax.lax.stop_gradient(teacher_logits), ids
+
+
+def art_loss(params: Any, *args: Any, **kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """KL(teacher ‖ student) over the retrieved top-K, batch mean; metrics on the side."""
+    student, teacher_logits, _ = art_logits(params, *args, **kwargs)
     loss = kl_teacher_student(teacher_logits, student)
     t = jax.nn.softmax(teacher_logits, -1)
     metrics = {

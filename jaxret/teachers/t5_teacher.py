@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Any, Literal
 
@@ -18,10 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxret.data.tokenization import Truncation
 from jaxret.models.hf_t5 import load_t5
 from jaxret.models.t5 import T5, T5Config, shift_right
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +33,7 @@ class TeacherSpec:
     passage_suffix: str = " . Please write a question based on this passage."
     question_prefix: str = "Question: "
     max_passage_length: int = 512
-    max_question_length: int = 64
+    max_question_length: int = 128  # ART's collate: max_length=128, truncation=True
     reduction: Literal["mean", "sum"] = "mean"
     chunk_pairs: int = 0  # pairs per forward chunk; 0 = all at once
 
@@ -49,12 +52,19 @@ def _append_eos(pieces: list[list[int]], eos: int, max_length: int) -> dict[str,
 
 
 def tokenize_passages(
-    tokenizer: Any, titles: list[str], texts: list[str], spec: TeacherSpec
+    tokenizer: Any,
+    titles: list[str],
+    texts: list[str],
+    spec: TeacherSpec,
+    truncation: Truncation | None = None,
 ) -> dict[str, np.ndarray]:
     """[N, max_passage_length] ids/mask, EOS-terminated as T5's tokenizer does. A passage too
-    long keeps its instruction suffix: the passage body is cut, never the prompt."""
+    long keeps its instruction suffix: the passage body is cut, never the prompt (as in ART's
+    `postprocess`). `truncation` counts the rows cut."""
     full = [spec.verbalize(t, x) for t, x in zip(titles, texts)]
     pieces = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if truncation is not None:
+        truncation.add([len(p) + 1 for p in pieces])
     long = [i for i, p in enumerate(pieces) if len(p) > spec.max_passage_length - 1]
     if long:
         suffix = tokenizer(spec.passage_suffix, add_special_tokens=False)["input_ids"]
@@ -73,12 +83,18 @@ def tokenize_passages(
 
 
 def tokenize_questions(
-    tokenizer: Any, questions: list[str], spec: TeacherSpec
+    tokenizer: Any,
+    questions: list[str],
+    spec: TeacherSpec,
+    truncation: Truncation | None = None,
 ) -> dict[str, np.ndarray]:
-    """Decoder targets [B, max_question_length]: "Question: q" + EOS (labels, label mask)."""
+    """Decoder targets [B, max_question_length]: "Question: q" + EOS (labels, label mask).
+    A longer question is cut, EOS kept (ART: the T0 tokenizer with truncation=True)."""
     pieces = tokenizer([spec.question_prefix + q for q in questions], add_special_tokens=False)[
         "input_ids"
     ]
+    if truncation is not None:
+        truncation.add([len(p) + 1 for p in pieces])
     out = _append_eos(pieces, tokenizer.eos_token_id, spec.max_question_length)
     return {"labels": out["input_ids"], "label_mask": out["attention_mask"]}
 
@@ -164,6 +180,9 @@ class T5Teacher:
     tokenizer: Any
     spec: TeacherSpec = TeacherSpec()
     dtype: str = "bfloat16"
+    # What `score` has cut so far, reported once per kind (passages / questions).
+    truncation: dict[str, Truncation] = dataclasses.field(default_factory=dict, repr=False)
+    _reported: set[str] = dataclasses.field(default_factory=set, repr=False)
 
     @classmethod
     def from_pretrained(
@@ -219,10 +238,17 @@ class T5Teacher:
         for p in flat:
             if not isinstance(p, dict) or "text" not in p:
                 raise ValueError('each passage must be a dict with "text" (and optionally "title")')
+        p_trunc = Truncation("teacher passages", self.spec.max_passage_length)
+        q_trunc = Truncation("teacher questions", self.spec.max_question_length)
         tok = tokenize_passages(
-            self.tokenizer, [p.get("title", "") for p in flat], [p["text"] for p in flat], self.spec
+            self.tokenizer,
+            [p.get("title", "") for p in flat],
+            [p["text"] for p in flat],
+            self.spec,
+            p_trunc,
         )
-        q = tokenize_questions(self.tokenizer, list(questions), self.spec)
+        q = tokenize_questions(self.tokenizer, list(questions), self.spec, q_trunc)
+        self._note(p_trunc, q_trunc)
         b = len(questions)
         shape = (b, k, self.spec.max_passage_length)
         out = _jit_score(self)(
@@ -233,6 +259,14 @@ class T5Teacher:
             q["label_mask"],
         )
         return np.asarray(out, np.float32)
+
+    def _note(self, *counts: Truncation) -> None:
+        for c in counts:
+            total = self.truncation.setdefault(c.what, Truncation(c.what, c.max_length))
+            total.merge(c)
+            if c.cut and c.what not in self._reported:
+                self._reported.add(c.what)
+                log.warning("%s (reported once)", c.message())
 
 
 def _jit_score(teacher: T5Teacher) -> Any:

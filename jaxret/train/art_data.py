@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxret.data.readers import Corpus, DataError, read_questions
+from jaxret.data.readers import Corpus, DataError, read_qrels, read_questions
 from jaxret.eval.evaluate import EvalData, load_eval_data
 from jaxret.lexical.bm25 import BM25, BM25Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -53,6 +56,88 @@ def _smaller_corpus(data: EvalData, max_docs: int, seed: int) -> EvalData:
     out = EvalData(data.name, corpus, data.query_ids, data.query_texts, data.qrels, data.answers)
     if data.qrels is None:
         return out
+    return _on_corpus(out, corpus)
+
+
+def _eval_set(cfg: Any, split: str, corpus: Corpus | None) -> EvalData:
+    """A split name of `cfg.dir` (qa/<split>.jsonl|csv, qrels/<split>.tsv) or a QA file path."""
+    path = Path(split)
+    if path.suffix in (".jsonl", ".csv", ".tsv", ".gz") and path.is_file():
+        return load_eval_data(cfg.dir, path.stem, qa_path=path, corpus=corpus)
+    return load_eval_data(cfg.dir, split, corpus=corpus)
+
+
+def _cap(data: EvalData, n: int) -> EvalData:
+    return _restrict(data, list(range(min(n, len(data.query_ids))))) if n else data
+
+
+def load_art_data(cfg: Any) -> ArtData:
+    """Training questions, a dev set (model selection) and a test set (reported once).
+
+    cfg.protocol:
+      "files"       train on `train_questions` (a questions file: BEIR queries, QA jsonl, DPR
+                    csv); select on `dev_split`, report `test_split` (split names of `dir` or
+                    QA file paths). Paper runs use this: evaluation questions are never trained
+                    on, and the test split never picks a checkpoint.
+      "hash_split"  demos and tests only: the questions of `split` are divided into train /
+                    dev / test by a hash of their id (`split_fractions`).
+    """
+    protocol = cfg.get("protocol", "files")
+    if protocol == "hash_split":
+        return _hash_split(cfg)
+    if protocol != "files":
+        raise DataError(f"data.protocol={protocol!r}; expected 'files' or 'hash_split'")
+    if not cfg.train_questions:
+        raise DataError(
+            "data.train_questions is empty: ART trains on real training questions (NQ: "
+            "nq-train.csv), never on its dev or test questions. Set "
+            "--config.data.train_questions=FILE, or --config.data.protocol=hash_split for a "
+            "demo that splits one question set by id hash"
+        )
+    if not cfg.dev_split:
+        raise DataError("data.dev_split is empty: model selection needs a dev set")
+    dev = _eval_set(cfg, cfg.dev_split, None)
+    corpus = dev.corpus
+    test = None
+    if cfg.test_split:
+        if cfg.test_split == cfg.dev_split:
+            raise DataError(
+                f"data.dev_split and data.test_split are both {cfg.dev_split!r}: the split that "
+                "picks the checkpoint cannot also be the one reported"
+            )
+        test = _eval_set(cfg, cfg.test_split, corpus)
+    if cfg.max_docs and cfg.max_docs < len(corpus):
+        dev = _smaller_corpus(dev, cfg.max_docs, seed=0)
+        corpus = dev.corpus
+        if test is not None:
+            test = _on_corpus(test, corpus)
+    questions = read_questions(Path(cfg.train_questions))
+    train_ids = [f"train-{i}" for i in range(len(questions))]
+    seen = set(questions)
+    for name, data in (("dev", dev), ("test", test)):
+        if data is not None:
+            overlap = sum(q in seen for q in data.query_texts)
+            if overlap:
+                log.warning(
+                    "%d of the %d %s questions also appear verbatim among the training questions",
+                    overlap,
+                    len(data.query_texts),
+                    name,
+                )
+    qrels = None
+    if cfg.get("train_qrels"):
+        qrels = read_qrels(Path(cfg.train_qrels), set(train_ids), corpus.row_of)
+    dev = _cap(dev, cfg.max_eval_questions)
+    test = _cap(test, cfg.max_eval_questions) if test is not None else None
+    return ArtData(corpus, train_ids, questions, dev, test, qrels)
+
+
+def _on_corpus(data: EvalData, corpus: Corpus) -> EvalData:
+    """`data` evaluated on a smaller `corpus`: judgements outside it dropped, queries left
+    without a relevant document dropped."""
+    out = EvalData(data.name, corpus, data.query_ids, data.query_texts, data.qrels, data.answers)
+    if data.qrels is None:
+        return out
     out.qrels = {
         q: {d: r for d, r in j.items() if d in corpus.row_of} for q, j in data.qrels.items()
     }
@@ -60,31 +145,34 @@ def _smaller_corpus(data: EvalData, max_docs: int, seed: int) -> EvalData:
     return _restrict(out, keep)
 
 
-def load_art_data(cfg: Any) -> ArtData:
-    """cfg: dir, split, split_fractions, train_questions, max_docs, max_eval_questions, ..."""
+def _hash_split(cfg: Any) -> ArtData:
     full = load_eval_data(cfg.dir, cfg.split)
     if cfg.max_docs and cfg.max_docs < len(full.corpus):
         full = _smaller_corpus(full, cfg.max_docs, seed=0)
-    if cfg.train_questions:
-        questions = read_questions(Path(cfg.train_questions))
-        train_ids = [f"train-{i}" for i in range(len(questions))]
-        dev, test = full, None
-    else:
-        fractions = tuple(cfg.split_fractions)
-        if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
-            raise DataError(f"data.split_fractions {fractions} must be three numbers summing to 1")
-        groups: dict[str, list[int]] = {"train": [], "dev": [], "test": []}
-        for i, qid in enumerate(full.query_ids):
-            groups[split_of(qid, fractions)].append(i)
-        train_ids = [full.query_ids[i] for i in groups["train"]]
-        questions = [full.query_texts[i] for i in groups["train"]]
-        dev, test = _restrict(full, groups["dev"]), _restrict(full, groups["test"])
-    if cfg.max_eval_questions:
-        dev = _restrict(dev, list(range(min(cfg.max_eval_questions, len(dev.query_ids)))))
-        if test is not None:
-            test = _restrict(test, list(range(min(cfg.max_eval_questions, len(test.query_ids)))))
+    fractions = tuple(cfg.split_fractions)
+    if len(fractions) != 3 or abs(sum(fractions) - 1) > 1e-6:
+        raise DataError(f"data.split_fractions {fractions} must be three numbers summing to 1")
+    groups: dict[str, list[int]] = {"train": [], "dev": [], "test": []}
+    for i, qid in enumerate(full.query_ids):
+        groups[split_of(qid, fractions)].append(i)
+    train_ids = [full.query_ids[i] for i in groups["train"]]
+    questions = [full.query_texts[i] for i in groups["train"]]
     if not questions:
-        raise DataError("no training questions")
+        raise DataError("the hash split left no training questions")
+    log.warning(
+        "data.protocol=hash_split: the %d %r questions of %s are split %s into train/dev/test "
+        "by a hash of their id (%d / %d / %d). This is for demos and tests; a paper run "
+        "trains on its own training questions (data.protocol=files).",
+        len(full.query_ids),
+        cfg.split,
+        cfg.dir,
+        "/".join(f"{f:g}" for f in fractions),
+        len(groups["train"]),
+        len(groups["dev"]),
+        len(groups["test"]),
+    )
+    dev = _cap(_restrict(full, groups["dev"]), cfg.max_eval_questions)
+    test = _cap(_restrict(full, groups["test"]), cfg.max_eval_questions)
     return ArtData(full.corpus, train_ids, questions, dev, test, full.qrels)
 
 

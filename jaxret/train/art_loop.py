@@ -19,8 +19,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxret.configlib import ConfigError
 from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
-from jaxret.data.tokenization import tokenize_queries
+from jaxret.data.tokenization import Truncation, tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.index.encode import encode_corpus, passage_table
 from jaxret.index.gather import device_table
@@ -147,11 +148,19 @@ def evaluate(
     q = ev.encode_queries(
         encoder, params, tokenizer, data.query_texts, mesh, cfg.encode.batch_size, False
     )
-    scores, rows = index.search_batched(q, min(100, index.num_rows), cfg.encode.batch_size)
+    scores, rows = ev.search_index(
+        index, q, data.query_ids, data.corpus.ids, 100, cfg.encode.batch_size
+    )
     return ev.compute_metrics(data, scores, rows), index
 
 
 def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
+    if not cfg.model.name:
+        raise ConfigError(
+            "model.name is empty: give the retriever to start from with "
+            "--config.model.name=CHECKPOINT (an HF BERT or MegatronBERT folder, a hub id, or a "
+            "jaxret export)"
+        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     initialize_distributed(cfg.get("distributed"))
@@ -173,9 +182,11 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
         )
     store = Path(cfg.data.store) if cfg.data.store else workdir / "store"
     p_table = passage_table(store, data.corpus, encoder, tokenizer)
+    p_table.truncation("retriever passages").report(log)
     corpus_hash = data.corpus.content_hash()
     layout = RowLayout.for_mesh(len(data.corpus), mesh, cfg.encode.chunk_rows)
-    keys = ("input_ids", "token_type_ids") if spec.passage_format == "pair" else ("input_ids",)
+    # Only HF sentence pairs carry token types; every other format has all-zero type ids.
+    keys = ("input_ids", "token_type_ids") if spec.passage_format == "hf_pair" else ("input_ids",)
     passage_tables = _tables_on_device(p_table, layout, mesh, keys)
 
     art_cfg = art.ArtConfig(
@@ -186,7 +197,11 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
         dropout=cfg.art.dropout,
     )
     # Per training question, everything a batch needs, prepared once on the host.
-    q_tokens = tokenize_queries(tokenizer, data.train_questions, spec.max_query_length)
+    q_trunc = Truncation("training questions (retriever)", spec.max_query_length)
+    q_tokens = tokenize_queries(
+        tokenizer, data.train_questions, spec.max_query_length, truncation=q_trunc
+    )
+    q_trunc.report(log)
     host_batch: dict[str, Any] = {"query": q_tokens}
     teacher, teacher_params, teacher_tables = None, None, {}
     if art_cfg.teacher == "t5":
@@ -198,8 +213,10 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
         teacher = t5_teacher.T5Teacher.from_pretrained(cfg.teacher.model, cfg.teacher.dtype, tspec)
         ttok = teacher.tokenizer
 
-        def t5_tokenize(titles: list[str], texts: list[str]) -> dict[str, np.ndarray]:
-            return t5_teacher.tokenize_passages(ttok, titles, texts, tspec)
+        def t5_tokenize(
+            titles: list[str], texts: list[str], trunc: Truncation
+        ) -> dict[str, np.ndarray]:
+            return t5_teacher.tokenize_passages(ttok, titles, texts, tspec, trunc)
 
         fp = {
             "tokenizer": tokenizer_fingerprint(ttok),
@@ -208,8 +225,13 @@ def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
             "verbalizer": tspec.verbalize("{t}", "{x}"),
         }
         t_table = open_table(store, "teacher", data.corpus, t5_tokenize, fp)
+        t_table.truncation("teacher passages").report(log)
         teacher_tables = _tables_on_device(t_table, layout, mesh, ("input_ids",))
-        host_batch["target"] = t5_teacher.tokenize_questions(ttok, data.train_questions, tspec)
+        target_trunc = Truncation("training questions (teacher)", tspec.max_question_length)
+        host_batch["target"] = t5_teacher.tokenize_questions(
+            ttok, data.train_questions, tspec, target_trunc
+        )
+        target_trunc.report(log)
         teacher_params = jax.device_put(
             teacher.params, param_shardings(teacher.params, mesh, cfg.teacher.param_sharding)
         )

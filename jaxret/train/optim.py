@@ -1,10 +1,32 @@
-"""Optimizer: Adam or AdamW, linear warmup then linear decay, global-norm clipping."""
+"""Optimizer: Adam or AdamW, linear warmup then linear decay, global-norm clipping.
+
+Weight decay follows Megatron (`get_params_for_weight_decay_optimization`, used by ART):
+LayerNorm parameters and biases are not decayed; kernels and embedding tables are.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import jax
 import optax
+
+# Leaf names (last path element) that never get weight decay: biases and layer-norm
+# parameters ("scale" is jaxret's LayerNorm / RMSNorm weight, "bias" every bias).
+NO_DECAY_LEAVES = ("bias", "scale")
+
+
+def _leaf_name(path: Sequence[Any]) -> str:
+    last = path[-1]
+    return str(getattr(last, "key", getattr(last, "name", last)))
+
+
+def decay_mask(params: Any) -> Any:
+    """A tree like `params`: True where weight decay applies."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _leaf_name(path) not in NO_DECAY_LEAVES, params
+    )
 
 
 def schedule(peak_lr: float, total_steps: int, warmup_fraction: float = 0.01) -> optax.Schedule:
@@ -22,12 +44,19 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     """cfg: name ("adam" | "adamw"), lr, warmup_fraction, weight_decay, clip_norm, b1, b2, eps."""
     lr = schedule(cfg.lr, total_steps, cfg.warmup_fraction)
     if cfg.name == "adamw":
-        opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        opt = optax.adamw(
+            lr,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
     elif cfg.name == "adam":
         # Coupled L2 decay (torch.optim.Adam semantics). Megatron's fused Adam, used by the
         # ART code, decouples the decay: that is "adamw", the configs' default.
         opt = optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay),
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
             optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
         )
     else:

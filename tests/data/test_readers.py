@@ -146,3 +146,68 @@ def test_read_questions_all_formats(tmp_path):
     qa = write(tmp_path / "qa.jsonl", jsonl([{"question": "b?", "answers": ["x"]}]))
     dpr = write(tmp_path / "qa.csv", "c?\t['x']\n")
     assert [R.read_questions(p) for p in (beir, qa, dpr)] == [["a?"], ["b?"], ["c?"]]
+
+
+def test_bom_header_and_utf8_errors_name_the_line(tmp_path):
+    bom = write(tmp_path / "qrels.tsv", "\ufeffquery-id\tcorpus-id\tscore\nq1\ta\t1\n")
+    bom.write_bytes(bom.read_text().encode("utf-8"))  # the BOM as bytes EF BB BF
+    assert bom.read_bytes()[:3] == b"\xef\xbb\xbf"
+    assert R.read_qrels(bom) == {"q1": {"a": 1}}  # a BOM'd header is a header
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(
+        "\ufeff".encode() + b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": "caf\xe9"}\n'
+    )
+    with pytest.raises(R.DataError, match=r"corpus.jsonl:2: not valid UTF-8"):
+        R.read_beir_corpus(corpus)
+    gz = tmp_path / "q.jsonl.gz"
+    with gzip.open(gz, "wb") as f:
+        for i in range(3):
+            f.write(b'{"_id": "%d", "text": "ok"}\n' % i)
+        f.write(b'{"_id": "4", "text": "\xff"}\n')
+    with pytest.raises(R.DataError, match=r"q.jsonl.gz:4: not valid UTF-8"):
+        R.read_beir_queries(gz)
+    dpr = tmp_path / "psgs.tsv"
+    dpr.write_bytes(b"id\ttext\ttitle\n1\tfine\tT\n2\tbad \xc3\x28\tT\n")
+    with pytest.raises(R.DataError, match=r"psgs.tsv:3: not valid UTF-8"):
+        R.read_dpr_passages(dpr)
+
+
+@pytest.mark.parametrize("score", ["1.5", "inf", "-inf", "nan", "1e400"])
+def test_non_integer_relevance_is_an_error(tmp_path, score):
+    path = write(tmp_path / "t.tsv", f"q1\ta\t1\nq1\tb\t{score}\n")
+    with pytest.raises(R.DataError, match=r"t.tsv:2: relevance .* is not an integer"):
+        R.read_qrels(path)
+    assert R.read_qrels(write(tmp_path / "ok.tsv", "q1\ta\t2.0\nq1\tb\t-1\n")) == {
+        "q1": {"a": 2, "b": -1}
+    }
+
+
+def test_qrels_missing_documents_warn_and_drop(tmp_path, caplog):
+    path = write(
+        tmp_path / "t.tsv", "query-id\tcorpus-id\tscore\nq1\ta\t1\nq1\tgone\t1\nq9\ta\t1\n"
+    )
+    with pytest.raises(R.DataError, match=r"t.tsv:3: unknown corpus id 'gone'"):
+        R.read_qrels(path, {"q1", "q9"}, {"a"})
+    kept = R.read_qrels(path, {"q1"}, {"a"}, on_missing="warn")
+    assert kept == {"q1": {"a": 1}}
+    assert "1 row(s) name a document missing from the corpus (dropped)" in caplog.text
+    assert "1 row(s) name a query missing from the queries file (dropped)" in caplog.text
+    with pytest.raises(ValueError, match="on_missing"):
+        R.read_qrels(path, on_missing="skip")
+    # The same option through a BEIR folder.
+    write(tmp_path / "beir" / "corpus.jsonl", jsonl([{"_id": "a", "title": "", "text": "x"}]))
+    write(tmp_path / "beir" / "queries.jsonl", jsonl([{"_id": "q1", "text": "y"}]))
+    write(tmp_path / "beir" / "qrels" / "test.tsv", "q1\ta\t1\nq1\tgone\t2\n")
+    with pytest.raises(R.DataError, match="unknown corpus id"):
+        R.read_beir(tmp_path / "beir")
+    assert R.read_beir(tmp_path / "beir", on_missing="warn").qrels == {"q1": {"a": 1}}
+
+
+def test_find_corpus_prefers_beir_then_dpr(tmp_path):
+    with pytest.raises(R.DataError, match="no corpus file"):
+        R.find_corpus(tmp_path)
+    write(tmp_path / "psgs_w100.tsv", "id\ttext\ttitle\n1\ta\tb\n")
+    assert R.find_corpus(tmp_path).name == "psgs_w100.tsv"
+    assert R.read_corpus(R.find_corpus(tmp_path)).ids == ["1"]
+    write(tmp_path / "corpus.jsonl", jsonl([{"_id": "x", "text": "y"}]))
+    assert R.find_corpus(tmp_path).name == "corpus.jsonl"

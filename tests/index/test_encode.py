@@ -50,14 +50,21 @@ def test_store_reuses_and_rebuilds(setup, tmp_path):
     enc, params, tok, corpus = setup
     calls = []
 
-    def tokenize(titles, texts):
+    def tokenize(titles, texts, trunc):
         calls.append(len(titles))
-        return tokenize_passages(tok, titles, texts, 16, "join")
+        return tokenize_passages(tok, titles, texts, 16, "join", truncation=trunc)
 
     fp = {"tokenizer": "t", "max_length": 16, "vocab_size": 30522}
     t1 = open_table(tmp_path, "p", corpus, tokenize, fp, batch_size=10)
     assert calls == [10, 10, 10, 7] and len(t1) == 37
     assert t1.arrays["input_ids"].dtype == np.uint16  # 30k vocabulary fits
+    # What the 16-token cut removed is recorded with the table.
+    lengths = [
+        len(tok(f"{a} {b}".strip())["input_ids"]) for a, b in zip(corpus.titles, corpus.texts)
+    ]
+    cut = t1.truncation("passages")
+    assert (cut.rows, cut.cut, cut.longest) == (37, sum(n > 16 for n in lengths), max(lengths))
+    assert cut.cut > 0 and "longer than 16 tokens" in cut.message()
     t2 = open_table(tmp_path, "p", corpus, tokenize, fp, batch_size=10)
     assert calls == [10, 10, 10, 7]  # reloaded, not re-tokenized
     np.testing.assert_array_equal(t2.rows(0, 37)["input_ids"], t1.rows(0, 37)["input_ids"])

@@ -154,3 +154,70 @@ def test_unsupported_architecture_is_refused(tiny_bert, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="relative_key"):
         load_bert(folder)
+
+
+def test_hub_repo_with_only_pytorch_model_bin_loads(tiny_bert, tmp_path, monkeypatch):
+    """A hub id whose repo ships only `pytorch_model.bin` (many BERT-era checkpoints) loads
+    from the Hugging Face cache, through torch.load(weights_only=True)."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--someone--old-bert" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    for f in tiny_bert.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, snapshot / f.name)
+    model = transformers.BertModel.from_pretrained(str(tiny_bert))
+    torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    assert hf_io.resolve_checkpoint("someone/old-bert") == snapshot
+    cfg, params, folder = load_bert("someone/old-bert")
+    ref_cfg, ref_params, _ = load_bert(tiny_bert)
+    assert folder == snapshot and cfg == ref_cfg
+    jax.tree.map(np.testing.assert_array_equal, params, ref_params)
+    # Both present: safetensors is read, the pickle never opened.
+    shutil.copy(tiny_bert / "model.safetensors", snapshot / "model.safetensors")
+    (snapshot / "pytorch_model.bin").write_bytes(b"not a pickle")
+    jax.tree.map(np.testing.assert_array_equal, load_bert("someone/old-bert")[1], ref_params)
+    with pytest.raises(hf_io.CheckpointError, match="empty"):
+        load_bert("")
+
+
+def test_hub_download_fetches_pickles_only_without_safetensors(tiny_bert, tmp_path, monkeypatch):
+    """Online: the first download asks for config/tokenizer/safetensors; a repo without
+    safetensors gets a second download that includes `pytorch_model*.bin`."""
+    import fnmatch
+
+    import huggingface_hub
+
+    remote = tmp_path / "remote"
+    shutil.copytree(tiny_bert, remote, ignore=shutil.ignore_patterns("model.safetensors"))
+    torch.save(
+        transformers.BertModel.from_pretrained(str(tiny_bert)).state_dict(),
+        remote / "pytorch_model.bin",
+    )
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, local_files_only=False, **_):
+        calls.append((repo_id, tuple(allow_patterns), local_files_only))
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        out = tmp_path / "cache" / str(len(calls))
+        out.mkdir(parents=True)
+        for f in remote.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, out / f.name)
+        return str(out)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    folder = hf_io.resolve_checkpoint("someone/bin-only")
+    assert (folder / "pytorch_model.bin").is_file()
+    assert [c[2] for c in calls] == [True, False, True, False]
+    assert not any("*.bin" in p or "pytorch_model" in p for p in calls[1][1])  # safetensors first
+    assert "pytorch_model*.bin" in calls[3][1]
+    cfg, params, _ = load_bert("someone/bin-only")
+    jax.tree.map(np.testing.assert_array_equal, params, load_bert(tiny_bert)[1])

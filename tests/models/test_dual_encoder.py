@@ -54,14 +54,16 @@ def test_export_round_trip_loads_in_pytorch(minilm, minilm_tokens, tmp_path):
 
 
 def test_separate_towers_dense_tanh_is_the_pooler(tiny_bert, tmp_path):
-    spec = de.EncoderSpec(shared=False, projection="dense_tanh", passage_format="pair")
+    spec = de.EncoderSpec(shared=False, projection="dense_tanh", passage_format="hf_pair")
     enc, params, tok_folder = de.from_pretrained(tiny_bert, spec)
     assert set(params) == {"query", "passage"}
     # Train-like divergence of the towers, then export both and compare with torch pooler_output.
     params["passage"] = jax.tree.map(lambda x: x * 1.01, params["passage"])
     tok = load_tokenizer(tok_folder)
-    tokens = tokenize_passages(tok, ["Title a", ""], ["some text here", "more text"], 24)
-    assert tokens["token_type_ids"][0].max() == 1  # title/text as a sentence pair
+    tokens = tokenize_passages(
+        tok, ["Title a", ""], ["some text here", "more text"], 24, spec.passage_format
+    )
+    assert tokens["token_type_ids"][0].max() == 1  # HF sentence pair: the text has type 1
     folders = de.export(enc, params, tmp_path / "two", tok)
     for tower in ("query", "passage"):
         ours = np.asarray(enc.embed(params, tower, tokens))

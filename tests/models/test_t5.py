@@ -225,3 +225,24 @@ def test_filter_logits():
     assert kept(filter_logits(logits, 1.0, 0, 0.75)) == [True, True, False, False]
     assert kept(filter_logits(logits, 1.0, 0, 0.85)) == [True, True, True, False]
     assert kept(filter_logits(logits, 1.0, 0, 0.1)) == [True, False, False, False]
+
+
+def test_bf16_logits_accumulate_in_fp32(tiny_t5):
+    """Tied and untied heads alike: logits = fp32 accumulation of the bf16 hidden state times
+    the bf16 table, not a bf16-rounded product."""
+    cfg, params, _ = load_t5(tiny_t5, dtype="bfloat16")
+    model = T5(cfg, dtype=jnp.bfloat16)
+    hidden = jnp.asarray(np.random.RandomState(0).randn(4, cfg.d_model), jnp.bfloat16)
+    logits = model.apply({"params": params}, hidden, method=T5.logits)
+    assert logits.dtype == jnp.float32
+    h = np.asarray(hidden, np.float64)
+    if cfg.scale_decoder_outputs:
+        h = np.asarray(jnp.asarray(hidden * cfg.d_model**-0.5, jnp.bfloat16), np.float64)
+    table = (
+        params["shared"]["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]["kernel"]
+    )
+    exact = h @ np.asarray(table, np.float64)
+    # fp32 accumulation: ~1e-6 relative; a bf16 output would be off by up to 2^-9 relative.
+    np.testing.assert_allclose(
+        np.asarray(logits), exact, rtol=2e-5, atol=2e-5 * np.abs(exact).max()
+    )

@@ -50,8 +50,8 @@ K, B, STEPS = 4, 8, 3
 
 
 @pytest.fixture(scope="module")
-def problem(tiny_bert, shared_data):
-    data = load_eval_data(shared_data / "adi")
+def problem(tiny_bert, data_dir):
+    data = load_eval_data(data_dir / "adi")
     corpus = data.corpus  # 82 real documents
     spec = de.EncoderSpec(pooling="mean", shared=False, max_query_length=16, max_passage_length=24)
     encoder, params, tok_folder = de.from_pretrained(tiny_bert, spec)
@@ -73,8 +73,8 @@ def reference_run(encoder, params, p_tokens, q_tokens, t_ids, t_scores, embeddin
     for step in range(STEPS):
         sl = slice(step * B, (step + 1) * B)
         q_tok = {k: v[sl] for k, v in q_tokens.items()}
-        q_now = np.asarray(encoder.embed(params, "query", q_tok))
-        s = q_now @ embeddings.T
+        q_now = np.asarray(encoder.embed(params, "query", q_tok), np.float64)
+        s = q_now @ np.asarray(embeddings, np.float64).T  # exact: no BLAS rounding in the ranking
         order = np.lexsort((np.broadcast_to(np.arange(s.shape[1]), s.shape), -s), axis=1)[:, :K]
         p_tok = {k: v[order.reshape(-1)] for k, v in p_tokens.items()}
         teacher = np.array(
@@ -191,3 +191,62 @@ def test_t5_teacher_gets_no_gradient(tmp_path):
         ).sum()
     )(teacher.params)
     assert all(float(np.abs(np.asarray(g)).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("strategy", ["replicated", "fsdp"])
+def test_in_step_t5_teacher_equals_t5teacher_score(problem, tmp_path, data_dir, strategy):
+    """The teacher scores computed inside the sharded step (token rows gathered by the
+    retrieved ids, labels repeated per passage, chunked) equal `T5Teacher.score` on the same
+    questions and the same retrieved passages."""
+    from conftest import T5_TEXTS, save_tiny_t5
+
+    from jaxret.parallel.partitioning import param_shardings
+    from jaxret.teachers import T5Teacher, TeacherSpec
+    from jaxret.teachers import t5_teacher as tt
+
+    encoder, params, p_tokens, q_tokens, _, _ = problem
+    corpus = load_eval_data(data_dir / "adi").corpus
+    questions = load_eval_data(data_dir / "adi").query_texts[:B]
+    folder = save_tiny_t5(tmp_path / "t5", T5_TEXTS, gated=True)
+    spec = TeacherSpec(max_passage_length=96, max_question_length=40, chunk_pairs=4)
+    teacher = T5Teacher.from_pretrained(folder, "float32", spec)
+
+    mesh = make_mesh(("data", "model"), (8, 1))
+    embeddings = np.asarray(jax.jit(lambda p, t: encoder.embed(p, "passage", t))(params, p_tokens))
+    index = ShardedIndex.from_embeddings(embeddings, mesh, jnp.float32, chunk_rows=8)
+    layout = index.layout
+    pad = lambda v: np.pad(v, ((0, layout.padded_rows - len(v)), (0, 0)))
+    tables = {
+        k: device_table(lambda s, e, v=v: pad(v)[s:e], layout, mesh)
+        for k, v in p_tokens.items()
+        if k != "attention_mask"
+    }
+    z = tt.tokenize_passages(teacher.tokenizer, corpus.titles, corpus.texts, spec)
+    teacher_tables = {
+        "input_ids": device_table(lambda s, e: pad(z["input_ids"])[s:e], layout, mesh)
+    }
+    target = tt.tokenize_questions(teacher.tokenizer, questions, spec)
+    batch = global_batch({"query": {k: v[:B] for k, v in q_tokens.items()}, "target": target}, mesh)
+    t_params = jax.device_put(teacher.params, param_shardings(teacher.params, mesh, strategy))
+    cfg = art.ArtConfig(top_k=K, teacher="t5", dropout=False)
+    fn = jax.jit(
+        lambda p, b, i, pt, tt_, tp: art.art_logits(
+            p,
+            b,
+            i,
+            pt,
+            tt_,
+            tp,
+            jax.random.key(0),
+            encoder=encoder,
+            cfg=cfg,
+            mesh=mesh,
+            teacher=teacher,
+        )
+    )
+    _, in_step, ids = fn(params, batch, index, tables, teacher_tables, t_params)
+    ids = np.asarray(ids)
+    passages = [[{"title": corpus.titles[r], "text": corpus.texts[r]} for r in row] for row in ids]
+    reference = teacher.score(questions, passages)
+    np.testing.assert_allclose(np.asarray(in_step), reference, atol=1e-4)
+    assert np.ptp(reference, axis=1).min() > 1e-3  # the teacher tells the passages apart

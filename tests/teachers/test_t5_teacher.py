@@ -120,3 +120,46 @@ def test_score_input_errors(tiny_t5):
         teacher.score(QUESTIONS[:1], [[{"title": "x"}]])
     with pytest.raises(ValueError, match="float16"):
         T5Teacher.from_pretrained(tiny_t5, dtype="float16")
+
+
+LONG_QUESTIONS = [
+    "given that the eiffel tower was built in 1889 for the world fair in paris france and "
+    "the bowling hall of fame is located in arlington texas, which came first?",
+    "where is the bowling hall of fame located?",
+]
+
+
+def test_long_questions_equal_pytorch_and_cuts_are_reported(tiny_t5, caplog):
+    """Targets up to ART's 128 tokens are scored whole: equal to PyTorch's mean token
+    log-likelihood of the full question (fp32, 1e-3 nats). Longer ones are cut, and the cut is
+    reported once."""
+    teacher = T5Teacher.from_pretrained(tiny_t5, dtype="float32")
+    assert teacher.spec.max_question_length == 128
+    tok = teacher.tokenizer
+    full = [tok("Question: " + q)["input_ids"] for q in LONG_QUESTIONS]
+    assert 64 < len(full[0]) <= 128  # longer than the old default: it used to be cut
+    passages = [PASSAGES[0][:2], PASSAGES[1][:2]]
+    ours = teacher.score(LONG_QUESTIONS, passages)
+
+    m = transformers.T5ForConditionalGeneration.from_pretrained(str(tiny_t5)).eval()
+    for b, (question_ids, ps) in enumerate(zip(full, passages)):
+        for k, p in enumerate(ps):
+            prompt = "Please write a question based on this passage."
+            enc = tok(f"Passage: {p['title']} {p['text']} . {prompt}")
+            with torch.no_grad():
+                out = m(
+                    input_ids=torch.tensor([enc["input_ids"]]),
+                    labels=torch.tensor([question_ids]),
+                )
+            assert abs(ours[b, k] - (-out.loss.item())) < 1e-3, (b, k)
+    assert "were cut" not in caplog.text
+    short = T5Teacher.from_pretrained(
+        tiny_t5, dtype="float32", spec=TeacherSpec(max_question_length=32)
+    )
+    short.score(LONG_QUESTIONS, passages)
+    short.score(LONG_QUESTIONS, passages)
+    cut_lines = [r for r in caplog.records if "teacher questions" in r.getMessage()]
+    assert len(cut_lines) == 1  # reported once, however often score() runs
+    msg = cut_lines[0].getMessage()
+    assert "1 of 2 rows are longer than 32 tokens" in msg and f"longest: {len(full[0])}" in msg
+    assert short.truncation["teacher questions"].cut == 2  # counted on every call
