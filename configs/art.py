@@ -35,6 +35,7 @@ def _minilm() -> str:
 
 def base():
     c = ml_collections.ConfigDict()
+    c.recipe = "art"
     c.seed = 0
     c.model = ml_collections.ConfigDict(
         dict(
@@ -78,7 +79,12 @@ def base():
         )
     )
     c.encode = ml_collections.ConfigDict(
-        dict(batch_size=256, index_dtype="bfloat16", chunk_rows=32768)
+        dict(
+            batch_size=256,  # host-path encoding (evaluation queries)
+            device_batch=256,  # passages per device per step of the on-device corpus encoding
+            index_dtype="bfloat16",
+            chunk_rows=32768,
+        )
     )
     c.art = ml_collections.ConfigDict(dict(top_k=32, temperature_multiplier=1.0, dropout=True))
     c.teacher = ml_collections.ConfigDict(
@@ -119,9 +125,13 @@ def base():
             checkpoint_every=500,
             keep_checkpoints=3,
             progress=True,
+            max_skipped_in_a_row=5,  # non-finite steps in a row before the run stops
+            allow_config_change=False,  # resume a workdir despite a changed config
         )
     )
-    c.eval = ml_collections.ConfigDict(dict(metric="top20", at_start=True, test_at_end=True))
+    c.eval = ml_collections.ConfigDict(
+        dict(metric="top20", at_start=True, test_at_end=True, test_baseline=True)
+    )
     return c
 
 
@@ -160,7 +170,7 @@ def get_config(arg=None):
         c.art.update(top_k=8, temperature_multiplier=0.0025)
         c.teacher.update(kind="bm25", temperature=2.0)
         c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
-        c.encode.update(batch_size=64, index_dtype="float32", chunk_rows=4096)
+        c.encode.update(batch_size=64, device_batch=32, index_dtype="float32", chunk_rows=4096)
         c.train.update(
             steps=200, batch_size=4, refresh_every=50, eval_every=100, checkpoint_every=100
         )
@@ -179,7 +189,7 @@ def get_config(arg=None):
             kind="oracle", max_passage_length=64, max_question_length=24, chunk_pairs=4
         )
         c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
-        c.encode.update(batch_size=32, index_dtype="float32", chunk_rows=16)
+        c.encode.update(batch_size=32, device_batch=8, index_dtype="float32", chunk_rows=16)
         c.train.update(
             steps=6,
             batch_size=8,

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -17,9 +18,10 @@ from tqdm.auto import tqdm
 from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
 from jaxret.data.readers import Corpus
 from jaxret.data.tokenization import Truncation, tokenize_passages
-from jaxret.index.mips import RowLayout
+from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.index.sharded import ShardedIndex, params_fingerprint, process_row_range
 from jaxret.models.dual_encoder import DualEncoder, Tower
+from jaxret.parallel.activations import map_rows
 from jaxret.parallel.host_data import global_batch
 
 DATA = PartitionSpec("data")
@@ -167,3 +169,66 @@ def encode_corpus(
         "encoder": params_fingerprint(encoder.tower_params(params, "passage"), step),
     }
     return ShardedIndex.from_process_rows(local, layout, mesh, dtype, fingerprint)
+
+
+def _tokens_from_table(rows: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Device token rows (uint16 ids, pad id 0) → the encoder's int32 inputs."""
+    ids = rows["input_ids"].astype(jnp.int32)
+    types = rows.get("token_type_ids")
+    return {
+        "input_ids": ids,
+        "attention_mask": (ids != 0).astype(jnp.int32),
+        "token_type_ids": jnp.zeros_like(ids) if types is None else types.astype(jnp.int32),
+    }
+
+
+@functools.lru_cache(maxsize=32)
+def device_encoder(
+    encoder: DualEncoder, mesh: Mesh, layout: RowLayout, per_device: int, dtype: str
+) -> Any:
+    """jit(params, tables, old_embeddings) → new embeddings [N_pad, d] in the index layout.
+
+    The passage tower runs over the token tables where they already live (row-sharded on
+    the devices, the index layout), `per_device` rows of every device per step; the output
+    is born row-sharded like the index, and the old embeddings are donated so that their
+    memory holds the new ones (never two full indexes at once).
+    """
+    axes = tuple(mesh.axis_names)
+    out_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    per_device = max(1, min(per_device, layout.rows_per_shard))
+    while layout.rows_per_shard % per_device:
+        per_device -= 1
+
+    def encode(params: Any, tables: dict[str, jax.Array], old: jax.Array) -> jax.Array:
+        del old  # donated: its buffer is reused for the output
+        embed = lambda rows: encoder.embed(params, "passage", _tokens_from_table(rows))
+        return map_rows(embed, tables, mesh, axes, per_device).astype(out_dtype)
+
+    return jax.jit(encode, out_shardings=row_sharding(mesh), donate_argnums=(2,))
+
+
+def refresh_index(
+    encoder: DualEncoder,
+    params: Any,
+    tables: dict[str, jax.Array],
+    index: ShardedIndex,
+    per_device: int = 64,
+    fingerprint: dict[str, Any] | None = None,
+) -> ShardedIndex:
+    """A new index of `tables` encoded with `params`; `index`'s buffer is donated (unusable
+    afterwards)."""
+    fn = device_encoder(
+        encoder, index.mesh, index.layout, per_device, jnp.dtype(index.embeddings.dtype).name
+    )
+    emb = fn(params, tables, index.embeddings)
+    meta = index.meta if fingerprint is None else fingerprint
+    return ShardedIndex(emb, index.layout, index.mesh, tuple(sorted(meta.items())))
+
+
+def empty_index(layout: RowLayout, mesh: Mesh, dim: int, dtype: str) -> ShardedIndex:
+    """A zero index of the right shape and layout (the donor for the first refresh)."""
+    out_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    zeros = jax.jit(
+        lambda: jnp.zeros((layout.padded_rows, dim), out_dtype), out_shardings=row_sharding(mesh)
+    )()
+    return ShardedIndex(zeros, layout, mesh, ())

@@ -13,7 +13,6 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxret.index.mips import RowLayout, row_sharding, row_spec
-from jaxret.index.sharded import process_row_range
 
 
 def gather_rows(table: jax.Array, ids: jax.Array, layout: RowLayout, mesh: Mesh) -> jax.Array:
@@ -40,9 +39,32 @@ def gather_rows(table: jax.Array, ids: jax.Array, layout: RowLayout, mesh: Mesh)
 def device_table(
     rows_fn: object, layout: RowLayout, mesh: Mesh, dtype: np.dtype = np.int32
 ) -> jax.Array:
-    """Places a token table on the devices in the index layout; each process reads only its
-    own rows through `rows_fn(start, stop) -> [stop − start, L]` (padding rows are zeros)."""
-    rows = process_row_range(layout, mesh)
-    local = np.asarray(rows_fn(rows.start, rows.stop), dtype)
-    shape = (layout.padded_rows, local.shape[1])
-    return jax.make_array_from_process_local_data(row_sharding(mesh), local, shape)
+    """Places a token table on the devices in the index layout [N_pad, L].
+
+    `rows_fn(start, stop) -> [stop − start, L]` returns rows of the table (rows ≥ N are
+    padding: zeros). Each device's block is read on its own process as it is placed, in the
+    table's own compact dtype (uint16 for 30k/32k vocabularies): a process reads only the rows
+    its devices own, wherever the mesh puts them.
+    """
+    width = np.asarray(rows_fn(0, 1)).shape[1]
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        rows = index[0]
+        start = rows.start or 0
+        stop = layout.padded_rows if rows.stop is None else rows.stop
+        return np.asarray(rows_fn(start, stop), dtype)[:, index[1]]
+
+    return jax.make_array_from_callback((layout.padded_rows, width), row_sharding(mesh), block)
+
+
+def memmap_rows(array: np.ndarray, num_rows: int) -> object:
+    """rows_fn over a memory-mapped [N, L] array: reads only the asked rows, zero past N."""
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        out = np.zeros((stop - start, array.shape[1]), array.dtype)
+        real = max(0, min(stop, num_rows) - start)
+        if real:
+            out[:real] = array[start : start + real]
+        return out
+
+    return rows

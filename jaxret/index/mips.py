@@ -74,30 +74,30 @@ def _local_top_k(
     k_local = min(k, n)
     kc = min(k_local, chunk)
     q = queries.astype(block.dtype)
-    chunks = block.reshape(n // chunk, chunk, d)
 
-    def score_chunk(c: int | jax.Array, rows: jax.Array):
+    def score_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        # A window of the block, not a copy of it: the index is read once, in place.
+        rows = jax.lax.dynamic_slice_in_dim(block, c * chunk, chunk)
         s = jnp.einsum("bd,nd->bn", q, rows, preferred_element_type=jnp.float32)  # [B, chunk]
         ids = row_offset + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
         s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)
         s, pos = jax.lax.top_k(s, kc)
         return s, ids[pos]
 
-    best_s, best_i = score_chunk(0, chunks[0])
-    if kc < k_local:  # pad the running list to k_local so the scan carry has a fixed shape
-        pad = k_local - kc
-        best_s = jnp.pad(best_s, ((0, 0), (0, pad)), constant_values=-jnp.inf)
-        best_i = jnp.pad(best_i, ((0, 0), (0, pad)), constant_values=_NO_ID)
-    if chunks.shape[0] == 1:
-        return best_s, best_i
+    n_chunks = n // chunk
+    if n_chunks == 1:
+        return score_chunk(jnp.int32(0))
+    b = queries.shape[0]
+    init = (
+        jnp.full((b, k_local), -jnp.inf, jnp.float32),
+        jnp.full((b, k_local), _NO_ID, jnp.int32),
+    )
 
-    def step(carry: tuple[jax.Array, jax.Array], xs: tuple[jax.Array, jax.Array]):
-        c, rows = xs
-        s, i = score_chunk(c, rows)
+    def step(carry: tuple[jax.Array, jax.Array], c: jax.Array):
+        s, i = score_chunk(c)
         return _merge(*carry, s, i, k_local), None
 
-    cs = jnp.arange(1, chunks.shape[0], dtype=jnp.int32)
-    (best_s, best_i), _ = jax.lax.scan(step, (best_s, best_i), (cs, chunks[1:]))
+    (best_s, best_i), _ = jax.lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
     return best_s, best_i
 
 

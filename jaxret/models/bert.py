@@ -18,6 +18,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.parallel.activations import Activations, constrain
+
+# Logical names of activation dimensions (jaxret.parallel.activations).
+_BLE = ("batch", None, None)  # [B, L, E]
+_BLHD = ("batch", None, "heads", None)  # [B, L, H, D]
+_BHLL = ("batch", "heads", None, None)  # [B, H, L, L]
+_BLF = ("batch", None, "mlp")  # [B, L, F]
+
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
@@ -114,20 +122,23 @@ def _dense(features: Any, dtype: Any, name: str, axis: Any = -1) -> nn.Module:
 class SelfAttention(nn.Module):
     config: BertConfig
     dtype: Any
+    act: Activations | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         heads = (cfg.num_attention_heads, cfg.head_dim)
-        q = _dense(heads, self.dtype, "query")(x)  # [B, L, H, D]
-        k = _dense(heads, self.dtype, "key")(x)
-        v = _dense(heads, self.dtype, "value")(x)
+        c = lambda y, axes: constrain(self.act, y, axes)
+        q = c(_dense(heads, self.dtype, "query")(x), _BLHD)  # [B, L, H, D]
+        k = c(_dense(heads, self.dtype, "key")(x), _BLHD)
+        v = c(_dense(heads, self.dtype, "value")(x), _BLHD)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = logits / jnp.sqrt(cfg.head_dim).astype(jnp.float32) + bias  # [B, H, L, L]
-        probs = jax.nn.softmax(logits, axis=-1)
+        probs = c(jax.nn.softmax(logits, axis=-1), _BHLL)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-        return _dense(cfg.hidden_size, self.dtype, "output", axis=(-2, -1))(ctx)  # [B, L, E]
+        ctx = c(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v), _BLHD)
+        out = _dense(cfg.hidden_size, self.dtype, "output", axis=(-2, -1))(ctx)
+        return c(out, _BLE)  # [B, L, E]
 
 
 class BertLayer(nn.Module):
@@ -135,18 +146,20 @@ class BertLayer(nn.Module):
 
     config: BertConfig
     dtype: Any
+    act: Activations | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         drop = nn.Dropout(cfg.hidden_dropout_prob)
-        h = SelfAttention(cfg, self.dtype, name="attention")(x, bias, deterministic)
+        c = lambda y, axes: constrain(self.act, y, axes)
+        h = SelfAttention(cfg, self.dtype, self.act, name="attention")(x, bias, deterministic)
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="attention_norm")(
             drop(h, deterministic=deterministic) + x
         )
-        h = _dense(cfg.intermediate_size, self.dtype, "intermediate")(x)
+        h = c(_dense(cfg.intermediate_size, self.dtype, "intermediate")(x), _BLF)
         h = _ACTIVATIONS[cfg.hidden_act](h)
-        h = _dense(cfg.hidden_size, self.dtype, "output")(h)
+        h = c(_dense(cfg.hidden_size, self.dtype, "output")(h), _BLE)
         return LayerNorm(cfg.layer_norm_eps, self.dtype, name="output_norm")(
             drop(h, deterministic=deterministic) + x
         )
@@ -157,19 +170,19 @@ class PreLNBertLayer(nn.Module):
 
     config: BertConfig
     dtype: Any
+    act: Activations | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
         drop = nn.Dropout(cfg.hidden_dropout_prob)
+        c = lambda y, axes: constrain(self.act, y, axes)
         h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="attention_norm")(x)
-        h = SelfAttention(cfg, self.dtype, name="attention")(h, bias, deterministic)
+        h = SelfAttention(cfg, self.dtype, self.act, name="attention")(h, bias, deterministic)
         x = x + drop(h, deterministic=deterministic)
         h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="output_norm")(x)
-        h = _ACTIVATIONS[cfg.hidden_act](
-            _dense(cfg.intermediate_size, self.dtype, "intermediate")(h)
-        )
-        h = _dense(cfg.hidden_size, self.dtype, "output")(h)
+        h = c(_dense(cfg.intermediate_size, self.dtype, "intermediate")(h), _BLF)
+        h = c(_dense(cfg.hidden_size, self.dtype, "output")(_ACTIVATIONS[cfg.hidden_act](h)), _BLE)
         return x + drop(h, deterministic=deterministic)
 
 
@@ -179,6 +192,7 @@ class BertModel(nn.Module):
     config: BertConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    act: Activations | None = None  # activation sharding (None: let XLA choose)
 
     @nn.compact
     def __call__(
@@ -204,6 +218,7 @@ class BertModel(nn.Module):
             x = x.astype(self.dtype)
         else:
             x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="embeddings_norm")(x)
+        x = constrain(self.act, x, _BLE)
         x = nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
         # Additive mask in fp32: 0 for tokens, finfo.min for padding (as HF does).
@@ -213,7 +228,7 @@ class BertModel(nn.Module):
         block = PreLNBertLayer if cfg.pre_layer_norm else BertLayer
         layer_cls = nn.remat(block, static_argnums=(3,)) if self.remat else block
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, self.dtype, name=f"layer_{i}")(x, bias, deterministic)
+            x = layer_cls(cfg, self.dtype, self.act, name=f"layer_{i}")(x, bias, deterministic)
         if cfg.pre_layer_norm:
             x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="final_norm")(x)
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxret.models import hf_bert
 from jaxret.models.bert import BertConfig, BertModel
+from jaxret.parallel.activations import Activations
 
 Tower = Literal["query", "passage"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -41,15 +42,20 @@ class EncoderSpec:
     max_query_length: int = 64
     max_passage_length: int = 256
     dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: bool = False
+    # Rematerialize layers in the backward pass: "none", "query", "passage" (ART: the B·K
+    # passages dominate activation memory) or "both"; True / False mean "both" / "none".
+    remat: bool | str = "none"
 
     def __post_init__(self) -> None:
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "both" if self.remat else "none")
         checks = {
             "pooling": ("cls", "mean"),
             "projection": ("none", "dense_tanh"),
             "similarity": ("dot", "cosine"),
             "passage_format": ("pair", "hf_pair", "join"),
             "dtype": tuple(_DTYPES),
+            "remat": ("none", "query", "passage", "both"),
         }
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
@@ -65,6 +71,10 @@ class EncoderSpec:
 class DualEncoder:
     bert: BertConfig
     spec: EncoderSpec
+    act: Activations | None = None  # activation sharding inside the towers
+
+    def with_activations(self, act: Activations | None) -> DualEncoder:
+        return dataclasses.replace(self, act=act)
 
     @property
     def dim(self) -> int:
@@ -76,8 +86,9 @@ class DualEncoder:
     def tower_params(self, params: dict, tower: Tower) -> dict:
         return params["shared"] if self.spec.shared else params[tower]
 
-    def module(self) -> BertModel:
-        return BertModel(self.bert, dtype=_DTYPES[self.spec.dtype], remat=self.spec.remat)
+    def module(self, tower: Tower = "passage") -> BertModel:
+        remat = self.spec.remat in ("both", tower)
+        return BertModel(self.bert, dtype=_DTYPES[self.spec.dtype], remat=remat, act=self.act)
 
     def embed(
         self,
@@ -89,7 +100,7 @@ class DualEncoder:
     ) -> jax.Array:
         """[B, d] fp32 embeddings. Dropout is on iff a `dropout_rng` is given."""
         mask = tokens["attention_mask"]
-        hidden, pooled = self.module().apply(
+        hidden, pooled = self.module(tower).apply(
             {"params": self.tower_params(params, tower)},
             tokens["input_ids"],
             mask,

@@ -23,6 +23,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.parallel.activations import Activations, constrain
+
+# Logical names of activation dimensions (jaxret.parallel.activations).
+_BLE = ("batch", None, None)  # [B, L, D]
+_BLHD = ("batch", None, "heads", None)  # [B, L, H, Dk]
+_BHQK = ("batch", "heads", None, None)  # [B, H, Q, K]
+_BLF = ("batch", None, "mlp")  # [B, L, F]
+
 _ACT = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -184,6 +192,7 @@ class RelativeBias(nn.Module):
 class Attention(nn.Module):
     config: T5Config
     dtype: Any
+    act: Activations | None = None
 
     def setup(self) -> None:
         cfg = self.config
@@ -195,7 +204,8 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def kv(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.k(x), self.v(x)  # [B, K, H, Dk] each
+        c = lambda y: constrain(self.act, y, _BLHD)
+        return c(self.k(x)), c(self.v(x))  # [B, K, H, Dk] each
 
     def attend(
         self,
@@ -205,11 +215,13 @@ class Attention(nn.Module):
         bias: jax.Array,  # [B or 1, H or 1, Q, K] fp32: position bias + mask
         deterministic: bool,
     ) -> jax.Array:
-        q = self.q(x)
+        c = lambda y, axes: constrain(self.act, y, axes)
+        q = c(self.q(x), _BLHD)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
-        probs = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
-        return self.o(ctx)
+        probs = c(jax.nn.softmax(logits, axis=-1), _BHQK)
+        probs = self.dropout(probs, deterministic=deterministic)
+        ctx = c(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v), _BLHD)
+        return c(self.o(ctx), _BLE)
 
     def __call__(self, x: jax.Array, kv_input: jax.Array, bias: jax.Array, deterministic: bool):
         k, v = self.kv(kv_input)
@@ -219,19 +231,16 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     config: T5Config
     dtype: Any
+    act: Activations | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
         cfg = self.config
-        act = _ACT[cfg.activation]
-        if cfg.gated:
-            h = act(_dense(cfg.d_ff, self.dtype, "wi_0")(x)) * _dense(cfg.d_ff, self.dtype, "wi_1")(
-                x
-            )
-        else:
-            h = act(_dense(cfg.d_ff, self.dtype, "wi")(x))
+        fn = _ACT[cfg.activation]
+        wi = lambda name: constrain(self.act, _dense(cfg.d_ff, self.dtype, name)(x), _BLF)
+        h = fn(wi("wi_0")) * wi("wi_1") if cfg.gated else fn(wi("wi"))
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
-        return _dense(cfg.d_model, self.dtype, "wo")(h)
+        return constrain(self.act, _dense(cfg.d_model, self.dtype, "wo")(h), _BLE)
 
 
 def _mask_bias(mask: jax.Array) -> jax.Array:
@@ -242,6 +251,7 @@ def _mask_bias(mask: jax.Array) -> jax.Array:
 class EncoderLayer(nn.Module):
     config: T5Config
     dtype: Any
+    act: Activations | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, deterministic: bool) -> jax.Array:
@@ -249,12 +259,13 @@ class EncoderLayer(nn.Module):
         drop = nn.Dropout(cfg.dropout_rate)
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="pre_attention_norm")(x)
         x = x + drop(
-            Attention(cfg, self.dtype, name="self_attention")(h, h, bias, deterministic),
+            Attention(cfg, self.dtype, self.act, name="self_attention")(h, h, bias, deterministic),
             deterministic=deterministic,
         )
         h = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="pre_mlp_norm")(x)
         return x + drop(
-            MLP(cfg, self.dtype, name="mlp")(h, deterministic), deterministic=deterministic
+            MLP(cfg, self.dtype, self.act, name="mlp")(h, deterministic),
+            deterministic=deterministic,
         )
 
 
@@ -262,6 +273,7 @@ class Encoder(nn.Module):
     config: T5Config
     dtype: Any
     remat: bool = False
+    act: Activations | None = None
 
     @nn.compact
     def __call__(self, embedded: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -269,10 +281,11 @@ class Encoder(nn.Module):
         length = embedded.shape[1]
         pos = jnp.arange(length)
         bias = RelativeBias(cfg, True, name="relative_bias")(pos, pos) + _mask_bias(mask)
-        x = nn.Dropout(cfg.dropout_rate)(embedded, deterministic=deterministic)
+        x = constrain(self.act, embedded, _BLE)
+        x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
         layer = nn.remat(EncoderLayer, static_argnums=(3,)) if self.remat else EncoderLayer
         for i in range(cfg.num_layers):
-            x = layer(cfg, self.dtype, name=f"layer_{i}")(x, bias, deterministic)
+            x = layer(cfg, self.dtype, self.act, name=f"layer_{i}")(x, bias, deterministic)
         x = RMSNorm(cfg.layer_norm_epsilon, self.dtype, name="final_norm")(x)
         return nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -280,15 +293,16 @@ class Encoder(nn.Module):
 class DecoderLayer(nn.Module):
     config: T5Config
     dtype: Any
+    act: Activations | None = None
 
     def setup(self) -> None:
         cfg = self.config
         self.pre_self_attention_norm = RMSNorm(cfg.layer_norm_epsilon, self.dtype)
-        self.self_attention = Attention(cfg, self.dtype)
+        self.self_attention = Attention(cfg, self.dtype, self.act)
         self.pre_cross_attention_norm = RMSNorm(cfg.layer_norm_epsilon, self.dtype)
-        self.cross_attention = Attention(cfg, self.dtype)
+        self.cross_attention = Attention(cfg, self.dtype, self.act)
         self.pre_mlp_norm = RMSNorm(cfg.layer_norm_epsilon, self.dtype)
-        self.mlp = MLP(cfg, self.dtype)
+        self.mlp = MLP(cfg, self.dtype, self.act)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
     def cross_kv(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -321,12 +335,17 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     config: T5Config
     dtype: Any
+    remat: bool = False
+    act: Activations | None = None
 
     def setup(self) -> None:
         cfg = self.config
         self.relative_bias = RelativeBias(cfg, False)
+        # remat: the full teacher-forced pass only (generation steps keep their cache).
+        layer = nn.remat(DecoderLayer, static_argnums=(5,)) if self.remat else DecoderLayer
         self.layers = [
-            DecoderLayer(cfg, self.dtype, name=f"layer_{i}") for i in range(cfg.num_decoder_layers)
+            layer(cfg, self.dtype, self.act, name=f"layer_{i}")
+            for i in range(cfg.num_decoder_layers)
         ]
         self.final_norm = RMSNorm(cfg.layer_norm_epsilon, self.dtype)
         self.dropout = nn.Dropout(cfg.dropout_rate)
@@ -379,15 +398,16 @@ class Decoder(nn.Module):
 class T5(nn.Module):
     config: T5Config
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: bool = False  # rematerialize each layer in the backward pass (generator training)
+    act: Activations | None = None  # activation sharding (None: let XLA choose)
 
     def setup(self) -> None:
         cfg = self.config
         self.shared = nn.Embed(
             cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0)
         )
-        self.encoder = Encoder(cfg, self.dtype, self.remat)
-        self.decoder = Decoder(cfg, self.dtype)
+        self.encoder = Encoder(cfg, self.dtype, self.remat, self.act)
+        self.decoder = Decoder(cfg, self.dtype, self.remat, self.act)
         if not cfg.tie_word_embeddings:
             self.lm_head = LMHead(cfg.vocab_size, self.dtype)
 
@@ -416,13 +436,17 @@ class T5(nn.Module):
             hidden = hidden * (self.config.d_model**-0.5)
         if self.config.tie_word_embeddings:
             table = self.shared.embedding.astype(self.dtype)
-            return jnp.einsum(
+            logits = jnp.einsum(
                 "...d,vd->...v",
                 hidden.astype(self.dtype),
                 table,
                 preferred_element_type=jnp.float32,
             )
-        return self.lm_head(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        if logits.ndim == 3:
+            logits = constrain(self.act, logits, ("batch", None, "vocab"))
+        return logits
 
     def init_cache(self, encoded: jax.Array, max_len: int) -> tuple[list, list]:
         """(empty self-attention cache, cross-attention K/V) for `max_len` decoding steps."""

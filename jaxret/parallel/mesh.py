@@ -1,4 +1,17 @@
-"""Device mesh from config, and `jax.distributed` set-up for multi-host runs."""
+"""Device mesh from config, and `jax.distributed` set-up for multi-host runs.
+
+Two properties the rest of jaxret relies on:
+
+* The mesh's flattened device order gives every process one contiguous run of positions.
+  The index and the token tables are split into row blocks in that order, so each process
+  owns one contiguous range of rows (what it encodes, reads and saves). On a TPU pod the
+  physical (torus) order interleaves hosts; `device_grid` keeps the physical order inside
+  each process and puts processes one after another.
+* A multi-host start can never silently drive fewer devices than the job has: the
+  distributed config can name the local devices (`local_device_ids`, or
+  `JAX_LOCAL_DEVICE_IDS`) and the count it expects (`expected_devices`), and every process
+  logs a banner of what it got.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 log = logging.getLogger(__name__)
@@ -35,51 +49,154 @@ def resolve_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def process_contiguous(grid: np.ndarray) -> bool:
+    """Whether every process's devices occupy one contiguous run of the flattened grid."""
+    owners = [d.process_index for d in grid.flat]
+    runs = [p for i, p in enumerate(owners) if i == 0 or owners[i - 1] != p]
+    return len(runs) == len(set(runs))
+
+
+def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
+    """Devices arranged as `shape`: physically ordered (ICI-local along the last axis) and
+    contiguous per process in the flattened order."""
+    devices = list(devices)
+    shape = resolve_shape(shape, len(devices))
+    processes = sorted({d.process_index for d in devices})
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # irregular topologies: plain order
+        grid = np.asarray(devices, dtype=object).reshape(shape)
+    if len(processes) == 1 or process_contiguous(grid):
+        return grid
+    # Processes as the outer (DCN-like) granule of the first axis that divides by their
+    # number; the physical order is kept inside each process.
+    per_process = len(devices) // len(processes)
+    for axis, size in enumerate(shape):
+        if size % len(processes) == 0 and math.prod(shape) // len(processes) == per_process:
+            ici = list(shape)
+            ici[axis] //= len(processes)
+            dcn = [1] * len(shape)
+            dcn[axis] = len(processes)
+            try:
+                grid = mesh_utils.create_hybrid_device_mesh(
+                    ici, dcn, devices, process_is_granule=True
+                )
+            except Exception:
+                continue
+            if process_contiguous(grid):
+                return grid
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    return np.asarray(ordered, dtype=object).reshape(shape)
+
+
 def make_mesh(
     axes: Sequence[str] = ("data", "model"),
     shape: Sequence[int] = (-1, 1),
     devices: Sequence[Any] | None = None,
 ) -> Mesh:
-    """A mesh over all (or the given) devices; the last axis varies fastest (ICI-local)."""
+    """A mesh over all (or the given) devices (see `device_grid` for the order)."""
     devices = list(jax.devices() if devices is None else devices)
     if len(axes) != len(shape):
         raise ValueError(f"mesh axes {tuple(axes)} and shape {tuple(shape)} differ in length")
-    shape = resolve_shape(shape, len(devices))
-    if devices == list(jax.devices()):
-        try:
-            grid = jax.make_mesh(shape, tuple(axes)).devices
-        except Exception:  # irregular topologies: fall back to plain order
-            grid = np.asarray(devices).reshape(shape)
-    else:
-        grid = np.asarray(devices, dtype=object).reshape(shape)
-    return Mesh(grid, tuple(axes))
+    return Mesh(device_grid(shape, devices), tuple(axes))
+
+
+def _device_ids(value: Any) -> list[int] | None:
+    if value in (None, "", (), []):
+        return None
+    if isinstance(value, str):
+        return [int(x) for x in value.replace(" ", "").split(",") if x]
+    if isinstance(value, int):
+        return [value]
+    return [int(x) for x in value]
+
+
+def _slurm_gpus_per_task() -> int | None:
+    """GPUs each task of this SLURM step may drive, when the environment says."""
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE")
+    tasks = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not gpus or not tasks:
+        return None
+    try:
+        per_node = int(tasks.split("(")[0].split(",")[0])
+        return max(1, int(gpus) // max(1, per_node))
+    except ValueError:
+        return None
 
 
 def initialize_distributed(cfg: Any | None = None) -> bool:
     """Calls `jax.distributed.initialize` when configured or when the environment asks for it.
 
-    `cfg` may carry coordinator_address / num_processes / process_id; empty values are left to
-    JAX's auto-detection (SLURM, TPU pods, Open MPI). Returns whether it initialized.
+    `cfg` may carry coordinator_address / num_processes / process_id / local_device_ids
+    (ints, "0,1,2,3", or empty for JAX's default) / expected_devices (0 = don't check);
+    empty values are left to JAX's auto-detection (SLURM, TPU pods, Open MPI). Returns
+    whether it initialized. Either way the device counts are checked and the banner logged.
     """
     cfg = dict(cfg or {})
     enabled = cfg.get("enabled", "auto")
     env_says = any(k in os.environ for k in ("JAXRET_COORDINATOR", "SLURM_JOB_ID", "TPU_WORKER_ID"))
-    if enabled is False or (enabled == "auto" and not (env_says or cfg.get("coordinator_address"))):
-        return False
-    kwargs = {}
-    address = cfg.get("coordinator_address") or os.environ.get("JAXRET_COORDINATOR")
-    if address:
-        kwargs["coordinator_address"] = address
-    for key, env in (
-        ("num_processes", "JAXRET_NUM_PROCESSES"),
-        ("process_id", "JAXRET_PROCESS_ID"),
+    initialized = False
+    if not (
+        enabled is False or (enabled == "auto" and not (env_says or cfg.get("coordinator_address")))
     ):
-        value = cfg.get(key)
-        value = os.environ.get(env) if value in (None, -1, "") else value
-        if value not in (None, ""):
-            kwargs[key] = int(value)
-    if cfg.get("local_device_ids"):
-        kwargs["local_device_ids"] = list(cfg["local_device_ids"])
-    jax.distributed.initialize(**kwargs)
-    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-    return True
+        kwargs: dict[str, Any] = {}
+        address = cfg.get("coordinator_address") or os.environ.get("JAXRET_COORDINATOR")
+        if address:
+            kwargs["coordinator_address"] = address
+        for key, env in (
+            ("num_processes", "JAXRET_NUM_PROCESSES"),
+            ("process_id", "JAXRET_PROCESS_ID"),
+        ):
+            value = cfg.get(key)
+            value = os.environ.get(env) if value in (None, -1, "") else value
+            if value not in (None, ""):
+                kwargs[key] = int(value)
+        ids = _device_ids(cfg.get("local_device_ids"))
+        if ids is None:
+            ids = _device_ids(os.environ.get("JAX_LOCAL_DEVICE_IDS"))
+        if ids is not None:
+            kwargs["local_device_ids"] = ids
+        elif "SLURM_JOB_ID" in os.environ and (_slurm_gpus_per_task() or 1) > 1:
+            # JAX would take [SLURM_LOCALID] (jax-ml/jax#16788): one GPU per task.
+            log.warning(
+                "SLURM gives each task %d GPUs but no local_device_ids were set: JAX drives "
+                "only GPU SLURM_LOCALID. Set distributed.local_device_ids or JAX_LOCAL_DEVICE_IDS "
+                "(launch/gpu_slurm.sh does).",
+                _slurm_gpus_per_task(),
+            )
+        jax.distributed.initialize(**kwargs)
+        initialized = True
+    check_devices(cfg.get("expected_devices") or 0)
+    return initialized
+
+
+def device_banner(mesh: Mesh | None = None) -> str:
+    local, total = jax.local_device_count(), jax.device_count()
+    text = (
+        f"process {jax.process_index()} of {jax.process_count()}: {local} local / {total} global "
+        f"{jax.default_backend()} devices ({jax.local_devices()[0].device_kind})"
+    )
+    if mesh is not None:
+        text += f", mesh {dict(mesh.shape)}"
+    return text
+
+
+def check_devices(expected: int = 0) -> None:
+    """Logs the banner (WARNING, every process) and refuses a start with fewer devices than
+    the job expects, or a GPU task that SLURM gave more GPUs than JAX drives."""
+    # Every process of a multi-host job says what it drives; a single process only at INFO.
+    level = logging.WARNING if jax.process_count() > 1 else logging.INFO
+    log.log(level, "jaxret: %s", device_banner())
+    total = jax.device_count()
+    if expected and total != int(expected):
+        raise RuntimeError(
+            f"distributed.expected_devices={expected} but JAX sees {total} devices "
+            f"({device_banner()}). On SLURM with one task per node, set "
+            "distributed.local_device_ids (or JAX_LOCAL_DEVICE_IDS) to every GPU of the node."
+        )
+    per_task = _slurm_gpus_per_task()
+    if jax.default_backend() == "gpu" and per_task and jax.local_device_count() < per_task:
+        raise RuntimeError(
+            f"SLURM gives this task {per_task} GPUs but JAX drives {jax.local_device_count()}: "
+            "set distributed.local_device_ids (or JAX_LOCAL_DEVICE_IDS)"
+        )

@@ -18,7 +18,6 @@ import dataclasses
 import math
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -28,17 +27,10 @@ from jaxret.index.gather import gather_rows
 from jaxret.index.sharded import ShardedIndex
 from jaxret.losses import kl_teacher_student
 from jaxret.models.dual_encoder import DualEncoder
+from jaxret.recipes.state import TrainState, apply_gradients, step_rng
 from jaxret.teachers.t5_teacher import T5Teacher
 
 DATA = PartitionSpec("data")
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar
-    params: Any
-    opt_state: Any
-    rng: jax.Array  # uint32[2] raw key data (checkpoint-friendly)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +51,6 @@ def sparse_teacher_scores(
     """
     match = table_ids[:, None, :] == ids[:, :, None]  # [B, K, M]
     return jnp.where(match, table_scores[:, None, :], 0.0).sum(-1)
-
-
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(jax.random.key(seed)),
-    )
 
 
 def art_logits(
@@ -143,7 +126,8 @@ def make_train_step(
     teacher: T5Teacher | None = None,
 ) -> Any:
     """Returns step(state, batch, index, passage_tables, teacher_tables, teacher_params)
-    → (state, metrics), jitted with explicit in/out shardings, the state donated."""
+    → (state, metrics), jitted with explicit in/out shardings, the state donated. A step with
+    a non-finite loss or gradient is skipped (recipes.state.apply_gradients)."""
 
     def step(
         state: TrainState,
@@ -153,27 +137,22 @@ def make_train_step(
         teacher_tables: dict[str, jax.Array],
         teacher_params: Any,
     ) -> tuple[TrainState, dict[str, jax.Array]]:
-        rng = jax.random.wrap_key_data(state.rng)
-        step_rng = jax.random.fold_in(rng, state.step)
         grad_fn = jax.value_and_grad(art_loss, has_aux=True)
-        (_, metrics), grads = grad_fn(
+        (loss, metrics), grads = grad_fn(
             state.params,
             batch,
             index,
             passage_tables,
             teacher_tables,
             teacher_params,
-            step_rng,
+            step_rng(state),
             encoder=encoder,
             cfg=cfg,
             mesh=mesh,
             teacher=teacher,
         )
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+        state, update_metrics = apply_gradients(state, grads, loss, optimizer)
+        return state, {**metrics, **update_metrics}
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
@@ -181,16 +160,4 @@ def make_train_step(
         in_shardings=in_shardings,
         out_shardings=(in_shardings[0], replicated),
         donate_argnums=(0,),
-    )
-
-
-def state_shardings(state: TrainState, mesh: Mesh, strategy: str) -> TrainState:
-    from jaxret.parallel.partitioning import param_shardings
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return TrainState(
-        step=replicated,
-        params=param_shardings(state.params, mesh, strategy),
-        opt_state=param_shardings(state.opt_state, mesh, strategy),
-        rng=replicated,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ import numpy as np
 from jaxret.data.tokenization import Truncation
 from jaxret.models.hf_t5 import load_t5
 from jaxret.models.t5 import T5, T5Config, shift_right
+from jaxret.parallel.activations import Activations, map_rows, pad_rows
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 log = logging.getLogger(__name__)
@@ -35,7 +37,9 @@ class TeacherSpec:
     max_passage_length: int = 512
     max_question_length: int = 128  # ART's collate: max_length=128, truncation=True
     reduction: Literal["mean", "sum"] = "mean"
-    chunk_pairs: int = 0  # pairs per forward chunk; 0 = all at once
+    # Pairs per forward chunk, per device when the teacher runs sharded (every chunk spans
+    # all devices); 0 = all pairs at once. Bounds the [pairs, T, vocab] logits in memory.
+    chunk_pairs: int = 0
 
     def verbalize(self, title: str, text: str) -> str:
         return f"{self.passage_prefix}{title} {text}{self.passage_suffix}"
@@ -107,9 +111,13 @@ def token_logprobs(
     labels: jax.Array,  # [N, Lq]
     chunk: int = 0,
 ) -> jax.Array:
-    """log p(label_t | label_<t, passage) for every pair and position → [N, Lq] fp32."""
+    """log p(label_t | label_<t, passage) for every pair and position → [N, Lq] fp32.
+
+    With `model.act` (a sharded run) the N pairs are split over the batch axes and each chunk
+    holds `chunk` pairs of every device (parallel.activations.map_rows); without it, chunks
+    of `chunk` pairs follow each other.
+    """
     n = input_ids.shape[0]
-    chunk = n if chunk <= 0 else min(chunk, n)
     cfg = model.config
 
     def one_chunk(args: tuple[jax.Array, ...]) -> jax.Array:
@@ -124,17 +132,19 @@ def token_logprobs(
 
         return nn_apply(model, params, fwd)
 
-    pad = (-n) % chunk
-    if pad:
-        widen = lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)])
-        input_ids, attention_mask, labels = map(widen, (input_ids, attention_mask, labels))
-    if chunk == n + pad:
-        out = one_chunk((input_ids, attention_mask, labels))
-    else:
-        split = lambda x: x.reshape((-1, chunk) + x.shape[1:])
-        out = jax.lax.map(one_chunk, (split(input_ids), split(attention_mask), split(labels)))
-        out = out.reshape((-1,) + out.shape[2:])
-    return out[:n]
+    act = model.act
+    devices = math.prod(act.mesh.shape[a] for a in act.batch) if act is not None else 1
+    per_device = max(1, -(-n // devices)) if chunk <= 0 else chunk
+    if act is not None and act.batch:
+        args = tuple(pad_rows(x, devices * per_device) for x in (input_ids, attention_mask, labels))
+        return map_rows(one_chunk, args, act.mesh, act.batch, per_device)[:n]
+    chunk = n if chunk <= 0 else min(chunk, n)
+    args = tuple(pad_rows(x, chunk) for x in (input_ids, attention_mask, labels))
+    if args[0].shape[0] == chunk:
+        return one_chunk(args)[:n]
+    split = lambda x: x.reshape((-1, chunk) + x.shape[1:])
+    out = jax.lax.map(one_chunk, tuple(split(x) for x in args))
+    return out.reshape((-1,) + out.shape[2:])[:n]
 
 
 def nn_apply(model: T5, params: Any, fn: Any) -> Any:
@@ -180,6 +190,8 @@ class T5Teacher:
     tokenizer: Any
     spec: TeacherSpec = TeacherSpec()
     dtype: str = "bfloat16"
+    act: Activations | None = None  # activation sharding when run inside a sharded step
+    remat: bool = False
     # What `score` has cut so far, reported once per kind (passages / questions).
     truncation: dict[str, Truncation] = dataclasses.field(default_factory=dict, repr=False)
     _reported: set[str] = dataclasses.field(default_factory=set, repr=False)
@@ -201,7 +213,10 @@ class T5Teacher:
 
     @property
     def model(self) -> T5:
-        return T5(self.config, dtype=_DTYPES[self.dtype])
+        return T5(self.config, dtype=_DTYPES[self.dtype], remat=self.remat, act=self.act)
+
+    def with_activations(self, act: Activations | None) -> T5Teacher:
+        return dataclasses.replace(self, act=act)
 
     def score_tokens(
         self,

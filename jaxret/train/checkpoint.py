@@ -1,18 +1,27 @@
-"""Orbax checkpoints: the train state, the passage-tower parameters of the last index refresh
-(so a resumed run rebuilds exactly the index it had), and JSON metadata (data position,
-index fingerprint, best dev result). The last N are kept; the best has its own folder."""
+"""Orbax checkpoints of a run: the train state, a recipe's auxiliary state (e.g. ART's index
+parameters), and JSON metadata (the config, data fingerprints, best dev result). The last N are
+kept. The best-by-dev parameters live in `best/`, replaced atomically: they are written to a
+fresh `best-<step>/` and the `best` symlink is then swapped in one rename.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+BEST = "best"
 
 
-def _abstract(tree: Any) -> Any:
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs carrying each leaf's sharding: Orbax restores onto that layout."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
@@ -22,40 +31,62 @@ class Manager:
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=("state", "index_params", "meta"),
+            item_names=("state", "aux", "meta"),
         )
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
 
-    def save(self, step: int, state: Any, index_params: Any, meta: dict[str, Any]) -> None:
+    def all_steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
+    def save(self, step: int, state: Any, aux: Any, meta: dict[str, Any]) -> None:
         self._mgr.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                index_params=ocp.args.StandardSave(index_params),
-                meta=ocp.args.JsonSave({**meta, "step": step, "data_position": step}),
+                aux=ocp.args.StandardSave(aux if aux is not None else {}),
+                meta=ocp.args.JsonSave({**meta, "step": step}),
             ),
         )
 
-    def restore(self, step: int, state_like: Any, index_like: Any) -> tuple[Any, Any, dict]:
+    def read_meta(self, step: int) -> dict[str, Any]:
+        out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, step: int, state_like: Any, aux_like: Any) -> tuple[Any, Any, dict]:
         out = self._mgr.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(state_like)),
-                index_params=ocp.args.StandardRestore(_abstract(index_like)),
+                state=ocp.args.StandardRestore(abstract(state_like)),
+                aux=ocp.args.StandardRestore(abstract(aux_like if aux_like is not None else {})),
                 meta=ocp.args.JsonRestore(),
             ),
         )
-        return out["state"], out["index_params"], dict(out["meta"])
+        aux = out["aux"] if aux_like is not None else None
+        return out["state"], aux, dict(out["meta"])
 
-    def save_best(self, params: Any, info: dict[str, Any]) -> None:
-        best = self.directory.parent / "best"
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(best / "params", params, force=True)
-        checkpointer.wait_until_finished()
+    def save_best(self, params: Any, info: dict[str, Any]) -> Path:
+        """Writes `best-<step>/` (params + best.json), then points `best` at it atomically."""
+        root = self.directory.parent
+        target = root / f"{BEST}-{info['step']}"
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(target / "params", params, force=True)
+        ckpt.wait_until_finished()
+        multihost_utils.sync_global_devices("jaxret-best-saved")
         if jax.process_index() == 0:
-            (best / "best.json").write_text(json.dumps(info, indent=2))
+            (target / "best.json").write_text(json.dumps(info, indent=2))
+            link = root / BEST
+            if link.exists() and not link.is_symlink():  # a folder from an older jaxret
+                shutil.rmtree(link)
+            tmp = root / f".{BEST}-{uuid.uuid4().hex}"
+            os.symlink(target.name, tmp)
+            previous = link.resolve() if link.is_symlink() else None
+            os.replace(tmp, link)  # atomic: `best` is always a complete folder
+            if previous is not None and previous != target.resolve() and previous.exists():
+                shutil.rmtree(previous, ignore_errors=True)
+        multihost_utils.sync_global_devices("jaxret-best-linked")
+        return root / BEST
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
-from jaxret.configlib import load_config
+from jaxret.configlib import ConfigError, load_config
 
 
 def _print_accuracy(title: str, result: dict) -> None:
@@ -14,11 +15,16 @@ def _print_accuracy(title: str, result: dict) -> None:
 
 
 def main(command: str, spec: str | None, overrides: list[tuple[str, str]], workdir: str) -> int:
-    from jaxret.train.art_loop import train
-
     default = "configs/art.py:demo" if command == "demo" else "configs/art.py"
     cfg = load_config(spec or default, overrides)
-    summary = train(cfg, workdir)
+    recipe = cfg.get("recipe", "art")
+    trainers = {"art": "jaxret.train.art"}
+    if recipe not in trainers:
+        raise ConfigError(f"recipe={recipe!r}; known: {', '.join(sorted(trainers))}")
+    summary = importlib.import_module(trainers[recipe]).train(cfg, workdir)
+    if "preempted_at" in summary:
+        print(f"stopped by SIGTERM after step {summary['preempted_at']}: checkpoint saved")
+        return 0
     if "test_before" in summary:
         n = int(summary["test_after"].get("num_queries", 0))
         print(f"held-out test questions: {n}")

@@ -18,6 +18,7 @@ from jaxret.losses import kl_teacher_student
 from jaxret.models import dual_encoder as de
 from jaxret.parallel import global_batch, make_mesh
 from jaxret.recipes import art
+from jaxret.recipes import state as train_state
 
 
 def test_kl_gradient_is_softmax_difference():
@@ -130,8 +131,8 @@ def test_sharded_step_equals_single_device_reference(problem, mesh_shape, strate
         for k, v in p_tokens.items()
     }
     cfg = art.ArtConfig(top_k=K, teacher="bm25", teacher_temperature=1.0, dropout=False)
-    state = art.init_state(params, optimizer, seed=0)
-    shardings = art.state_shardings(state, mesh, strategy)
+    state = train_state.init_state(params, optimizer, seed=0)
+    shardings = train_state.state_shardings(state, mesh, strategy)
     state = jax.device_put(state, shardings)
     batch_sh = NamedSharding(mesh, P("data"))
     in_sh = (

@@ -7,8 +7,8 @@ import pytest
 
 from jaxret.configlib import ConfigError, load_config
 from jaxret.data.readers import DataError
+from jaxret.train.art import train
 from jaxret.train.art_data import load_art_data
-from jaxret.train.art_loop import train
 
 
 def _beir_with_splits(tmp_path, data_dir):

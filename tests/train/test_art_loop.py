@@ -15,7 +15,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from jaxret.configlib import load_config
-from jaxret.train.art_loop import train
+from jaxret.train.art import train
 from jaxret.train.checkpoint import Manager
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +52,13 @@ def test_refreshed_index_equals_fresh_encoding(tiny_bert, tmp_path):
     from jaxret.models import dual_encoder as de
 
     cfg = config(
-        tiny_bert, **{"train.steps": 3, "train.checkpoint_every": 1, "train.keep_checkpoints": 3}
+        tiny_bert,
+        **{
+            "train.steps": 3,
+            "train.checkpoint_every": 1,
+            "train.keep_checkpoints": 3,
+            "eval.test_at_end": False,
+        },
     )
     summary = train(cfg, tmp_path)
     index = summary["index"]
@@ -60,10 +66,10 @@ def test_refreshed_index_equals_fresh_encoding(tiny_bert, tmp_path):
     mgr = Manager(tmp_path / "checkpoints", 3)
     encoder, params, _ = de.from_pretrained(tiny_bert, de.EncoderSpec.from_config(cfg.model))
     template = jax.tree.map(jax.numpy.asarray, params)
-    from jaxret.recipes import art
+    from jaxret.recipes import state as train_state
     from jaxret.train.optim import make_optimizer
 
-    state_like = art.init_state(template, make_optimizer(cfg.optimizer, 3), 0)
+    state_like = train_state.init_state(template, make_optimizer(cfg.optimizer, 3), 0)
     state2, _, _ = mgr.restore(2, state_like, template["shared"])
     _, index_params3, meta3 = mgr.restore(3, state_like, template["shared"])
     assert meta3["index_step"] == 2
@@ -254,4 +260,8 @@ def test_cli_evaluates_a_training_run_and_its_best(tiny_bert, tmp_path, capsys):
     assert results["run"]["ndcg@10"] == results["run/export"]["ndcg@10"]
     assert results["run"]["retriever"]["pooling"] == "cls"  # the run's spec, not the default
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
-    assert best["step"] in (3, 6)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    dev = {r["step"]: r["top20"] for r in rows if r["kind"] == "dev"}
+    assert set(dev) == {0, 3, 6}  # the starting point counts: best may be "no training"
+    assert best["value"] == max(dev.values()) and dev[best["step"]] == best["value"]
+    assert (tmp_path / "run" / "best").is_symlink()  # swapped atomically

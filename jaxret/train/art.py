@@ -1,0 +1,348 @@
+"""ART on the shared loop: data, device-resident corpus, index refresh, teacher, evaluation.
+
+What the loop gets from here (jaxret.train.loop.Recipe):
+  train_step   recipes.art's jitted step, closed over the current index, the token tables
+               and the teacher;
+  after_step   the index refresh every `train.refresh_every` steps, on the devices
+               (index.encode.refresh_index: the passage tower over the device token tables,
+               the old index's memory donated to the new one). It runs before the loop's
+               checkpoint of that step, so a resume rebuilds the index once and never twice;
+  aux          the passage-tower parameters that built the current index (a resume rebuilds
+               exactly that index);
+  evaluate     dev top-k accuracy or nDCG@10 / Recall@100 with a fresh index of the current
+               parameters (the training index when it is fresh);
+  finish       the test split, before (the initial parameters) and after training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxret.configlib import ConfigError
+from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
+from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
+from jaxret.eval import evaluate as ev
+from jaxret.index.encode import empty_index, passage_table, refresh_index
+from jaxret.index.gather import device_table, memmap_rows
+from jaxret.index.mips import RowLayout, row_sharding
+from jaxret.index.sharded import ShardedIndex
+from jaxret.models import dual_encoder as de
+from jaxret.parallel import global_batch, initialize_distributed, make_mesh
+from jaxret.parallel.activations import Activations
+from jaxret.parallel.mesh import device_banner
+from jaxret.parallel.partitioning import param_shardings
+from jaxret.recipes import art
+from jaxret.recipes import state as train_state
+from jaxret.teachers import t5_teacher
+from jaxret.train.art_data import ArtData, batch_indices, load_art_data, sparse_teacher_table
+from jaxret.train.loop import Recipe, run
+from jaxret.train.optim import make_optimizer, schedule
+
+log = logging.getLogger(__name__)
+DATA = PartitionSpec("data")
+
+
+def _tables_on_device(
+    table: TokenTable, layout: RowLayout, mesh: Mesh, keys: tuple[str, ...]
+) -> dict[str, jax.Array]:
+    return {
+        k: device_table(
+            memmap_rows(table.arrays[k], len(table)), layout, mesh, table.arrays[k].dtype
+        )
+        for k in keys
+    }
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(jnp.copy, tree)
+
+
+def _hash_texts(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+class ArtRun:
+    """Everything one ART run holds besides the train state."""
+
+    def __init__(self, cfg: Any, workdir: Path):
+        if not cfg.model.name:
+            raise ConfigError(
+                "model.name is empty: give the retriever to start from with "
+                "--config.model.name=CHECKPOINT (an HF BERT or MegatronBERT folder, a hub id, "
+                "or a jaxret export)"
+            )
+        self.cfg = cfg
+        initialize_distributed(cfg.get("distributed"))
+        self.mesh = mesh = make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+        log.info("jaxret: %s", device_banner(mesh))
+        self.data: ArtData = load_art_data(cfg.data)
+        data = self.data
+        spec = de.EncoderSpec.from_config(cfg.model)
+        encoder, params, tok_folder = de.from_pretrained(
+            cfg.model.name, spec, cfg.model.passage_name or None, jax.random.key(cfg.seed)
+        )
+        act = Activations.for_strategy(mesh, cfg.mesh.param_sharding)
+        self.encoder = encoder = encoder.with_activations(act)
+        self.tokenizer = tokenizer = load_tokenizer(tok_folder)
+        if tokenizer.pad_token_id != 0:
+            raise ValueError(
+                f"the retriever tokenizer pads with id {tokenizer.pad_token_id}; the ART step "
+                "derives attention masks from pad id 0 (BERT's and T5's)"
+            )
+        store = Path(cfg.data.store) if cfg.data.store else workdir / "store"
+        self.p_table = passage_table(store, data.corpus, encoder, tokenizer)
+        self.p_table.truncation("retriever passages").report(log)
+        self.corpus_hash = data.corpus.content_hash()
+        self.layout = RowLayout.for_mesh(len(data.corpus), mesh, cfg.encode.chunk_rows)
+        # Only HF sentence pairs carry token types; every other format has all-zero types.
+        keys = (
+            ("input_ids", "token_type_ids") if spec.passage_format == "hf_pair" else ("input_ids",)
+        )
+        self.passage_tables = _tables_on_device(self.p_table, self.layout, mesh, keys)
+
+        self.art_cfg = art.ArtConfig(
+            top_k=min(cfg.art.top_k, len(data.corpus)),
+            temperature_multiplier=cfg.art.temperature_multiplier,
+            teacher=cfg.teacher.kind,
+            teacher_temperature=cfg.teacher.temperature,
+            dropout=cfg.art.dropout,
+        )
+        q_trunc = Truncation("training questions (retriever)", spec.max_query_length)
+        q_tokens = tokenize_queries(
+            tokenizer, data.train_questions, spec.max_query_length, truncation=q_trunc
+        )
+        q_trunc.report(log)
+        self.host_batch: dict[str, Any] = {"query": q_tokens}
+        self.teacher, self.teacher_params, self.teacher_tables = None, None, {}
+        if self.art_cfg.teacher == "t5":
+            self._setup_t5_teacher(store, act)
+        else:
+            ids, scores = sparse_teacher_table(data, self.art_cfg.teacher, cfg.teacher)
+            self.host_batch["teacher_ids"], self.host_batch["teacher_scores"] = ids, scores
+
+        t = cfg.train
+        per_epoch = max(1, len(data.train_questions) // t.batch_size)
+        self.total = int(t.steps) or int(t.epochs) * per_epoch
+        self.optimizer = make_optimizer(cfg.optimizer, self.total)
+        self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
+        state = train_state.init_state(params, self.optimizer, cfg.seed)
+        self.shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
+        self.state = jax.device_put(state, self.shardings)
+        self.initial_params = params  # host copy: the baseline of the final test
+
+        self.encodings: list[tuple[int, str]] = []  # (step, why): every corpus encoding
+        self.index_params = _copy(encoder.tower_params(self.state.params, "passage"))
+        self.index_step = 0
+        self.index = self._encode(self.index_params, 0, "start", None)
+        batch_sharding = NamedSharding(mesh, DATA)
+        example = self.batch_at(0)
+        in_shardings = (
+            self.shardings,
+            jax.tree.map(lambda _: batch_sharding, example),
+            jax.tree.map(lambda x: x.sharding, self.index),
+            jax.tree.map(lambda _: row_sharding(mesh), self.passage_tables),
+            jax.tree.map(lambda _: row_sharding(mesh), self.teacher_tables),
+            jax.tree.map(lambda x: x.sharding, self.teacher_params),
+        )
+        self.step_fn = art.make_train_step(
+            encoder, self.optimizer, self.art_cfg, mesh, in_shardings, self.teacher
+        )
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _setup_t5_teacher(self, store: Path, act: Activations) -> None:
+        cfg, data = self.cfg, self.data
+        tspec = t5_teacher.TeacherSpec(
+            max_passage_length=cfg.teacher.max_passage_length,
+            max_question_length=cfg.teacher.max_question_length,
+            chunk_pairs=cfg.teacher.chunk_pairs,
+        )
+        teacher = t5_teacher.T5Teacher.from_pretrained(cfg.teacher.model, cfg.teacher.dtype, tspec)
+        teacher_act = Activations.for_strategy(self.mesh, cfg.teacher.param_sharding)
+        self.teacher = teacher.with_activations(teacher_act)
+        ttok = teacher.tokenizer
+
+        def tokenize(titles: list[str], texts: list[str], trunc: Truncation) -> dict:
+            return t5_teacher.tokenize_passages(ttok, titles, texts, tspec, trunc)
+
+        fp = {
+            "tokenizer": tokenizer_fingerprint(ttok),
+            "vocab_size": len(ttok),
+            "max_length": tspec.max_passage_length,
+            "verbalizer": tspec.verbalize("{t}", "{x}"),
+        }
+        t_table = open_table(store, "teacher", data.corpus, tokenize, fp)
+        t_table.truncation("teacher passages").report(log)
+        self.teacher_tables = _tables_on_device(t_table, self.layout, self.mesh, ("input_ids",))
+        trunc = Truncation("training questions (teacher)", tspec.max_question_length)
+        self.host_batch["target"] = t5_teacher.tokenize_questions(
+            ttok, data.train_questions, tspec, trunc
+        )
+        trunc.report(log)
+        self.teacher_params = jax.device_put(
+            teacher.params, param_shardings(teacher.params, self.mesh, cfg.teacher.param_sharding)
+        )
+
+    def _encode(
+        self, passage_params: Any, step: int, why: str, donor: ShardedIndex | None
+    ) -> ShardedIndex:
+        """The corpus encoded on the devices with `passage_params` (donor's memory reused)."""
+        cfg = self.cfg
+        tower = (
+            {"shared": passage_params} if self.encoder.spec.shared else {"passage": passage_params}
+        )
+        if donor is None:
+            donor = empty_index(self.layout, self.mesh, self.encoder.dim, cfg.encode.index_dtype)
+        t0 = time.perf_counter()
+        fingerprint = {"corpus_hash": self.corpus_hash, "encoder": {"step": int(step)}}
+        index = refresh_index(
+            self.encoder, tower, self.passage_tables, donor, cfg.encode.device_batch, fingerprint
+        )
+        index.embeddings.block_until_ready()
+        self.encodings.append((step, why))
+        log.info("encoded the corpus (%s, step %d) in %.1fs", why, step, time.perf_counter() - t0)
+        return index
+
+    def batch_at(self, step: int) -> dict[str, Any]:
+        """This process's rows of global batch `step`, assembled into global arrays."""
+        cfg = self.cfg
+        idx = batch_indices(step, len(self.data.train_questions), cfg.train.batch_size, cfg.seed)
+        per_process = cfg.train.batch_size // jax.process_count()
+        mine = idx[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
+        local = jax.tree.map(lambda a: np.asarray(a)[mine], self.host_batch)
+        return global_batch(local, self.mesh, DATA)
+
+    def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+        return self.step_fn(
+            state, batch, self.index, self.passage_tables, self.teacher_tables, self.teacher_params
+        )
+
+    def after_step(self, state: Any, done: int) -> dict[str, float] | None:
+        """Re-embeds the corpus every refresh_every steps (not after the last step)."""
+        if done % self.cfg.train.refresh_every or done >= self.total:
+            return self._flush_events()
+        self.index_params = _copy(self.encoder.tower_params(state.params, "passage"))
+        self.index_step = done
+        self.index = self._encode(self.index_params, done, "refresh", self.index)
+        return self._flush_events()
+
+    def _flush_events(self) -> dict[str, float] | None:
+        if not self.encodings:
+            return None
+        events = {f"index_{why}": float(step) for step, why in self.encodings}
+        events["index_encodings"] = float(len(self.encodings))
+        self.encodings = []
+        return events
+
+    def aux(self) -> Any:
+        return self.index_params
+
+    def restore_aux(self, aux: Any, meta: dict[str, Any]) -> None:
+        self.index_params = aux
+        self.index_step = int(meta.get("index_step", 0))
+        self.encodings = []
+        self.index = self._encode(aux, self.index_step, "resume", self.index)
+
+    def evaluate_params(
+        self, params: Any, data: ev.EvalData, step: int, index: ShardedIndex
+    ) -> dict[str, float]:
+        cfg = self.cfg
+        q = ev.encode_queries(
+            self.encoder,
+            params,
+            self.tokenizer,
+            data.query_texts,
+            self.mesh,
+            cfg.encode.batch_size,
+            False,
+        )
+        scores, rows = ev.search_index(
+            index, q, data.query_ids, data.corpus.ids, 100, cfg.encode.batch_size
+        )
+        return ev.compute_metrics(data, scores, rows)
+
+    def evaluate(self, state: Any, step: int) -> dict[str, float]:
+        """Dev metrics of the current parameters, on an index they built."""
+        if self.index_step == step:  # the training index is fresh
+            return self.evaluate_params(state.params, self.data.dev, step, self.index)
+        passage = self.encoder.tower_params(state.params, "passage")
+        scratch = self._encode(passage, step, "evaluation", None)
+        result = self.evaluate_params(state.params, self.data.dev, step, scratch)
+        scratch.embeddings.delete()
+        return result
+
+    def finish(self, state: Any) -> dict[str, Any]:
+        """The test split once, after training (and with the initial parameters); the
+        training index's memory is reused for both encodings."""
+        if self.data.test is None or not self.cfg.eval.test_at_end:
+            return {}
+        out = {}
+        passage = self.encoder.tower_params(state.params, "passage")
+        if self.index_step != self.total:
+            self.index = self._encode(passage, self.total, "test", self.index)
+            self.index_step = self.total
+        out["test_after"] = self.evaluate_params(
+            state.params, self.data.test, self.total, self.index
+        )
+        if self.cfg.eval.get("test_baseline", True):
+            base = jax.device_put(self.initial_params, self.shardings.params)
+            self.index = self._encode(
+                self.encoder.tower_params(base, "passage"), 0, "baseline", self.index
+            )
+            self.index_step = -1
+            out["test_before"] = self.evaluate_params(base, self.data.test, 0, self.index)
+        return out
+
+    def export(self, params: Any, folder: Path) -> None:
+        de.export(self.encoder, params, folder, self.tokenizer)
+
+    def recipe(self) -> Recipe:
+        data = self.data
+        fingerprints = {
+            "corpus": self.corpus_hash,
+            "train_questions": _hash_texts(data.train_questions),
+            "dev_questions": _hash_texts(data.dev.query_texts),
+        }
+        return Recipe(
+            name="ART",
+            state=self.state,
+            train_step=self.train_step,
+            batch_at=self.batch_at,
+            total_steps=self.total,
+            metric=self.cfg.eval.metric,
+            evaluate=self.evaluate,
+            after_step=self.after_step,
+            aux=self.aux,
+            aux_meta=lambda: {"index_step": self.index_step},
+            restore_aux=self.restore_aux,
+            export=self.export,
+            finish=self.finish,
+            lr_at=self.lr_at,
+            fingerprints=fingerprints,
+            loss_label="KL loss",
+        )
+
+
+def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = ArtRun(cfg, workdir)
+    recipe = runner.recipe()
+    summary = run(cfg, recipe, workdir)
+    summary["index"] = runner.index
+    summary["index_step"] = runner.index_step
+    summary["params"] = summary["state"].params
+    return summary

@@ -1,0 +1,78 @@
+"""Run logs: metrics.jsonl and TensorBoard events (process 0 only), and the end-of-run plot.
+
+A resumed run first drops what the interrupted run logged after its checkpoint: the JSONL is
+rewritten without those rows, and the TensorBoard writer starts with `purge_step`, which makes
+TensorBoard discard the earlier events at or after that step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class Logger:
+    def __init__(self, workdir: Path, resume_step: int):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.writer = None
+        if not self.enabled:
+            return
+        if self.path.exists():
+            kept = [r for r in self.read() if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        from tensorboardX import SummaryWriter
+
+        purge = resume_step + 1 if resume_step > 0 else None
+        self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, int | float) and math.isfinite(v):
+                self.writer.add_scalar(f"{kind}/{k}", v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot(workdir: Path, rows: list[dict], metric: str, loss_label: str = "loss") -> Path:
+    """training.png: the per-step loss (and its moving average) and the dev metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r["kind"] == "train" and math.isfinite(r.get("loss", math.nan))]
+    dev = [r for r in rows if r["kind"] == "dev" and metric in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    steps, loss = [r["step"] for r in train], np.array([r["loss"] for r in train])
+    a.plot(steps, loss, lw=0.6, alpha=0.4, label="per step")
+    window = max(1, min(20, len(loss) // 5))
+    if window > 1:  # per-step losses are noisy at small batches: show a moving average too
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        a.plot(steps[window - 1 :], smooth, lw=1.5, label=f"mean of {window}")
+    a.legend()
+    a.set(xlabel="step", ylabel=loss_label, title="training loss")
+    b.plot([r["step"] for r in dev], [r[metric] for r in dev], marker="o")
+    b.set(xlabel="step", ylabel=metric, title=f"dev {metric}")
+    fig.tight_layout()
+    out = Path(workdir) / "training.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,283 @@
+"""The one training loop every recipe runs on.
+
+A recipe (ART, SPAR, QGen, LaPraDoR) hands over a `Recipe`: its placed train state, its jitted
+step, a function from step number to global batch, and optionally a dev evaluation, an
+after-step hook (ART's index refresh), an auxiliary checkpoint item, an export and a final
+test. The loop owns everything else:
+
+* resume: the latest Orbax checkpoint is restored exactly (the data position is the step);
+  the config and the data fingerprints saved with the run must match, else it is refused
+  naming the changed keys (`train.allow_config_change=true` overrides);
+* logs: metrics.jsonl + TensorBoard (trimmed on resume), a progress bar with loss, steps/s
+  and ETA, and training.png at the end;
+* best-by-dev parameters in `best/` (atomic), the last N checkpoints, the final HF export;
+* a step whose loss or gradients are not finite is skipped by the step itself
+  (recipes.state.apply_gradients); the loop logs it, stops after
+  `train.max_skipped_in_a_row` skips in a row, and never checkpoints a non-finite state;
+* SIGTERM (preemption) saves a checkpoint after the current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from jaxret.configlib import ConfigError
+from jaxret.recipes.state import TrainState, all_finite
+from jaxret.train.checkpoint import Manager
+from jaxret.train.logs import Logger, plot
+
+log = logging.getLogger(__name__)
+
+# Config keys that may change between an interrupted run and its resumption: they do not
+# change what is computed (only how it is reported, saved or laid out on the devices).
+RESUMABLE_CHANGES = (
+    "train.progress",
+    "train.keep_checkpoints",
+    "train.checkpoint_every",
+    "train.eval_every",
+    "train.allow_config_change",
+    "train.max_skipped_in_a_row",
+    "distributed.",
+    "mesh.",
+    "data.store",
+    "eval.",
+    "encode.batch_size",
+    "encode.device_batch",
+)
+
+
+@dataclasses.dataclass
+class Recipe:
+    """What one recipe plugs into `run`."""
+
+    name: str
+    state: TrainState  # placed on the mesh
+    train_step: Callable[[TrainState, Any], tuple[TrainState, dict]]  # jitted, state donated
+    batch_at: Callable[[int], Any]  # the global batch of step t: a function of t only
+    total_steps: int
+    metric: str = "loss"  # dev metric for best-by-dev (higher is better)
+    evaluate: Callable[[TrainState, int], dict[str, float]] | None = None
+    after_step: Callable[[TrainState, int], dict[str, float] | None] | None = None
+    aux: Callable[[], Any] | None = None  # a pytree saved with every checkpoint
+    aux_meta: Callable[[], dict[str, Any]] | None = None  # JSON saved with it
+    restore_aux: Callable[[Any, dict], None] | None = None  # (aux, meta) after a resume
+    export: Callable[[Any, Path], None] | None = None  # (host params, folder)
+    finish: Callable[[TrainState], dict[str, Any]] | None = None  # final test, etc.
+    lr_at: Callable[[int], float] | None = None
+    fingerprints: dict[str, Any] = dataclasses.field(default_factory=dict)
+    loss_label: str = "loss"
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A flat {"a.b": value} view of a ConfigDict, JSON-compatible."""
+    raw = json.loads(cfg.to_json_best_effort()) if hasattr(cfg, "to_json_best_effort") else cfg
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    return flat(raw)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Keys whose value differs, ignoring RESUMABLE_CHANGES."""
+    keys = sorted(set(saved) | set(current))
+    changed = [
+        f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+        and not any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES)
+    ]
+    return changed
+
+
+def host_tree(tree: Any) -> Any:
+    """Numpy copies on every process, gathering leaves that span other processes' devices."""
+
+    def get(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(get, tree)
+
+
+class _Preemption:
+    """Remembers a SIGTERM; every process agrees on it before acting."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self._previous = None
+
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside some test runners)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self.flag
+        flags = multihost_utils.process_allgather(np.int32(self.flag))
+        return bool(np.asarray(flags).any())
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_resume(cfg: Any, recipe: Recipe, meta: dict[str, Any], workdir: Path) -> None:
+    current = config_dict(cfg)
+    problems = []
+    saved_cfg = meta.get("config")
+    if saved_cfg is not None:
+        problems += config_changes(saved_cfg, current)
+    for key, value in recipe.fingerprints.items():
+        saved = meta.get("fingerprints", {}).get(key)
+        if saved is not None and saved != value:
+            problems.append(f"data fingerprint {key}: {saved!r} -> {value!r}")
+    if problems and not cfg.train.get("allow_config_change", False):
+        raise ConfigError(
+            f"{workdir} holds a run with a different setting; resuming would mix two runs:\n  "
+            + "\n  ".join(problems)
+            + "\nUse another --workdir, restore the setting, or pass "
+            "--config.train.allow_config_change=true to resume anyway."
+        )
+    if problems:
+        log.warning("resuming with changed settings:\n  %s", "\n  ".join(problems))
+
+
+def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
+    """Trains `recipe` to `recipe.total_steps`, resuming from `workdir` if it holds a run."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    manager = Manager(workdir / "checkpoints", t.keep_checkpoints)
+    meta: dict[str, Any] = {
+        "recipe": recipe.name,
+        "best": None,
+        "config": config_dict(cfg),
+        "fingerprints": recipe.fingerprints,
+    }
+    state = recipe.state
+    resumed = manager.latest_step()
+    if resumed is not None:
+        saved = manager.read_meta(resumed)
+        _check_resume(cfg, recipe, saved, workdir)
+        aux_like = recipe.aux() if recipe.aux else None
+        state, aux, saved = manager.restore(resumed, state, aux_like)
+        meta["best"] = saved.get("best")
+        if recipe.restore_aux:
+            recipe.restore_aux(aux, saved)
+        log.warning("%s: resumed from step %d", recipe.name, resumed)
+    elif jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(meta["config"], indent=2, default=str))
+    start = int(jax.device_get(state.step))
+    logger = Logger(workdir, start)
+    total = recipe.total_steps
+
+    def evaluate(done: int) -> None:
+        result = recipe.evaluate(state, done)
+        logger.write(done, "dev", result)
+        value = result.get(recipe.metric)
+        best = meta["best"]
+        if value is not None and (best is None or value > best["value"]):
+            meta["best"] = {"step": done, "value": value, "metric": recipe.metric}
+            manager.save_best(state.params, meta["best"])
+
+    def checkpoint(done: int) -> None:
+        if not bool(jax.device_get(all_finite(state.params))):
+            raise RuntimeError(f"step {done}: parameters are not finite; not checkpointing them")
+        extra = recipe.aux_meta() if recipe.aux_meta else {}
+        manager.save(done, state, recipe.aux() if recipe.aux else None, {**meta, **extra})
+
+    if start == 0 and recipe.evaluate is not None and cfg.eval.get("at_start", True):
+        evaluate(0)
+    preemption = _Preemption()
+    preemption.install()
+    bar = tqdm(total=total, initial=start, desc=recipe.name, unit="step", disable=not t.progress)
+    max_skips = int(t.get("max_skipped_in_a_row", 5))
+    last_saved, preempted = None, False
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            state, metrics = recipe.train_step(state, recipe.batch_at(step))
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            done = step + 1
+            values["step_seconds"] = time.perf_counter() - t0
+            if recipe.lr_at is not None:
+                values["lr"] = float(recipe.lr_at(step))
+            if values.get("skipped"):
+                in_a_row = int(jax.device_get(state.skipped_in_a_row))
+                log.warning(
+                    "step %d: non-finite loss or gradients, update skipped (%d in a row)",
+                    done,
+                    in_a_row,
+                )
+                if in_a_row >= max_skips:
+                    raise RuntimeError(
+                        f"{in_a_row} steps in a row had a non-finite loss or gradients (up to "
+                        f"step {done}); stopping. The last checkpoint holds finite parameters."
+                    )
+            logger.write(done, "train", values)
+            bar.update(1)
+            bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
+            if recipe.after_step is not None:
+                info = recipe.after_step(state, done)
+                if info:
+                    logger.write(done, "event", info)
+            if recipe.evaluate is not None and (done % t.eval_every == 0 or done == total):
+                evaluate(done)
+            preempted = preemption.requested()
+            if done % t.checkpoint_every == 0 or done == total or preempted:
+                checkpoint(done)
+                last_saved = done
+            if preempted:
+                log.warning("SIGTERM: saved step %d; resume with the same command", done)
+                break
+    finally:
+        bar.close()
+        preemption.uninstall()
+        manager.wait()
+    summary: dict[str, Any] = {"recipe": recipe.name, "steps": total, "last_checkpoint": last_saved}
+    if preempted:
+        summary["preempted_at"] = last_saved
+        logger.close()
+        return summary
+    rows = logger.read()
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    summary["final_step_loss"] = train_rows[-1]["loss"] if train_rows else None
+    summary["skipped_steps"] = int(jax.device_get(state.skipped))
+    if recipe.finish is not None:
+        summary.update(recipe.finish(state))
+        if "test_after" in summary:
+            logger.write(total, "test", summary["test_after"])
+    params = host_tree(state.params) if recipe.export is not None else None
+    if jax.process_index() == 0:
+        if recipe.export is not None:
+            recipe.export(params, workdir / "export")
+        summary["plot"] = str(plot(workdir, logger.read(), recipe.metric, recipe.loss_label))
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    logger.close()
+    summary["state"] = state
+    return summary
