@@ -52,14 +52,21 @@ def base():
             max_query_length=64,
             max_passage_length=256,
             dtype="float32",
-            remat=False,
+            remat="none",  # none | query | passage | both (recompute activations in backward)
         )
     )
     c.mesh = ml_collections.ConfigDict(
         dict(axes=("data", "model"), shape=(-1, 1), param_sharding="replicated")
     )
     c.distributed = ml_collections.ConfigDict(
-        dict(enabled="auto", coordinator_address="", num_processes=-1, process_id=-1)
+        dict(
+            enabled="auto",  # auto: when SLURM / TPU / JAXRET_COORDINATOR say so
+            coordinator_address="",
+            num_processes=-1,
+            process_id=-1,
+            local_device_ids="",  # e.g. "0,1,2,3,4,5,6,7" (one process per node); "" = JAX's
+            expected_devices=0,  # the global device count the job must see (0 = no check)
+        )
     )
     c.data = ml_collections.ConfigDict(
         dict(

@@ -15,6 +15,7 @@ def kl_teacher_student(teacher_logits: jax.Array, student_logits: jax.Array) -> 
     t = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
     s = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     p = jnp.exp(t)
-    # 0 · log 0 = 0 where the teacher gives a passage no mass (e.g. -inf logits).
-    kl = jnp.where(p > 0, p * (t - s), 0.0).sum(-1)
+    # 0 · log 0 = 0 where the teacher gives a passage no mass (-inf logits); a NaN teacher
+    # stays NaN, so the step is skipped rather than trained on garbage.
+    kl = jnp.where(p == 0, 0.0, p * (t - s)).sum(-1)
     return kl.mean()

@@ -56,6 +56,13 @@ def process_contiguous(grid: np.ndarray) -> bool:
     return len(runs) == len(set(runs))
 
 
+def _object_grid(devices: Sequence[Any], shape: Sequence[int]) -> np.ndarray:
+    grid = np.empty(len(devices), dtype=object)
+    for i, d in enumerate(devices):  # element by element: never unpack a device
+        grid[i] = d
+    return grid.reshape(tuple(shape))
+
+
 def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
     """Devices arranged as `shape`: physically ordered (ICI-local along the last axis) and
     contiguous per process in the flattened order."""
@@ -65,28 +72,21 @@ def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
     try:
         grid = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # irregular topologies: plain order
-        grid = np.asarray(devices, dtype=object).reshape(shape)
+        grid = _object_grid(devices, shape)
     if len(processes) == 1 or process_contiguous(grid):
         return grid
-    # Processes as the outer (DCN-like) granule of the first axis that divides by their
-    # number; the physical order is kept inside each process.
-    per_process = len(devices) // len(processes)
-    for axis, size in enumerate(shape):
-        if size % len(processes) == 0 and math.prod(shape) // len(processes) == per_process:
-            ici = list(shape)
-            ici[axis] //= len(processes)
-            dcn = [1] * len(shape)
-            dcn[axis] = len(processes)
-            try:
-                grid = mesh_utils.create_hybrid_device_mesh(
-                    ici, dcn, devices, process_is_granule=True
-                )
-            except Exception:
-                continue
+    # Processes as the outer (DCN-like) granule of the first axis; the physical order is kept
+    # inside each process.
+    if shape[0] % len(processes) == 0:
+        ici = [shape[0] // len(processes), *shape[1:]]
+        dcn = [len(processes)] + [1] * (len(shape) - 1)
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=True)
             if process_contiguous(grid):
                 return grid
-    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
-    return np.asarray(ordered, dtype=object).reshape(shape)
+        except Exception:
+            pass
+    return _object_grid(sorted(devices, key=lambda d: (d.process_index, d.id)), shape)
 
 
 def make_mesh(

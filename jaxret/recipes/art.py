@@ -50,7 +50,11 @@ def sparse_teacher_scores(
     table_ids [B, M] (−1 = empty), table_scores [B, M], ids [B, K] → [B, K].
     """
     match = table_ids[:, None, :] == ids[:, :, None]  # [B, K, M]
-    return jnp.where(match, table_scores[:, None, :], 0.0).sum(-1)
+    scores = jnp.where(match, table_scores[:, None, :], 0.0).sum(-1)
+    # A non-finite score anywhere in a question's list makes its logits NaN: a corrupt
+    # teacher row skips the step (recipes.state.apply_gradients) instead of training on it.
+    corrupt = ~jnp.all(jnp.isfinite(table_scores), axis=-1, keepdims=True)  # [B, 1]
+    return jnp.where(corrupt, jnp.nan, scores)
 
 
 def art_logits(

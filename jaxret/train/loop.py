@@ -262,6 +262,7 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
     summary: dict[str, Any] = {"recipe": recipe.name, "steps": total, "last_checkpoint": last_saved}
     if preempted:
         summary["preempted_at"] = last_saved
+        summary["state"] = state
         logger.close()
         return summary
     rows = logger.read()

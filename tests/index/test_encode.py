@@ -76,3 +76,30 @@ def test_store_reuses_and_rebuilds(setup, tmp_path):
         open_table(tmp_path, "p", other, tokenize, fp, build=False)
     open_table(tmp_path, "p", other, tokenize, fp, batch_size=100)  # rebuilds
     assert calls[-1] == 37
+
+
+@pytest.mark.parametrize("dtype,atol", [("float32", 2e-5), ("bfloat16", 2e-2)])
+def test_device_refresh_equals_host_path(setup, tmp_path, dtype, atol):
+    """The on-device encoder (token tables already on the devices, output born in the index
+    layout, the old index donated) gives the host path's embeddings."""
+    from jaxret.index.encode import empty_index, refresh_index
+    from jaxret.index.gather import device_table, memmap_rows
+    from jaxret.index.mips import RowLayout
+
+    enc, params, tok, corpus = setup
+    mesh = make_mesh()
+    table = passage_table(tmp_path, corpus, enc, tok)
+    host = encode_corpus(enc, params, table, mesh, batch_size=8, dtype=dtype, chunk_rows=4)
+    layout = RowLayout.for_mesh(len(corpus), mesh, 4)
+    tables = {
+        k: device_table(
+            memmap_rows(table.arrays[k], len(table)), layout, mesh, table.arrays[k].dtype
+        )
+        for k in ("input_ids",)
+    }
+    old = empty_index(layout, mesh, enc.dim, dtype)
+    donated = old.embeddings
+    new = refresh_index(enc, params, tables, old, per_device=2)
+    assert donated.is_deleted()  # the old buffer was given to the new index
+    assert new.embeddings.sharding == host.embeddings.sharding
+    np.testing.assert_allclose(new.rows(), host.rows(), atol=atol)

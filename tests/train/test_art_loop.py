@@ -184,6 +184,15 @@ def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
 
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
     assert len(train_losses(tmp_path / "b")) == 12
+    # One corpus encoding per refresh (every 2 steps, not after the last), one at the start,
+    # and after the kill exactly one more: the index of the resumed checkpoint, rebuilt once.
+    events = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in events if r["kind"] == "event"]
+    refreshes = sorted(r["index_refresh"] for r in events if "index_refresh" in r)
+    resumes = [r["index_resume"] for r in events if "index_resume" in r]
+    assert refreshes == [2, 4, 6, 8, 10]
+    assert len(resumes) == 1 and resumes[0] % 2 == 0
+    assert [r["index_start"] for r in events if "index_start" in r] == [0]
     for tower in ("query_encoder", "passage_encoder"):
         a = load_file(str(tmp_path / "a" / "export" / tower / "model.safetensors"))
         b = load_file(str(tmp_path / "b" / "export" / tower / "model.safetensors"))

@@ -1,0 +1,173 @@
+"""The shared loop's guarantees, exercised through ART on the tiny config: non-finite steps are
+skipped and never checkpointed, a changed config is refused on resume, SIGTERM leaves an
+exact checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxret.configlib import ConfigError, load_config
+from jaxret.recipes import state as train_state
+from jaxret.train import art as art_train
+from jaxret.train.checkpoint import Manager
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def config(tiny_bert, **overrides):
+    return load_config(
+        "configs/art.py:tiny",
+        [("model.name", str(tiny_bert))] + [(k, str(v)) for k, v in overrides.items()],
+    )
+
+
+def rows(workdir, kind):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def poison(monkeypatch, steps):
+    original = art_train.ArtRun.batch_at
+
+    def batch_at(self, step):
+        batch = original(self, step)
+        if step in steps:  # a NaN teacher score: the loss and every gradient become NaN
+            batch = {**batch, "teacher_scores": batch["teacher_scores"] * jnp.nan}
+        return batch
+
+    monkeypatch.setattr(art_train.ArtRun, "batch_at", batch_at)
+
+
+def test_nonfinite_step_is_skipped_and_never_checkpointed(tiny_bert, tmp_path, monkeypatch):
+    poison(monkeypatch, {2})  # the 3rd step
+    cfg = config(
+        tiny_bert,
+        **{"train.checkpoint_every": 1, "train.keep_checkpoints": 10, "eval.test_at_end": False},
+    )
+    summary = art_train.train(cfg, tmp_path)
+    train = rows(tmp_path, "train")
+    assert [r["skipped"] for r in train] == [0, 0, 1, 0, 0, 0]
+    assert np.isnan(train[2]["loss"]) and all(
+        np.isfinite(r["loss"]) for i, r in enumerate(train) if i != 2
+    )
+    assert summary["skipped_steps"] == 1
+    mgr = Manager(tmp_path / "checkpoints", 10)
+    state_like = jax.tree.map(jnp.asarray, summary["state"])
+    aux_like = summary["state"].params["shared"]
+    at2, _, _ = mgr.restore(2, state_like, aux_like)
+    at3, _, _ = mgr.restore(3, state_like, aux_like)
+    # The skipped step changed nothing but the step and the counters.
+    jax.tree.map(np.testing.assert_array_equal, at3.params, at2.params)
+    jax.tree.map(np.testing.assert_array_equal, at3.opt_state, at2.opt_state)
+    assert int(at3.step) == 3 and int(at3.skipped) == 1 and int(at3.skipped_in_a_row) == 1
+    for step in mgr.all_steps():
+        restored, _, _ = mgr.restore(step, state_like, aux_like)
+        assert bool(train_state.all_finite(restored.params))
+    final = summary["state"].params
+    assert not np.array_equal(
+        np.asarray(final["shared"]["pooler"]["kernel"]) if "pooler" in final["shared"] else 0, 1
+    )
+
+
+def test_too_many_nonfinite_steps_stop_the_run(tiny_bert, tmp_path, monkeypatch):
+    poison(monkeypatch, {2, 3, 4, 5})
+    cfg = config(
+        tiny_bert,
+        **{
+            "train.checkpoint_every": 1,
+            "train.max_skipped_in_a_row": 3,
+            "eval.test_at_end": False,
+        },
+    )
+    with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss"):
+        art_train.train(cfg, tmp_path)
+    mgr = Manager(tmp_path / "checkpoints", 2)
+    assert max(mgr.all_steps()) == 4  # steps 3 and 4 were skipped and saved (finite); 5 stops
+
+
+def test_resume_with_a_changed_config_is_refused(tiny_bert, tmp_path):
+    cfg = config(tiny_bert, **{"train.steps": 3, "eval.test_at_end": False})
+    art_train.train(cfg, tmp_path)
+    changed = config(
+        tiny_bert,
+        **{"train.steps": 3, "optimizer.lr": 5e-4, "art.top_k": 3, "eval.test_at_end": False},
+    )
+    with pytest.raises(ConfigError) as err:
+        art_train.train(changed, tmp_path)
+    message = str(err.value)
+    assert "optimizer.lr: 0.001 -> 0.0005" in message and "art.top_k: 4 -> 3" in message
+    assert "allow_config_change" in message
+    # Reporting and placement settings may change; an explicit override resumes anyway.
+    art_train.train(
+        config(tiny_bert, **{"train.steps": 3, "train.progress": True, "eval.test_at_end": False}),
+        tmp_path,
+    )
+    changed.train.allow_config_change = True
+    art_train.train(changed, tmp_path)
+
+
+def _cli(tiny_bert, workdir, *extra):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxret.cli",
+        "train",
+        "--config=configs/art.py:tiny",
+        f"--config.model.name={tiny_bert}",
+        "--workdir",
+        str(workdir),
+        *extra,
+    ]
+    return cmd, env
+
+
+def test_sigterm_saves_a_checkpoint_from_which_resume_is_exact(tiny_bert, tmp_path):
+    extra = (
+        "--config.art.dropout=true",
+        "--config.train.steps=14",
+        "--config.train.checkpoint_every=100",  # only the SIGTERM and final checkpoints
+        "--config.train.eval_every=100",
+        "--config.eval.test_at_end=false",
+    )
+    cmd, env = _cli(tiny_bert, tmp_path / "a", *extra)
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+
+    cmd, env = _cli(tiny_bert, tmp_path / "b", *extra)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(rows(tmp_path / "b", "train")) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by SIGTERM after step" in out
+    saved = Manager(tmp_path / "b" / "checkpoints", 3).latest_step()
+    assert 3 <= saved < 14
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+    losses = lambda w: [(r["step"], r["loss"]) for r in rows(w, "train")]
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    a = load_file(str(tmp_path / "a" / "export" / "encoder" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "export" / "encoder" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
