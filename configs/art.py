@@ -102,7 +102,8 @@ def base():
             max_passage_length=512,
             max_question_length=128,  # ART: T0 tokenizer, max_length=128
             chunk_pairs=64,
-            param_sharding="fsdp",
+            param_sharding="fsdp",  # replicated | fsdp | tensor | fsdp_tensor
+            remat=False,  # only matters when the T5 is differentiated (QGen's generator)
             temperature=1.0,  # divides bm25/oracle scores
             bm25_k1=1.2,
             bm25_b=0.75,

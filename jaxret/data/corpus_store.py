@@ -3,20 +3,26 @@
 A store is a folder with one sub-folder ("table") per tokenization — the retriever's
 passage tokens, the T5 teacher's passage tokens — each holding `.npy` arrays [N, L]
 (uint16 when the vocabulary fits, else int32) and a `manifest.json` recording the tokenizer
-fingerprint, max length, row count and corpus content hash. Opening a table whose manifest
-does not match what the caller expects re-tokenizes (or, with `build=False`, refuses).
+fingerprint, max length, row count and corpus content hash. A table's folder name carries a
+hash of all of that, so a table is written once, never modified, and a different setting
+gets its own folder (`build=False` refuses instead of tokenizing).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxret.data.readers import Corpus
@@ -79,6 +85,24 @@ class TokenTable:
         return {k: np.asarray(arr[np.asarray(row_ids)], np.int32) for k, arr in self.arrays.items()}
 
 
+def table_folder(store: str | os.PathLike, name: str, expected: dict[str, Any]) -> Path:
+    """`store/<name>-<key>`: one immutable folder per (corpus, tokenization); a different
+    setting gets a different folder, so a table is never replaced under a reader."""
+    key = hashlib.sha256(json.dumps(expected, sort_keys=True, default=str).encode()).hexdigest()
+    return Path(store) / f"{name}-{key[:16]}"
+
+
+def _mismatch(store: Path, name: str, expected: dict[str, Any]) -> str:
+    """What the newest other table of this name was built for, compared with `expected`."""
+    others = sorted(store.glob(f"{name}-*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not others:
+        return f"no token table {name!r} in {store}"
+    manifest = json.loads(others[-1].read_text())
+    stale = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
+    detail = "; ".join(f"{k}: stored {a!r}, wanted {b!r}" for k, (a, b) in stale.items())
+    return f"token table {others[-1].parent} does not match: {detail}"
+
+
 def open_table(
     store: str | os.PathLike,
     name: str,
@@ -88,43 +112,60 @@ def open_table(
     batch_size: int = 2048,
     build: bool = True,
 ) -> TokenTable:
-    """Opens `store/name`, tokenizing `corpus` first if absent or built for something else.
+    """Opens the table `name` of `corpus` in `store`, tokenizing the corpus first if needed.
 
     `fingerprint` must describe everything that changes the token ids (tokenizer fingerprint,
     max length, passage format or verbalizer); its `vocab_size` decides the storage dtype.
     `tokenize` counts what it cuts in the `Truncation` it is given; the count is kept in the
-    manifest (`TokenTable.truncation`).
+    manifest (`TokenTable.truncation`). In a multi-process run, process 0 builds while the
+    others wait; a process that then still finds no table (no shared filesystem) builds its
+    own copy.
     """
-    folder = Path(store) / name
+    store = Path(store)
     expected = {"corpus_hash": corpus.content_hash(), "rows": len(corpus), **fingerprint}
-    manifest_path = folder / "manifest.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        stale = {k: (manifest.get(k), v) for k, v in expected.items() if manifest.get(k) != v}
-        if not stale:
-            return TokenTable(folder)
-        if not build:
-            detail = "; ".join(f"{k}: stored {a!r}, wanted {b!r}" for k, (a, b) in stale.items())
-            raise StoreMismatchError(f"token table {folder} does not match: {detail}")
-    elif not build:
-        raise StoreMismatchError(f"no token table at {folder}")
-    _build(folder, corpus, tokenize, expected, batch_size)
+    folder = table_folder(store, name, expected)
+    if not (folder / "manifest.json").is_file() and not build:
+        raise StoreMismatchError(_mismatch(store, name, expected))
+    multi = jax.process_count() > 1
+    if not multi or jax.process_index() == 0:
+        if not (folder / "manifest.json").is_file():
+            _build(folder, corpus, tokenize, expected, batch_size)
+    if multi:
+        multihost_utils.sync_global_devices(f"jaxret-table-{folder.name}")
+        if not (folder / "manifest.json").is_file():
+            _build(folder, corpus, tokenize, expected, batch_size)
     return TokenTable(folder)
 
 
 def _build(
     folder: Path, corpus: Corpus, tokenize: TokenizeFn, manifest: dict, batch_size: int
 ) -> None:
-    # Several processes of one run may build the same table at once: each writes its own
-    # temporary folder and the first rename wins.
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Writes the table into a private temporary folder (host, pid and a random suffix in its
+    name), the manifest last, then renames it into place. The rename is atomic and fails if
+    another builder got there first (its table is identical): a table that opens is always
+    complete, and a killed build leaves only a temporary folder that nothing opens."""
+    suffix = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = folder.with_name(f".{folder.name}.tmp-{suffix}")
     tmp.mkdir(parents=True)
+    try:
+        _write(tmp, folder.name, corpus, tokenize, manifest, batch_size)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write(
+    tmp: Path, name: str, corpus: Corpus, tokenize: TokenizeFn, manifest: dict, batch_size: int
+) -> None:
     n = len(corpus)
     arrays: dict[str, np.ndarray] = {}
-    trunc = Truncation(folder.name, int(manifest.get("max_length", 0)))
+    trunc = Truncation(name, int(manifest.get("max_length", 0)))
     starts = range(0, n, batch_size)
-    for s in tqdm(starts, desc=f"tokenizing {folder.name}", unit="batch", disable=n <= batch_size):
+    for s in tqdm(starts, desc=f"tokenizing {name}", unit="batch", disable=n <= batch_size):
         e = min(s + batch_size, n)
         part = tokenize(corpus.titles[s:e], corpus.texts[s:e], trunc)
         if not arrays:
@@ -148,15 +189,5 @@ def _build(
         "max_length": max_length,
         "truncation": trunc.as_dict(),
     }
+    # The manifest is written last: a folder with a manifest is complete.
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    stale = folder.with_name(f"{folder.name}.stale{os.getpid()}")
-    if folder.exists():
-        try:
-            folder.rename(stale)
-        except OSError:
-            pass
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process finished first; its table is identical
-        shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(stale, ignore_errors=True)

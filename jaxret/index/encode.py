@@ -204,9 +204,7 @@ def device_encoder(
         embed = lambda rows: encoder.embed(params, "passage", _tokens_from_table(rows))
         return map_rows(embed, tables, mesh, axes, per_device).astype(out_dtype)
 
-    return jax.jit(
-        encode, out_shardings=row_sharding(mesh), donate_argnums=(2,), keep_unused=True
-    )
+    return jax.jit(encode, out_shardings=row_sharding(mesh), donate_argnums=(2,), keep_unused=True)
 
 
 def refresh_index(

@@ -219,12 +219,23 @@ class ShardedIndex:
                     "rebuild it with `jaxret encode` for this corpus/encoder"
                 )
         mesh = mesh or make_mesh(("data", "model"), (-1, 1))
-        # Re-lay the rows for this mesh: restore on the host, then place.
-        restored = ocp.StandardCheckpointer().restore(directory / "embeddings")
-        rows = np.asarray(restored["embeddings"], np.float32)[: manifest["num_rows"]]
-        return cls.from_embeddings(
-            rows, mesh, manifest["dtype"], manifest["chunk"], fingerprint=saved
+        # Restored straight into this mesh's layout: each process reads only the rows its
+        # devices own; the saved zero padding is cut or extended to this layout's.
+        layout = RowLayout.for_mesh(manifest["num_rows"], mesh, manifest["chunk"])
+        dtype = _DTYPES[manifest["dtype"]]
+        shape = (layout.padded_rows, manifest["dim"])
+        sharding = row_sharding(mesh)
+        args = ocp.args.PyTreeRestore(
+            item={"embeddings": jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)},
+            restore_args={
+                "embeddings": ocp.ArrayRestoreArgs(
+                    sharding=sharding, global_shape=shape, dtype=dtype, strict=False
+                )
+            },
         )
+        restored = ocp.PyTreeCheckpointer().restore(directory / "embeddings", args=args)
+        fingerprint = tuple(sorted(saved.items()))
+        return cls(restored["embeddings"], layout, mesh, fingerprint)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))

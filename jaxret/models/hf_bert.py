@@ -19,7 +19,6 @@ _IGNORED = (r"^cls\.", r"position_ids$")
 def _rules(cfg: BertConfig, prefix: str = "") -> list[hf_io.TensorRule]:
     rule = hf_io.TensorRule
     h, d, e = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
-    t = lambda x: x.T
     rules = [
         rule(f"{prefix}embeddings.{n}.weight", (n, "embedding"))
         for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")
@@ -30,7 +29,7 @@ def _rules(cfg: BertConfig, prefix: str = "") -> list[hf_io.TensorRule]:
 
     def dense(hf: str, flax: tuple[str, ...]) -> list[hf_io.TensorRule]:
         return [
-            rule(f"{hf}.weight", flax + ("kernel",), t, t),
+            rule(f"{hf}.weight", flax + ("kernel",), transpose=True),
             rule(f"{hf}.bias", flax + ("bias",)),
         ]
 
@@ -41,25 +40,28 @@ def _rules(cfg: BertConfig, prefix: str = "") -> list[hf_io.TensorRule]:
         hf, fx = f"{prefix}encoder.layer.{i}.", (f"layer_{i}",)
         for n in ("query", "key", "value"):
             rules += [
+                # HF [H·D, E] → [E, H·D] → Flax [E, H, D]
                 rule(
                     f"{hf}attention.self.{n}.weight",
                     fx + ("attention", n, "kernel"),
-                    lambda w: w.T.reshape(e, h, d),
-                    lambda k: k.reshape(e, h * d).T,
+                    transpose=True,
+                    shape=(e, h, d),
+                    groups=((0,), (1, 2)),
                 ),
                 rule(
                     f"{hf}attention.self.{n}.bias",
                     fx + ("attention", n, "bias"),
-                    lambda b: b.reshape(h, d),
-                    lambda b: b.reshape(h * d),
+                    shape=(h, d),
+                    groups=((0, 1),),
                 ),
             ]
         rules += [
-            rule(
+            rule(  # HF [E, H·D] → [H·D, E] → Flax [H, D, E]
                 f"{hf}attention.output.dense.weight",
                 fx + ("attention", "output", "kernel"),
-                lambda w: w.T.reshape(h, d, e),
-                lambda k: k.reshape(h * d, e).T,
+                transpose=True,
+                shape=(h, d, e),
+                groups=((0, 1), (2,)),
             ),
             rule(f"{hf}attention.output.dense.bias", fx + ("attention", "output", "bias")),
         ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -130,6 +131,127 @@ def read_tensors(folder: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{folder} has none of {', '.join(_WEIGHT_FILES)}")
 
 
+class TensorSource:
+    """A checkpoint folder's tensors, read lazily: names and shapes from the safetensors
+    headers, blocks of a tensor through `get_slice` (nothing else is read). PyTorch pickles
+    cannot be sliced: they are loaded whole, once, on first use."""
+
+    def __init__(self, folder: Path):
+        import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for safetensors)
+
+        self.folder = folder
+        single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
+        self._file_of: dict[str, Path] = {}
+        self._pickled: dict[str, np.ndarray] | None = None
+        if single.is_file():
+            self._file_of = {k: single for k in self._keys(single)}
+        elif index.is_file():
+            with open(index) as f:
+                weight_map: dict[str, str] = json.load(f)["weight_map"]
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    raise CheckpointError(f"{index} names shard {shard} which is missing")
+            self._file_of = {k: folder / v for k, v in weight_map.items()}
+        else:
+            self._pickled = read_tensors(folder)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as f:
+            return list(f.keys())
+
+    def names(self) -> list[str]:
+        return list(self._pickled) if self._pickled is not None else list(self._file_of)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._pickled is not None:
+            return tuple(self._pickled[name].shape)
+        if name not in self._shapes:
+            from safetensors import safe_open
+
+            with safe_open(str(self._file_of[name]), framework="np") as f:
+                self._shapes[name] = tuple(f.get_slice(name).get_shape())
+        return self._shapes[name]
+
+    def read(self, name: str, block: tuple[slice, ...] | None = None) -> np.ndarray:
+        if self._pickled is not None:
+            full = self._pickled[name]
+            return full if block is None else full[block]
+        from safetensors import safe_open
+
+        with safe_open(str(self._file_of[name]), framework="np") as f:
+            part = f.get_slice(name)
+            if block is None:
+                return part[:]
+            # safetensors does not clip slices as numpy does.
+            shape = part.get_shape()
+            block = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(block, shape))
+            return part[block]
+
+
+def place_params(
+    source: TensorSource,
+    rules: Iterable[TensorRule],
+    expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    shardings: Any,
+    ignore: Iterable[str] = (),
+    dtype: Any = np.float32,
+) -> dict:
+    """Global jax.Arrays built with `make_array_from_callback`: every device's block is read
+    from the checkpoint by the process that owns the device, and only that block (a process
+    never holds a whole sharded parameter, and no cross-host equality check runs).
+
+    Missing, unexpected and mis-shaped tensors are errors, as in `tensors_to_params`."""
+    import jax
+
+    rules = list(rules)
+    _check_names(source.names(), rules, ignore, str(source.folder))
+    params: dict = {}
+    for rule in rules:
+        want = tuple(expected_shapes[rule.flax_path])
+        hf_shape = source.shape(rule.hf_name)
+        if rule.flax_shape(hf_shape) != want:
+            raise CheckpointError(
+                f"{source.folder}: tensor {rule.hf_name} has shape {hf_shape}, which does not "
+                f"fit the config (Flax {'/'.join(rule.flax_path)} expects {want})"
+            )
+
+        def block(
+            index: tuple[slice, ...],
+            rule: TensorRule = rule,
+            want: tuple = want,
+            cache: dict = {},  # noqa: B006 - per parameter: a new default each loop turn
+        ) -> Any:
+            key = tuple(sl.indices(n) for sl, n in zip(index, want))
+            if key not in cache:  # replicated parameters: one read for all local devices
+                read = lambda sl: source.read(rule.hf_name, sl)
+                cache[key] = read_block(read, rule, want, index).astype(dtype)
+            return cache[key]
+
+        sharding = _get_path(shardings, rule.flax_path)
+        _set_path(params, rule.flax_path, jax.make_array_from_callback(want, sharding, block))
+    return params
+
+
+def _check_names(
+    names: Iterable[str], rules: list[TensorRule], ignore: Iterable[str], source: str
+) -> None:
+    names = set(names)
+    ignore_re = [re.compile(p) for p in ignore]
+    wanted = {r.hf_name for r in rules}
+    missing = [r.hf_name for r in rules if r.hf_name not in names]
+    unexpected = [k for k in names if k not in wanted and not any(p.search(k) for p in ignore_re)]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:8]} (of {len(missing)})")
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: unexpected tensor(s) {sorted(unexpected)[:8]} (of {len(unexpected)})"
+        )
+
+
 def _read_pickle(path: Path) -> dict[str, np.ndarray]:
     """A PyTorch state dict, read with `weights_only=True` (no code runs from the file)."""
     if not path.is_file():
@@ -158,12 +280,67 @@ def _torch_to_numpy(t: Any) -> np.ndarray:
 
 @dataclass(frozen=True)
 class TensorRule:
-    """One HF tensor ↔ one Flax parameter, with the layout change between them."""
+    """One HF tensor ↔ one Flax parameter: flax = reshape(transpose?(hf), shape).
+
+    `groups` says which Flax dimensions each (transposed) HF dimension was split into, e.g.
+    an attention query kernel HF [H·D, E] → [E, H·D] → Flax [E, H, D] has groups
+    ((0,), (1, 2)). Any block of the Flax parameter is then read from a block of HF rows and
+    columns (`read_block`), so a host loads only the slices its devices hold.
+    """
 
     hf_name: str
     flax_path: tuple[str, ...]
-    to_flax: Callable[[np.ndarray], np.ndarray] = lambda x: x
-    to_hf: Callable[[np.ndarray], np.ndarray] = lambda x: x
+    transpose: bool = False
+    shape: tuple[int, ...] | None = None  # the Flax shape when it splits HF dimensions
+    groups: tuple[tuple[int, ...], ...] | None = None
+
+    def to_flax(self, x: np.ndarray) -> np.ndarray:
+        x = x.T if self.transpose else x
+        return x.reshape(self.shape) if self.shape is not None else x
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.groups is not None:
+            x = x.reshape(tuple(math.prod(x.shape[i] for i in g) for g in self.groups))
+        return x.T if self.transpose else x
+
+    def flax_shape(self, hf_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The Flax shape of an HF tensor of `hf_shape` (None if they cannot match)."""
+        t_shape = tuple(hf_shape[::-1]) if self.transpose else tuple(hf_shape)
+        if self.shape is None:
+            return t_shape
+        return self.shape if math.prod(self.shape) == math.prod(t_shape) else None
+
+    def block_groups(self, rank: int) -> tuple[tuple[int, ...], ...]:
+        return self.groups if self.groups is not None else tuple((i,) for i in range(rank))
+
+
+def read_block(
+    read: Callable[[tuple[slice, ...]], np.ndarray],
+    rule: TensorRule,
+    flax_shape: tuple[int, ...],
+    index: tuple[slice, ...],
+) -> np.ndarray:
+    """The block `index` of a Flax parameter, reading only the HF rows/columns it needs.
+
+    `read(hf_slices)` returns that block of the HF tensor. Per HF dimension, the outermost
+    Flax dimension of its group selects a contiguous range; inner dimensions are read whole
+    and cut afterwards (they are never sharded in practice).
+    """
+    index = tuple(index) + (slice(None),) * (len(flax_shape) - len(index))
+    bounds = [sl.indices(n)[:2] for sl, n in zip(index, flax_shape)]
+    groups = rule.block_groups(len(flax_shape))
+    t_slices, block_shape = [], []
+    for g in groups:
+        inner = math.prod(flax_shape[i] for i in g[1:])
+        lo, hi = bounds[g[0]]
+        t_slices.append(slice(lo * inner, hi * inner))
+        block_shape += [hi - lo] + [flax_shape[i] for i in g[1:]]
+    hf_slices = tuple(t_slices[::-1]) if rule.transpose else tuple(t_slices)
+    part = np.asarray(read(hf_slices))
+    part = part.T if rule.transpose else part
+    part = part.reshape(block_shape)
+    inner_cut = tuple(slice(None) if i == g[0] else slice(*bounds[i]) for g in groups for i in g)
+    return part[inner_cut]
 
 
 def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
@@ -188,16 +365,7 @@ def tensors_to_params(
 ) -> dict:
     """Builds a Flax params tree; every missing, unexpected or mis-shaped tensor is an error."""
     rules = list(rules)
-    ignore_re = [re.compile(p) for p in ignore]
-    wanted = {r.hf_name for r in rules}
-    missing = [r.hf_name for r in rules if r.hf_name not in tensors]
-    unexpected = [k for k in tensors if k not in wanted and not any(p.search(k) for p in ignore_re)]
-    if missing:
-        raise CheckpointError(f"{source}: missing tensor(s) {missing[:8]} (of {len(missing)})")
-    if unexpected:
-        raise CheckpointError(
-            f"{source}: unexpected tensor(s) {sorted(unexpected)[:8]} (of {len(unexpected)})"
-        )
+    _check_names(tensors, rules, ignore, source)
     params: dict = {}
     for rule in rules:
         value = np.asarray(rule.to_flax(np.asarray(tensors[rule.hf_name])))

@@ -32,3 +32,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         ),
         tree,
     )
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host values (the same on every process) → global arrays with `shardings`. Each device's
+    block is cut from the local copy on its own process: unlike `jax.device_put` of a host
+    tree onto a multi-host sharding, no process compares its values with the others'."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree,
+        shardings,
+    )

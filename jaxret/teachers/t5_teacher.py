@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxret.data.tokenization import Truncation
-from jaxret.models.hf_t5 import load_t5
+from jaxret.models.hf_t5 import load_t5, load_t5_sharded
 from jaxret.models.t5 import T5, T5Config, shift_right
 from jaxret.parallel.activations import Activations, map_rows, pad_rows
 
@@ -202,14 +202,24 @@ class T5Teacher:
         path_or_hub_id: str | os.PathLike,
         dtype: str = "bfloat16",
         spec: TeacherSpec | None = None,
+        mesh: Any = None,
+        param_sharding: str = "replicated",
     ) -> T5Teacher:
+        """With a `mesh`, the parameters come back as global arrays sharded by
+        `param_sharding`, each process reading only its blocks of the checkpoint, and the
+        teacher constrains its activations for that mesh; without, numpy on the host."""
         from transformers import AutoTokenizer
 
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r}; expected float32 or bfloat16")
-        cfg, params, folder = load_t5(path_or_hub_id, dtype=dtype)
+        act = None
+        if mesh is None:
+            cfg, params, folder = load_t5(path_or_hub_id, dtype=dtype)
+        else:
+            cfg, params, folder = load_t5_sharded(path_or_hub_id, dtype, mesh, param_sharding)
+            act = Activations.for_strategy(mesh, param_sharding)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return cls(cfg, params, tokenizer, spec or TeacherSpec(), dtype)
+        return cls(cfg, params, tokenizer, spec or TeacherSpec(), dtype, act=act)
 
     @property
     def model(self) -> T5:

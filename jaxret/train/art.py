@@ -16,6 +16,7 @@ What the loop gets from here (jaxret.train.loop.Recipe):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -38,8 +39,8 @@ from jaxret.index.sharded import ShardedIndex
 from jaxret.models import dual_encoder as de
 from jaxret.parallel import global_batch, initialize_distributed, make_mesh
 from jaxret.parallel.activations import Activations
+from jaxret.parallel.host_data import place
 from jaxret.parallel.mesh import device_banner
-from jaxret.parallel.partitioning import param_shardings
 from jaxret.recipes import art
 from jaxret.recipes import state as train_state
 from jaxret.teachers import t5_teacher
@@ -128,7 +129,7 @@ class ArtRun:
         self.host_batch: dict[str, Any] = {"query": q_tokens}
         self.teacher, self.teacher_params, self.teacher_tables = None, None, {}
         if self.art_cfg.teacher == "t5":
-            self._setup_t5_teacher(store, act)
+            self._setup_t5_teacher(store)
         else:
             ids, scores = sparse_teacher_table(data, self.art_cfg.teacher, cfg.teacher)
             self.host_batch["teacher_ids"], self.host_batch["teacher_scores"] = ids, scores
@@ -140,7 +141,7 @@ class ArtRun:
         self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
         state = train_state.init_state(params, self.optimizer, cfg.seed)
         self.shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
-        self.state = jax.device_put(state, self.shardings)
+        self.state = place(state, self.shardings)
         self.initial_params = params  # host copy: the baseline of the final test
 
         self.encodings: list[tuple[int, str]] = []  # (step, why): every corpus encoding
@@ -163,16 +164,19 @@ class ArtRun:
 
     # -- pieces ----------------------------------------------------------------------------
 
-    def _setup_t5_teacher(self, store: Path, act: Activations) -> None:
+    def _setup_t5_teacher(self, store: Path) -> None:
         cfg, data = self.cfg, self.data
         tspec = t5_teacher.TeacherSpec(
             max_passage_length=cfg.teacher.max_passage_length,
             max_question_length=cfg.teacher.max_question_length,
             chunk_pairs=cfg.teacher.chunk_pairs,
         )
-        teacher = t5_teacher.T5Teacher.from_pretrained(cfg.teacher.model, cfg.teacher.dtype, tspec)
-        teacher_act = Activations.for_strategy(self.mesh, cfg.teacher.param_sharding)
-        self.teacher = teacher.with_activations(teacher_act)
+        # Sharded as it is read: each process loads only its devices' blocks.
+        teacher = t5_teacher.T5Teacher.from_pretrained(
+            cfg.teacher.model, cfg.teacher.dtype, tspec, self.mesh, cfg.teacher.param_sharding
+        )
+        self.teacher = dataclasses.replace(teacher, remat=cfg.teacher.get("remat", False))
+        self.teacher_params = teacher.params
         ttok = teacher.tokenizer
 
         def tokenize(titles: list[str], texts: list[str], trunc: Truncation) -> dict:
@@ -192,9 +196,6 @@ class ArtRun:
             ttok, data.train_questions, tspec, trunc
         )
         trunc.report(log)
-        self.teacher_params = jax.device_put(
-            teacher.params, param_shardings(teacher.params, self.mesh, cfg.teacher.param_sharding)
-        )
 
     def _encode(
         self, passage_params: Any, step: int, why: str, donor: ShardedIndex | None
@@ -298,7 +299,7 @@ class ArtRun:
             state.params, self.data.test, self.total, self.index
         )
         if self.cfg.eval.get("test_baseline", True):
-            base = jax.device_put(self.initial_params, self.shardings.params)
+            base = place(self.initial_params, self.shardings.params)
             self.index = self._encode(
                 self.encoder.tower_params(base, "passage"), 0, "baseline", self.index
             )

@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -103,3 +106,57 @@ def test_device_refresh_equals_host_path(setup, tmp_path, dtype, atol):
     assert donated.is_deleted()  # the old buffer was given to the new index
     assert new.embeddings.sharding == host.embeddings.sharding
     np.testing.assert_allclose(new.rows(), host.rows(), atol=atol)
+
+
+BUILD = """
+import sys, time
+import numpy as np
+from jaxret.data.corpus_store import open_table
+from jaxret.data.readers import Corpus
+n = 300
+corpus = Corpus([f"d{i}" for i in range(n)], ["t"] * n, [f"text {i}" for i in range(n)])
+def tokenize(titles, texts, trunc):
+    time.sleep(float(sys.argv[2]))  # slow enough for the builders to overlap
+    ids = np.array([[1 + len(t) + int(t.split()[1]) % 7] * 4 for t in texts])
+    return {"input_ids": ids}
+table = open_table(sys.argv[1], "p", corpus, tokenize, {"vocab_size": 100}, batch_size=20)
+print("OPENED", table.folder, int(table.arrays["input_ids"].sum()), flush=True)
+"""
+
+
+def test_concurrent_builds_give_one_table_and_a_killed_build_none(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jaxret.data.readers import Corpus
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = lambda delay: subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(tmp_path / "store"), str(delay)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    # A build killed halfway leaves no table that opens ...
+    victim = run(0.05)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((tmp_path / "store").glob(".p-*.tmp-*/*.npy")):
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    n = 300
+    corpus = Corpus([f"d{i}" for i in range(n)], ["t"] * n, [f"text {i}" for i in range(n)])
+    with pytest.raises(StoreMismatchError, match="no token table"):
+        open_table(tmp_path / "store", "p", corpus, None, {"vocab_size": 100}, build=False)
+    # ... and two builders at once produce one valid table that both open.
+    procs = [run(0.01), run(0.01)]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    opened = {line for out in outs for line in out.splitlines() if line.startswith("OPENED")}
+    assert len(opened) == 1  # same folder, same content
+    tables = list((tmp_path / "store").glob("p-*"))
+    assert len(tables) == 1 and (tables[0] / "manifest.json").is_file()
+    table = open_table(tmp_path / "store", "p", corpus, None, {"vocab_size": 100}, build=False)
+    assert len(table) == 300 and table.arrays["input_ids"].dtype == np.uint16

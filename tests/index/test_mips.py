@@ -152,3 +152,19 @@ def test_save_load_and_mismatch_refusal(data, tmp_path):
         ShardedIndex.load(tmp_path / "idx", expect={"encoder": {"step": 4, "param_hash": "ff"}})
     with pytest.raises(IndexMismatchError, match="not a jaxret index"):
         ShardedIndex.load(tmp_path)
+
+
+@pytest.mark.parametrize("devices", [1, 4])
+def test_index_saved_on_8_devices_loads_on_fewer(data, tmp_path, devices):
+    emb, q = data
+    index = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=40)
+    assert index.embeddings.sharding.mesh.size == 8
+    index.save(tmp_path / "idx")
+    mesh = make_mesh(("data", "model"), (devices, 1), devices=jax.devices()[:devices])
+    loaded = ShardedIndex.load(tmp_path / "idx", mesh)
+    assert loaded.embeddings.sharding.mesh.size == devices
+    assert loaded.layout.padded_rows == loaded.embeddings.shape[0] != index.layout.padded_rows
+    np.testing.assert_array_equal(loaded.rows(), index.rows())
+    np.testing.assert_array_equal(
+        np.asarray(loaded.search(q, 9)[1]), np.asarray(index.search(q, 9)[1])
+    )
