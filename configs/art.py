@@ -51,8 +51,10 @@ def base():
             passage_format="pair",
             max_query_length=64,
             max_passage_length=256,
-            dtype="float32",
-            remat="none",  # none | query | passage | both (recompute activations in backward)
+            # ART trains in fp16 mixed precision with --checkpoint-activations: bf16 compute
+            # (parameters, optimizer and losses stay fp32) and both towers rematerialized.
+            dtype="bfloat16",
+            remat="both",  # none | query | passage | both (recompute activations in backward)
         )
     )
     c.mesh = ml_collections.ConfigDict(
@@ -101,7 +103,7 @@ def base():
             dtype="bfloat16",
             max_passage_length=512,
             max_question_length=128,  # ART: T0 tokenizer, max_length=128
-            chunk_pairs=64,
+            chunk_pairs=16,  # pairs per device per teacher forward (ART's --shard-size 16)
             param_sharding="fsdp",  # replicated | fsdp | tensor | fsdp_tensor
             remat=False,  # only matters when the T5 is differentiated (QGen's generator)
             temperature=1.0,  # divides bm25/oracle scores
@@ -173,6 +175,8 @@ def get_config(arg=None):
             # 64 tokens keeps a step near 2.5 s on 2 CPU cores (passages average ~95 tokens).
             max_query_length=24,
             max_passage_length=64,
+            dtype="float32",  # XLA:CPU has no fast bf16 matmul
+            remat="none",
         )
         # Unit-norm MiniLM embeddings: τ = 0.0025·√384 ≈ 0.05, a usual contrastive temperature.
         c.art.update(top_k=8, temperature_multiplier=0.0025)
@@ -190,7 +194,13 @@ def get_config(arg=None):
             max_eval_questions=40,
         )
         c.model.update(
-            name="", shared=True, pooling="cls", max_query_length=16, max_passage_length=32
+            name="",
+            shared=True,
+            pooling="cls",
+            max_query_length=16,
+            max_passage_length=32,
+            dtype="float32",
+            remat="none",
         )
         c.art.update(top_k=4, dropout=False)
         c.teacher.update(

@@ -16,11 +16,23 @@ from pathlib import Path
 from typing import Any
 
 
+def _accelerator_host() -> bool:
+    """Whether JAX will run on a GPU or TPU here (checked without importing jax)."""
+    import importlib.util
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return "cpu" not in platforms.split(",")
+    plugins = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
+    return any(importlib.util.find_spec(p) is not None for p in plugins)
+
+
 def _cpu_devices_per_core() -> None:
     # XLA:CPU runs a transformer mostly on one core per device; one host device per core
-    # lets data-parallel encoding use them all. Must happen before jax is imported.
+    # lets data-parallel encoding use them all. Must happen before jax is imported, and only
+    # on CPU hosts: on GPU/TPU hosts the devices are the accelerators.
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
+    if "xla_force_host_platform_device_count" not in flags and not _accelerator_host():
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n or 1}".strip()
 

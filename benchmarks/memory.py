@@ -1,0 +1,181 @@
+"""Per-device memory of the paper's ART step, from the compiled program, and its extrapolation
+to the full Wikipedia index.
+
+    python benchmarks/memory.py [--variant nq_t0_3b] [--rows-per-device 65536] [--devices 8]
+
+Compiles (never runs: every input is an abstract ShapeDtypeStruct) the real train step of
+`configs/art.py:<variant>` — BERT-base towers, the T0-3B (or T5-XXL) teacher with its real
+shapes, the row-sharded index and token tables — on 8 fake CPU devices, with the paper's
+per-device batch (64 questions over 16 devices = 4 per device) and a reduced corpus of
+`rows-per-device` rows per device. `compiled.memory_analysis()` gives what XLA allocates on one
+device: arguments (parameters, optimizer state, index, tables), outputs, and temporaries
+(activations, teacher attention, logits chunk, MIPS buffers). The corpus-dependent part is then
+extrapolated by formula to 21,015,324 passages on 16 devices; the rest is per device already.
+"""
+
+import argparse
+import math
+import os
+
+# 8 fake devices (the tests' mesh), whatever the core count: nothing runs, it only compiles.
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jaxret.configlib import load_config  # noqa: E402
+from jaxret.index.mips import RowLayout, row_sharding  # noqa: E402
+from jaxret.index.sharded import ShardedIndex  # noqa: E402
+from jaxret.models import dual_encoder as de  # noqa: E402
+from jaxret.models.bert import BertConfig  # noqa: E402
+from jaxret.models.hf_bert import abstract_params as bert_params  # noqa: E402
+from jaxret.models.hf_t5 import abstract_params as t5_params  # noqa: E402
+from jaxret.models.t5 import T5Config  # noqa: E402
+from jaxret.parallel import make_mesh  # noqa: E402
+from jaxret.parallel.activations import Activations  # noqa: E402
+from jaxret.parallel.partitioning import param_shardings  # noqa: E402
+from jaxret.recipes import art  # noqa: E402
+from jaxret.recipes import state as train_state  # noqa: E402
+from jaxret.teachers.t5_teacher import T5Teacher, TeacherSpec  # noqa: E402
+from jaxret.train.optim import make_optimizer  # noqa: E402
+
+WIKI_ROWS = 21_015_324
+TEACHERS = {  # config.json fields of the paper's teachers
+    "bigscience/T0_3B": dict(d_model=2048, d_ff=5120, num_layers=24, num_heads=32),
+    "google/t5-xxl-lm-adapt": dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
+}
+GB = 1e9
+
+
+def abstract(tree, shardings):
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def compile_step(cfg, mesh, rows_per_device, batch):
+    bert = BertConfig(add_pooler=False)  # bert-base-uncased / MSS towers
+    spec = de.EncoderSpec.from_config(cfg.model)
+    encoder = de.DualEncoder(bert, spec, Activations.for_strategy(mesh, cfg.mesh.param_sharding))
+    towers = ("shared",) if spec.shared else ("query", "passage")
+    params = {t: bert_params(bert) for t in towers}
+    t = TEACHERS[cfg.teacher.model]
+    t5 = T5Config(
+        vocab_size=32128,
+        d_kv=64,
+        num_decoder_layers=t["num_layers"],
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        scale_decoder_outputs=False,
+        **t,
+    )
+    tspec = TeacherSpec(
+        max_passage_length=cfg.teacher.max_passage_length,
+        max_question_length=cfg.teacher.max_question_length,
+        chunk_pairs=cfg.teacher.chunk_pairs,
+    )
+    teacher_act = Activations.for_strategy(mesh, cfg.teacher.param_sharding)
+    teacher = T5Teacher(t5, None, None, tspec, cfg.teacher.dtype, act=teacher_act)
+    t_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), t5_params(t5))
+    t_params = abstract(t_params, param_shardings(t_params, mesh, cfg.teacher.param_sharding))
+
+    optimizer = make_optimizer(cfg.optimizer, 1000)
+    state = jax.eval_shape(lambda p: train_state.init_state(p, optimizer, 0), params)
+    shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
+    state = abstract(state, shardings)
+
+    n = rows_per_device * mesh.size
+    layout = RowLayout.for_mesh(n, mesh, cfg.encode.chunk_rows)
+    rows = row_sharding(mesh)
+    index_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.encode.index_dtype]
+    embeddings = jax.ShapeDtypeStruct(
+        (layout.padded_rows, bert.hidden_size), index_dtype, sharding=rows
+    )
+    index = ShardedIndex(embeddings, layout, mesh)
+    lp, lt = spec.max_passage_length, tspec.max_passage_length
+    tables = {
+        "input_ids": jax.ShapeDtypeStruct((layout.padded_rows, lp), jnp.uint16, sharding=rows)
+    }
+    t_tables = {
+        "input_ids": jax.ShapeDtypeStruct((layout.padded_rows, lt), jnp.uint16, sharding=rows)
+    }
+    data = NamedSharding(mesh, P("data"))
+    lq, lqt = spec.max_query_length, tspec.max_question_length
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=data)
+    batch = {
+        "query": {k: i32(batch, lq) for k in ("input_ids", "attention_mask", "token_type_ids")},
+        "target": {"labels": i32(batch, lqt), "label_mask": i32(batch, lqt)},
+    }
+    art_cfg = art.ArtConfig(top_k=cfg.art.top_k, teacher="t5")
+    in_shardings = (
+        shardings,
+        jax.tree.map(lambda _: data, batch),
+        jax.tree.map(lambda _: rows, index),
+        jax.tree.map(lambda _: rows, tables),
+        jax.tree.map(lambda _: rows, t_tables),
+        jax.tree.map(lambda x: x.sharding, t_params),
+    )
+    step = art.make_train_step(encoder, optimizer, art_cfg, mesh, in_shardings, teacher)
+    lowered = step.lower(state, batch, index, tables, t_tables, t_params)
+    return lowered.compile(), layout, bert, t5
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--variant", default="nq_t0_3b")
+    p.add_argument("--rows-per-device", type=int, default=65536)
+    p.add_argument("--paper-devices", type=int, default=16)
+    args = p.parse_args()
+    cfg = load_config(f"configs/art.py:{args.variant}")
+    mesh = make_mesh(("data", "model"), (-1, 1))
+    d = mesh.size
+    per_device_batch = cfg.train.batch_size // args.paper_devices
+    batch = per_device_batch * d
+    print(
+        f"{args.variant}: compiling the train step on {d} devices, {batch} questions "
+        f"({per_device_batch} per device), K={cfg.art.top_k}, "
+        f"{args.rows_per_device} rows per device"
+    )
+    compiled, layout, bert, t5 = compile_step(cfg, mesh, args.rows_per_device, batch)
+    mem = compiled.memory_analysis()
+    args_b, out_b = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    temp_b, alias_b = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    rows = layout.rows_per_shard
+    lp, lt = cfg.model.max_passage_length, cfg.teacher.max_passage_length
+    idx_bytes = 2 if cfg.encode.index_dtype == "bfloat16" else 4
+    corpus_per_row = bert.hidden_size * idx_bytes + lp * 2 + lt * 2  # index + uint16 tables
+    corpus_measured = rows * corpus_per_row
+    fixed_args = args_b - corpus_measured
+    print("\nmeasured per device (compiled.memory_analysis):")
+    print(
+        f"  arguments {args_b / GB:8.3f} GB  (corpus part {corpus_measured / GB:.3f} GB: "
+        f"{rows} rows × {corpus_per_row} B)"
+    )
+    print(f"  outputs   {out_b / GB:8.3f} GB  (aliased with donated inputs: {alias_b / GB:.3f} GB)")
+    print(
+        f"  temporary {temp_b / GB:8.3f} GB  (activations, teacher attention + logits chunk, "
+        "MIPS buffers)"
+    )
+    wiki_rows = math.ceil(WIKI_ROWS / args.paper_devices)
+    corpus_wiki = wiki_rows * corpus_per_row
+    # The MIPS temporaries grow with the chunk, not the corpus: the rest of `temp` is per step.
+    total = fixed_args + corpus_wiki + (out_b - alias_b) + temp_b
+    print(
+        f"\nextrapolated to {WIKI_ROWS:,} passages on {args.paper_devices} devices "
+        f"({wiki_rows:,} rows per device):"
+    )
+    print(
+        f"  index {wiki_rows * bert.hidden_size * idx_bytes / GB:.2f} GB + retriever tokens "
+        f"{wiki_rows * lp * 2 / GB:.2f} GB + teacher tokens {wiki_rows * lt * 2 / GB:.2f} GB"
+    )
+    print(f"  parameters, optimizer, teacher shard (measured) {fixed_args / GB:.2f} GB")
+    print(f"  activations and other temporaries (measured)   {temp_b / GB:.2f} GB")
+    print(f"  total per device ≈ {total / GB:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The launch scripts, run against stand-ins for srun and gcloud."""
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fake(bin_dir: Path, name: str, body: str) -> None:
+    path = bin_dir / name
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def test_gpu_slurm_drives_every_gpu_and_checks_the_count(tmp_path):
+    fake(
+        tmp_path,
+        "srun",
+        'echo "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS"; echo "XLA_FLAGS=$XLA_FLAGS"; '
+        'printf "ARG<%s>\\n" "$@"\n',
+    )
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "JAXRET_DETERMINISTIC": "1",
+    }
+    out = subprocess.run(
+        [
+            "bash",
+            ROOT / "launch" / "gpu_slurm.sh",
+            "configs/art.py:nq_t0_3b",
+            "/runs/my run",
+            "--config.data.dir=/d ir",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in out
+    assert "--xla_gpu_deterministic_ops=true" in out
+    args = re.findall(r"ARG<(.*)>", out)
+    assert "--config=configs/art.py:nq_t0_3b" in args and "--workdir=/runs/my run" in args
+    assert "--config.distributed.expected_devices=16" in args
+    assert "--config.data.dir=/d ir" in args  # one argument, space and all
+
+
+def test_tpu_pod_quotes_arguments_and_detaches(tmp_path):
+    fake(tmp_path, "gcloud", 'printf "%s\\n" "$@" > "$GCLOUD_LOG"\n')
+    env = {
+        **os.environ,
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "GCLOUD_LOG": str(tmp_path / "gcloud.txt"),
+    }
+    subprocess.run(
+        [
+            "bash",
+            ROOT / "launch" / "tpu_pod.sh",
+            "v4",
+            "us-central2-b",
+            "configs/art.py:nq_t0_3b",
+            "/mnt/runs/a b",
+            "--config.model.name=/ckpt/x y",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    lines = (tmp_path / "gcloud.txt").read_text().splitlines()
+    assert "--worker=all" in lines
+    remote = lines[lines.index("--command") + 1]
+    assert "nohup" in remote and "> ~/jaxret-logs/" in remote and remote.rstrip().endswith("&")
+    # The remote shell sees each argument whole.
+    python_args = remote.split("jaxret.cli train", 1)[1].split(">", 1)[0]
+    assert shlex.split(python_args) == [
+        "--config=configs/art.py:nq_t0_3b",
+        "--workdir=/mnt/runs/a b",
+        "--config.model.name=/ckpt/x y",
+    ]
