@@ -83,13 +83,49 @@ def _parser() -> argparse.ArgumentParser:
     model_flags(v)
     data_flags(v)
     v.add_argument("--qa", help="QA file (jsonl or DPR csv) instead of DATA/qa/SPLIT.jsonl")
-    v.add_argument("--retriever", choices=["dense", "bm25"], default="dense")
+    v.add_argument(
+        "--retriever",
+        choices=["dense", "bm25", "hybrid", "ledr"],
+        default="dense",
+        help="hybrid: normalized dense + BM25 sum; ledr: LaPraDoR's cosine × BM25",
+    )
+    v.add_argument("--lexical-model", help="SPAR: a Λ model combined with --model")
+    v.add_argument("--combine", choices=["concat", "sum"], default="concat")
+    v.add_argument(
+        "--mu",
+        default="auto",
+        help="SPAR weight of Λ (or the hybrid's BM25 weight): a number, or 'auto' = tuned on "
+        "--tune-split over 0.1..1.0 and reciprocals",
+    )
+    v.add_argument("--tune-split", help="split tuning the weight (default: dev)")
+    v.add_argument(
+        "--hash-split",
+        type=float,
+        help="for a set with one split: this fraction of its questions (by id hash) is the "
+        "dev split, the rest the evaluated split",
+    )
+    v.add_argument("--bm25-depth", type=int, default=1000, help="LEDR / hybrid: BM25 depth")
     v.add_argument("--k", type=int, default=100)
     v.add_argument("--max-queries", type=int)
     v.add_argument("--max-docs", type=int)
     v.add_argument("--store")
     v.add_argument("--run-out", help="write the run as a TREC run file")
     v.add_argument("--json", action="store_true", help="one JSON object on the last line")
+
+    a = sub.add_parser("analyze", help="SPAR's analyses: RBO with BM25, token-shuffled queries")
+    a.add_argument("analysis", choices=["rbo", "shuffled"])
+    model_flags(a)
+    data_flags(a)
+    a.add_argument("--qa", help="QA file (jsonl or DPR csv) instead of DATA/qa/SPLIT.jsonl")
+    a.add_argument("--retriever", choices=["dense", "bm25"], default="dense")
+    a.add_argument("--vs", default="bm25", help="rbo: the reference ranking (bm25)")
+    a.add_argument("-k", type=int, default=100, help="ranking depth")
+    a.add_argument("--p", type=float, default=0.9, help="RBO persistence")
+    a.add_argument("--seed", type=int, default=0, help="shuffled: the shuffling seed")
+    a.add_argument("--max-queries", type=int)
+    a.add_argument("--max-docs", type=int)
+    a.add_argument("--store")
+    a.add_argument("--json", action="store_true", help="one JSON object on the last line")
 
     x = sub.add_parser("export", help="write the towers as HF folders (+ jaxret.json)")
     model_flags(x)
@@ -180,45 +216,157 @@ def _place_params(cfg: Any, params: Any, mesh: Any) -> Any:
     return shard_params(params, mesh, cfg.mesh.param_sharding)
 
 
+def _eval_splits(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """(test, dev or None): the evaluated split and the split that tunes a weight."""
+    from jaxret.eval import evaluate as ev
+
+    load = lambda split, corpus=None: ev.load_eval_data(
+        args.data, split, args.corpus, args.qa, on_missing=args.on_missing, corpus=corpus
+    )
+    data = ev.subsample(load(args.split), args.max_queries, args.max_docs, cfg.seed)
+    needs_dev = args.retriever == "hybrid" or args.lexical_model
+    if args.hash_split:
+        dev, test = ev.hash_split(data, args.hash_split)
+        return test, dev
+    if not needs_dev or args.mu != "auto":
+        return data, None
+    tune = args.tune_split or "dev"
+    if tune == args.split:
+        raise ValueError(
+            f"--tune-split {tune!r} is the evaluated split: tuning on it is not a test"
+        )
+    dev = load(tune, data.corpus)
+    return data, ev.subsample(dev, args.max_queries, None, cfg.seed)
+
+
 def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
     from jaxret.eval import evaluate as ev
+    from jaxret.eval import hybrid
     from jaxret.eval.trec import write_run
     from jaxret.lexical.bm25 import BM25Config
 
-    data = ev.load_eval_data(
-        args.data, args.split, args.corpus, args.qa, on_missing=args.on_missing
-    )
-    data = ev.subsample(data, args.max_queries, args.max_docs, cfg.seed)
+    data, dev = _eval_splits(cfg, args)
     progress = not args.json
     info: dict[str, Any] = {"data": data.name, "split": args.split, "docs": len(data.corpus)}
+    if args.hash_split:
+        info["hash_split"] = {"dev_fraction": args.hash_split, "dev_queries": len(dev.query_ids)}
+    weight = None if args.mu == "auto" else float(args.mu)
     if args.retriever == "bm25":
         scores, rows, desc = ev.bm25_search(data, args.k, BM25Config(), progress)
         info["retriever"] = desc
     else:
         if not cfg.model.name:
-            raise SystemExit("jaxret eval: --model is required for the dense retriever")
+            raise SystemExit(f"jaxret eval: --model is required for the {args.retriever} retriever")
         mesh = _mesh(cfg)
         encoder, params, tokenizer = load_model(cfg, explicit)
-        params = _place_params(cfg, params, mesh)
-        scores, rows = ev.dense_search(
-            encoder,
-            params,
-            tokenizer,
-            data,
-            mesh,
-            args.k,
-            cfg.encode.batch_size,
-            cfg.encode.index_dtype,
-            args.store,
-            progress,
-        )
+        model = (encoder, _place_params(cfg, params, mesh), tokenizer)
+        bs = cfg.encode.batch_size
         info["retriever"] = {"model": cfg.model.name, **vars(encoder.spec)}
+        if args.lexical_model:
+            lex_cfg = cfg.copy_and_resolve_references()
+            with lex_cfg.unlocked():
+                lex_cfg.model.name, lex_cfg.model.passage_name = args.lexical_model, ""
+            lex_encoder, lex_params, lex_tok = load_model(lex_cfg)
+            lex = (lex_encoder, _place_params(cfg, lex_params, mesh), lex_tok)
+            scores, rows, extra = hybrid.spar_retrieval(
+                model, lex, data, dev, mesh, weight, args.combine, args.k, bs, args.store
+            )
+            info["retriever"] = {
+                "spar": {"base": info["retriever"], "lexical": args.lexical_model, **extra}
+            }
+            info["mu"] = extra["mu"]
+        elif args.retriever == "hybrid":
+            scores, rows, extra = hybrid.hybrid_retrieval(
+                model, data, dev, mesh, weight, args.k, args.bm25_depth, bs, args.store
+            )
+            info["retriever"] = {"hybrid": info["retriever"], **extra}
+            info["mu"] = extra["weight"]
+        elif args.retriever == "ledr":
+            scores, rows, extra = hybrid.ledr_retrieval(
+                model, data, mesh, args.bm25_depth, args.k, bs, args.store
+            )
+            info["retriever"] = {"ledr": info["retriever"], **extra}
+        else:
+            scores, rows = ev.dense_search(
+                encoder,
+                model[1],
+                tokenizer,
+                data,
+                mesh,
+                args.k,
+                bs,
+                cfg.encode.index_dtype,
+                args.store,
+                progress,
+            )
     result = ev.compute_metrics(data, scores, rows)
     if args.run_out:
         from jaxret.eval.metrics import run_from_arrays
 
         write_run(args.run_out, run_from_arrays(data.query_ids, data.corpus.ids, scores, rows))
     return {**result, **info}
+
+
+def cmd_analyze(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
+    import dataclasses
+
+    from jaxret.eval import analysis
+    from jaxret.eval import evaluate as ev
+    from jaxret.lexical.bm25 import BM25, BM25Config
+
+    data = ev.load_eval_data(
+        args.data, args.split, args.corpus, args.qa, on_missing=args.on_missing
+    )
+    data = ev.subsample(data, args.max_queries, args.max_docs, cfg.seed)
+    k = min(args.k, len(data.corpus))
+    info: dict[str, Any] = {
+        "analysis": args.analysis,
+        "data": data.name,
+        "queries": len(data.query_ids),
+    }
+    if args.retriever == "bm25":
+        search = lambda d: ev.bm25_search(d, k, BM25Config(), False)[:2]
+        info["retriever"] = "bm25"
+    else:
+        if not cfg.model.name:
+            raise SystemExit("jaxret analyze: --model is required (or --retriever bm25)")
+        mesh = _mesh(cfg)
+        encoder, params, tokenizer = load_model(cfg, explicit)
+        params = _place_params(cfg, params, mesh)
+        index = ev.dense_index(
+            encoder,
+            params,
+            tokenizer,
+            data.corpus,
+            mesh,
+            cfg.encode.batch_size,
+            store=args.store,
+            progress=False,
+        )
+
+        def search(d: Any) -> tuple[Any, Any]:
+            q = ev.encode_queries(encoder, params, tokenizer, d.query_texts, mesh, progress=False)
+            return ev.search_index(index, q, d.query_ids, d.corpus.ids, k)
+
+        info["retriever"] = {"model": cfg.model.name, **vars(encoder.spec)}
+    if args.analysis == "rbo":
+        if args.vs != "bm25":
+            raise ValueError(f"--vs {args.vs!r}: only bm25 is supported")
+        bm25 = BM25(data.corpus, BM25Config(), show_progress=False)
+        _, rows = search(data)
+        info.update(
+            rbo=analysis.mean_rbo(rows, analysis.bm25_rows(bm25, data, k), args.p),
+            p=args.p,
+            depth=k,
+        )
+    else:
+        original = ev.compute_metrics(data, *search(data))
+        shuffled_data = dataclasses.replace(
+            data, query_texts=analysis.shuffle_tokens(data.query_texts, args.seed)
+        )
+        shuffled = ev.compute_metrics(shuffled_data, *search(shuffled_data))
+        info.update(original=original, shuffled=shuffled, seed=args.seed)
+    return info
 
 
 def _print_table(result: dict[str, Any]) -> None:
@@ -405,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
             cmd_search(cfg, args, explicit)
         elif args.command == "export":
             cmd_export(cfg, args, explicit)
+        elif args.command == "analyze":
+            result = cmd_analyze(cfg, args, explicit)
+            if args.json:
+                print(json.dumps(result, default=str))
+            else:
+                print(json.dumps(result, indent=2, default=str))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"jaxret: error: {e}", file=sys.stderr)
         return 2

@@ -19,3 +19,30 @@ def kl_teacher_student(teacher_logits: jax.Array, student_logits: jax.Array) -> 
     # stays NaN, so the step is skipped rather than trained on garbage.
     kl = jnp.where(p == 0, 0.0, p * (t - s)).sum(-1)
     return kl.mean()
+
+
+def info_nce(scores: jax.Array, positive: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """−log softmax(scores)[positive], mean over rows: the DPR / in-batch sampled-softmax loss.
+
+    scores [B, M] (query × candidate, already scaled), positive [B] int: the column of each
+    row's positive; valid [B, M] or [M] bool: candidates that may compete (empty cache slots,
+    padding), default all. Softmax and log-softmax in fp32.
+    """
+    s = scores.astype(jnp.float32)
+    if valid is not None:
+        s = jnp.where(valid, s, -jnp.inf)
+    logp = jax.nn.log_softmax(s, axis=-1)
+    return -jnp.take_along_axis(logp, positive[:, None].astype(jnp.int32), axis=-1)[:, 0].mean()
+
+
+def contrastive_loss(
+    q: jax.Array,
+    candidates: jax.Array,
+    positive: jax.Array,
+    scale: float = 1.0,
+    valid: jax.Array | None = None,
+) -> jax.Array:
+    """info_nce of scale · q·cᵀ: q [B, d], candidates [M, d] (every positive and negative of
+    the global batch, so each query's negatives are all the others' passages), positive [B]."""
+    scores = jnp.einsum("bd,md->bm", q, candidates, preferred_element_type=jnp.float32) * scale
+    return info_nce(scores, positive, valid)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -107,6 +108,39 @@ def load_eval_data(
         examples = [by_id[q] for q in qids]
     name = folder.name if folder else corpus_path.stem
     return EvalData(name, corpus, qids, texts, qrels, examples)
+
+
+def split_of(question_id: str, fractions: tuple[float, float, float]) -> str:
+    """Stable train/dev/test assignment from a hash of the id (order-independent)."""
+    u = int(hashlib.sha1(question_id.encode()).hexdigest()[:8], 16) / 16**8
+    if u < fractions[0]:
+        return "train"
+    return "dev" if u < fractions[0] + fractions[1] else "test"
+
+
+def restrict(data: EvalData, keep: list[int]) -> EvalData:
+    """The queries at positions `keep` (same corpus)."""
+    ids = [data.query_ids[i] for i in keep]
+    return EvalData(
+        data.name,
+        data.corpus,
+        ids,
+        [data.query_texts[i] for i in keep],
+        {q: data.qrels[q] for q in ids} if data.qrels is not None else None,
+        [data.answers[i] for i in keep] if data.answers is not None else None,
+    )
+
+
+def hash_split(data: EvalData, dev_fraction: float) -> tuple[EvalData, EvalData]:
+    """(dev, test): the queries divided by a hash of their id, for a set that has one split
+    only; the same id always lands on the same side."""
+    if not 0 < dev_fraction < 1:
+        raise ValueError(f"hash split fraction {dev_fraction} must be in (0, 1)")
+    fractions = (0.0, dev_fraction, 1.0 - dev_fraction)
+    side = [split_of(q, fractions) for q in data.query_ids]
+    dev = restrict(data, [i for i, s in enumerate(side) if s == "dev"])
+    test = restrict(data, [i for i, s in enumerate(side) if s == "test"])
+    return dev, test
 
 
 def subsample(

@@ -4,7 +4,6 @@ per-question sparse lists of the bm25 / oracle teachers. Deterministic batches f
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from jaxret.data.readers import Corpus, DataError, read_qrels, read_questions
-from jaxret.eval.evaluate import EvalData, load_eval_data
+from jaxret.eval.evaluate import EvalData, load_eval_data, split_of
+from jaxret.eval.evaluate import restrict as _restrict
 from jaxret.lexical.bm25 import BM25, BM25Config
 
 log = logging.getLogger(__name__)
@@ -26,26 +26,6 @@ class ArtData:
     dev: EvalData
     test: EvalData | None
     qrels: dict[str, dict[str, int]] | None  # for the oracle teacher (tests)
-
-
-def split_of(question_id: str, fractions: tuple[float, float, float]) -> str:
-    """Stable train/dev/test assignment from a hash of the id (order-independent)."""
-    u = int(hashlib.sha1(question_id.encode()).hexdigest()[:8], 16) / 16**8
-    if u < fractions[0]:
-        return "train"
-    return "dev" if u < fractions[0] + fractions[1] else "test"
-
-
-def _restrict(data: EvalData, keep: list[int]) -> EvalData:
-    ids = [data.query_ids[i] for i in keep]
-    return EvalData(
-        data.name,
-        data.corpus,
-        ids,
-        [data.query_texts[i] for i in keep],
-        {q: data.qrels[q] for q in ids} if data.qrels is not None else None,
-        [data.answers[i] for i in keep] if data.answers is not None else None,
-    )
 
 
 def _smaller_corpus(data: EvalData, max_docs: int, seed: int) -> EvalData:

@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 BEST = "best"
+# Orbax refuses an empty item: a recipe without auxiliary state saves this instead.
+_NO_AUX = {"none": np.zeros((), np.int32)}
 
 
 def abstract(tree: Any) -> Any:
@@ -45,7 +48,7 @@ class Manager:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                aux=ocp.args.StandardSave(aux if aux is not None else {}),
+                aux=ocp.args.StandardSave(aux if aux is not None else _NO_AUX),
                 meta=ocp.args.JsonSave({**meta, "step": step}),
             ),
         )
@@ -59,7 +62,9 @@ class Manager:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract(state_like)),
-                aux=ocp.args.StandardRestore(abstract(aux_like if aux_like is not None else {})),
+                aux=ocp.args.StandardRestore(
+                    abstract(aux_like) if aux_like is not None else _NO_AUX
+                ),
                 meta=ocp.args.JsonRestore(),
             ),
         )

@@ -10,7 +10,8 @@ from jaxret.configlib import ConfigError, load_config
 
 
 def _print_accuracy(title: str, result: dict) -> None:
-    keys = [k for k in ("top1", "top5", "top20", "top100", "ndcg@10", "recall@100") if k in result]
+    names = ("top1", "top5", "top20", "top100", "ndcg@10", "recall@100", "rbo_bm25")
+    keys = [k for k in names if k in result]
     print(f"{title:>10}: " + "  ".join(f"{k} {result[k]:.3f}" for k in keys))
 
 
@@ -18,7 +19,7 @@ def main(command: str, spec: str | None, overrides: list[tuple[str, str]], workd
     default = "configs/art.py:demo" if command == "demo" else "configs/art.py"
     cfg = load_config(spec or default, overrides)
     recipe = cfg.get("recipe", "art")
-    trainers = {"art": "jaxret.train.art"}
+    trainers = {"art": "jaxret.train.art", "spar": "jaxret.train.spar"}
     if recipe not in trainers:
         raise ConfigError(f"recipe={recipe!r}; known: {', '.join(sorted(trainers))}")
     summary = importlib.import_module(trainers[recipe]).train(cfg, workdir)

@@ -1,0 +1,309 @@
+"""Retrievers made of two: SPAR (a dense retriever + Λ in one dense index), a dense + BM25
+hybrid (score-normalized sum), and LaPraDoR's LEDR (cosine × BM25).
+
+SPAR (Chen et al., §4.2): the passage vector is [P(p), P_Λ(p)] and the query vector
+[Q(q), μ·Q_Λ(q)], so one inner product is sim(q, p) + μ·sim_Λ(q, p) exactly and one index
+search serves it; μ lives on the query side only, so the index does not change when μ does.
+The weighted sum [Q(q) + μ·Q_Λ(q)]·[P(p) + P_Λ(p)] keeps the dimension (and mixes the two
+spaces). μ is tuned on a dev split over the paper's grid: 0.1 … 1.0 and their reciprocals.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from jaxret.eval import evaluate as ev
+from jaxret.index.encode import encode_rows, passage_table
+from jaxret.index.mips import RowLayout
+from jaxret.index.sharded import ShardedIndex, process_row_range
+from jaxret.lexical.bm25 import BM25
+
+Combine = Literal["concat", "sum"]
+MU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11)) + tuple(
+    round(1 / (0.1 * i), 4) for i in range(1, 10)
+)
+
+
+def combine_queries(q_base: np.ndarray, q_lex: np.ndarray, mu: float, kind: Combine) -> np.ndarray:
+    if kind == "concat":
+        return np.concatenate([q_base, mu * q_lex], axis=1).astype(np.float32)
+    if kind == "sum":
+        _same_dim(q_base, q_lex)
+        return (q_base + mu * q_lex).astype(np.float32)
+    raise ValueError(f"combine={kind!r}; expected 'concat' or 'sum'")
+
+
+def combine_passages(p_base: np.ndarray, p_lex: np.ndarray, kind: Combine) -> np.ndarray:
+    if kind == "concat":
+        return np.concatenate([p_base, p_lex], axis=1).astype(np.float32)
+    if kind == "sum":
+        _same_dim(p_base, p_lex)
+        return (p_base + p_lex).astype(np.float32)
+    raise ValueError(f"combine={kind!r}; expected 'concat' or 'sum'")
+
+
+def _same_dim(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"combine=sum needs equal dimensions, got {a.shape[1]} and {b.shape[1]}; use concat"
+        )
+
+
+Model = tuple[Any, Any, Any]  # (DualEncoder, params, tokenizer)
+
+
+def _process_rows(
+    model: Model, corpus: Any, mesh: Any, layout: RowLayout, batch_size: int, store: Path
+) -> np.ndarray:
+    encoder, params, tokenizer = model
+    table = passage_table(store, corpus, encoder, tokenizer)
+    rows = process_row_range(layout, mesh)
+    return encode_rows(encoder, params, table, "passage", mesh, rows, batch_size, desc=None)
+
+
+def two_model_index(
+    base: Model,
+    lex: Model,
+    corpus: Any,
+    mesh: Any,
+    kind: Combine = "concat",
+    batch_size: int = 128,
+    store: str | os.PathLike | None = None,
+    dtype: str = "float32",
+) -> ShardedIndex:
+    """One index of the combined passage vectors; each process encodes its own rows with
+    both models (each with its own tokenization and spec)."""
+    store = Path(store) if store else ev.default_cache_dir() / "stores" / corpus.content_hash()
+    layout = RowLayout.for_mesh(len(corpus), mesh)
+    p_base = _process_rows(base, corpus, mesh, layout, batch_size, store)
+    p_lex = _process_rows(lex, corpus, mesh, layout, batch_size, store)
+    local = combine_passages(p_base, p_lex, kind)
+    return ShardedIndex.from_process_rows(local, layout, mesh, dtype)
+
+
+def tuning_metric(data: ev.EvalData) -> str:
+    """Recall@100 on QA data (answer in the top 100), nDCG@10 on BEIR data."""
+    return "top100" if data.answers is not None else "ndcg@10"
+
+
+def tune_weight(
+    evaluate_at: Callable[[float], dict[str, float]],
+    metric: str,
+    grid: Sequence[float] = MU_GRID,
+) -> tuple[float, dict[float, float]]:
+    """The grid value with the best dev `metric` (the smallest on ties) and every score."""
+    scores = {mu: float(evaluate_at(mu)[metric]) for mu in grid}
+    best = max(sorted(scores), key=lambda mu: scores[mu])
+    return best, scores
+
+
+def search_combined(
+    index: ShardedIndex,
+    q_base: np.ndarray,
+    q_lex: np.ndarray,
+    mu: float,
+    kind: Combine,
+    data: ev.EvalData,
+    k: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    q = combine_queries(q_base, q_lex, mu, kind)
+    return ev.search_index(index, q, data.query_ids, data.corpus.ids, k)
+
+
+# -- dense + BM25 -------------------------------------------------------------------------
+
+
+def _minmax(scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per-row min-max normalization of the valid entries to [0, 1]."""
+    s = np.where(valid, scores, np.nan)
+    lo, hi = np.nanmin(s, 1, keepdims=True), np.nanmax(s, 1, keepdims=True)
+    out = (s - lo) / np.where(hi > lo, hi - lo, 1.0)
+    return np.where(valid, out, 0.0)
+
+
+def fuse_normalized(
+    dense: tuple[np.ndarray, np.ndarray],
+    sparse: tuple[np.ndarray, np.ndarray],
+    weight: float,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """norm(dense) + weight · norm(BM25) over the union of both candidate lists; a document
+    missing from one list gets that list's minimum (0 after normalization)."""
+    (ds, dr), (ss, sr) = dense, sparse
+    dn, sn = _minmax(ds, dr >= 0), _minmax(ss, sr >= 0)
+    out_s = np.full((len(dr), k), -np.inf, np.float32)
+    out_r = np.full((len(dr), k), -1, np.int64)
+    for i in range(len(dr)):
+        total: dict[int, float] = {}
+        for r, v in zip(dr[i], dn[i]):
+            if r >= 0:
+                total[int(r)] = total.get(int(r), 0.0) + float(v)
+        for r, v in zip(sr[i], sn[i]):
+            if r >= 0:
+                total[int(r)] = total.get(int(r), 0.0) + weight * float(v)
+        best = sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+        out_r[i, : len(best)] = [r for r, _ in best]
+        out_s[i, : len(best)] = [v for _, v in best]
+    return out_s, out_r
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def ledr(
+    q: np.ndarray,  # [Q, d] query vectors
+    passages: Callable[[np.ndarray], np.ndarray],  # rows → passage vectors
+    bm25: BM25,
+    data: ev.EvalData,
+    depth: int = 1000,
+    k: int = 100,
+) -> tuple[np.ndarray, np.ndarray]:
+    """LaPraDoR's Lexicon-Enhanced Dense Retrieval: score(q, d) = cos(q, d) × BM25(q, d), with
+    BM25 beyond a query's top `depth` documents counted as 0 (the authors' evaluation code).
+
+    The ranking is the full corpus's: positive products first, then every document scoring
+    0 (outside the BM25 top `depth`, in row order), then negative products. A document whose
+    id is the query's is not a result (BEIR)."""
+    n = len(data.corpus)
+    depth = min(depth, n)
+    bm_scores, bm_rows = bm25.retrieve(data.query_texts, depth)
+    qs = unit(q)
+    out_s = np.full((len(q), k), -np.inf, np.float32)
+    out_r = np.full((len(q), k), -1, np.int64)
+    own = {i: data.corpus.row_of.get(qid, -1) for i, qid in enumerate(data.query_ids)}
+    for i in range(len(q)):
+        valid = bm_rows[i] >= 0
+        rows = bm_rows[i][valid]
+        keep = rows != own[i]
+        rows, bm = rows[keep], bm_scores[i][valid][keep]
+        score = (unit(passages(rows)) @ qs[i]) * bm if len(rows) else np.zeros(0)
+        pos, neg = score > 0, score < 0
+        ranked = list(zip(-score[pos], rows[pos]))
+        ranked = [(s, r) for s, r in sorted(ranked)][:k]
+        if len(ranked) < k:  # the zero-score documents, in row order
+            nonzero = set(rows[pos | neg].tolist()) | {own[i]}
+            zeros = (r for r in range(n) if r not in nonzero)
+            for r in zeros:
+                if len(ranked) >= k:
+                    break
+                ranked.append((0.0, r))
+        if len(ranked) < k:
+            ranked += sorted(zip(-score[neg], rows[neg]))[: k - len(ranked)]
+        out_r[i, : len(ranked)] = [r for _, r in ranked]
+        out_s[i, : len(ranked)] = [-s for s, _ in ranked]
+    return out_s, out_r
+
+
+# -- end-to-end evaluations (the CLI's `eval --lexical-model / --retriever hybrid|ledr`) ------
+
+
+def _queries(model: Model, texts: list[str], mesh: Any, batch_size: int) -> np.ndarray:
+    encoder, params, tokenizer = model
+    return ev.encode_queries(encoder, params, tokenizer, texts, mesh, batch_size, progress=False)
+
+
+def _tuned(
+    evaluate_at: Callable[[float], dict[str, float]],
+    dev: ev.EvalData | None,
+    weight: float | None,
+    grid: Sequence[float],
+) -> tuple[float, dict[str, Any]]:
+    if weight is not None:
+        return weight, {}
+    if dev is None:
+        raise ValueError("a weight of 'auto' needs a dev split to tune on (--tune-split)")
+    metric = tuning_metric(dev)
+    best, scores = tune_weight(evaluate_at, metric, grid)
+    return best, {"tuned_on": metric, "dev": {str(k): v for k, v in scores.items()}}
+
+
+def spar_retrieval(
+    base: Model,
+    lex: Model,
+    test: ev.EvalData,
+    dev: ev.EvalData | None,
+    mesh: Any,
+    mu: float | None = None,
+    kind: Combine = "concat",
+    k: int = 100,
+    batch_size: int = 128,
+    store: str | os.PathLike | None = None,
+    grid: Sequence[float] = MU_GRID,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """SPAR on `test`, μ fixed or (None) tuned on `dev`: one index of [p, p_Λ]."""
+    index = two_model_index(base, lex, test.corpus, mesh, kind, batch_size, store)
+    embed = lambda data: (
+        _queries(base, data.query_texts, mesh, batch_size),
+        _queries(lex, data.query_texts, mesh, batch_size),
+    )
+
+    def evaluate_at(m: float) -> dict[str, float]:
+        q_b, q_l = dev_queries
+        return ev.compute_metrics(dev, *search_combined(index, q_b, q_l, m, kind, dev, k))
+
+    dev_queries = embed(dev) if (mu is None and dev is not None) else None
+    mu, info = _tuned(evaluate_at, dev, mu, grid)
+    scores, rows = search_combined(index, *embed(test), mu, kind, test, k)
+    return scores, rows, {"mu": mu, "combine": kind, **info}
+
+
+def hybrid_retrieval(
+    model: Model,
+    test: ev.EvalData,
+    dev: ev.EvalData | None,
+    mesh: Any,
+    weight: float | None = None,
+    k: int = 100,
+    depth: int = 1000,
+    batch_size: int = 128,
+    store: str | os.PathLike | None = None,
+    grid: Sequence[float] = MU_GRID,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """norm(dense) + w · norm(BM25) over each list's top `depth`, w fixed or tuned on dev."""
+    encoder, params, tokenizer = model
+    bm25 = BM25(test.corpus, show_progress=False)
+    depth = min(depth, len(test.corpus))
+    index = ev.dense_index(
+        encoder, params, tokenizer, test.corpus, mesh, batch_size, store=store, progress=False
+    )
+
+    def lists(data: ev.EvalData) -> tuple[tuple, tuple]:
+        q = _queries(model, data.query_texts, mesh, batch_size)
+        dense = ev.search_index(index, q, data.query_ids, data.corpus.ids, depth)
+        s, r = bm25.retrieve(data.query_texts, depth + 1)
+        sparse = ev.drop_self_hits(data.query_ids, data.corpus.ids, s, r, depth)
+        return dense, sparse
+
+    dev_lists = lists(dev) if (weight is None and dev is not None) else None
+    evaluate_at = lambda w: ev.compute_metrics(dev, *fuse_normalized(*dev_lists, w, k))
+    weight, info = _tuned(evaluate_at, dev, weight, grid)
+    scores, rows = fuse_normalized(*lists(test), weight, k)
+    return scores, rows, {"weight": weight, "depth": depth, **info}
+
+
+def ledr_retrieval(
+    model: Model,
+    test: ev.EvalData,
+    mesh: Any,
+    depth: int = 1000,
+    k: int = 100,
+    batch_size: int = 128,
+    store: str | os.PathLike | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """LEDR with any dense model: its vectors (cosine), BM25 to `depth`."""
+    encoder, params, tokenizer = model
+    bm25 = BM25(test.corpus, show_progress=False)
+    index = ev.dense_index(
+        encoder, params, tokenizer, test.corpus, mesh, batch_size, store=store, progress=False
+    )
+    rows_all = index.rows()
+    q = _queries(model, test.query_texts, mesh, batch_size)
+    scores, rows = ledr(q, lambda r: rows_all[r], bm25, test, depth, k)
+    return scores, rows, {"bm25_depth": depth, "bm25": bm25.describe()}

@@ -1,0 +1,120 @@
+"""The DPR contrastive step that SPAR (Λ on BM25 labels) and QGen (synthetic pairs) share.
+
+    q      = Q(θ, query tokens)                                  [B, d]
+    p      = P(θ, passages: gathered token rows or given tokens)  [B·(1+n), d]
+             rows: the B positives first, then the B·n hard negatives
+    p_all  = all_gather(p) over the whole mesh                    [B·(1+n), d] on every device
+    loss   = −log softmax(scale · q · p_allᵀ)[i, i]               in-batch + hard negatives
+
+Every query competes against the positives and hard negatives of the whole global batch, not
+only of its own device. Parameters may be replicated or sharded by the usual rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxret.index.gather import gather_rows
+from jaxret.index.mips import RowLayout
+from jaxret.losses import contrastive_loss
+from jaxret.models.dual_encoder import DualEncoder
+from jaxret.recipes.state import TrainState, apply_gradients, step_rng
+
+DATA = PartitionSpec("data")
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveConfig:
+    scale: float = 1.0  # multiplies the similarity (DPR: dot product, 1.0)
+    dropout: bool = True
+
+
+def passage_tokens(
+    batch: dict[str, Any],
+    tables: dict[str, jax.Array],
+    layout: RowLayout | None,
+    mesh: Mesh,
+) -> dict[str, jax.Array]:
+    """The batch's passages as encoder inputs [B·(1+n), L]: gathered from the device token
+    tables by `passage_rows` [B, 1+n] (positives first), or given as `passages` tokens."""
+    if "passage_rows" in batch:
+        rows = batch["passage_rows"].T.reshape(-1)  # [(1+n)·B]: all positives, then negatives
+        tokens = {k: gather_rows(t, rows, layout, mesh) for k, t in tables.items()}
+        tokens["attention_mask"] = (tokens["input_ids"] != 0).astype(jnp.int32)
+        tokens.setdefault("token_type_ids", jnp.zeros_like(tokens["input_ids"]))
+    else:
+        p = batch["passages"]  # {input_ids, attention_mask, token_type_ids}: [B, 1+n, L]
+        tokens = {k: v.swapaxes(0, 1).reshape((-1,) + v.shape[2:]) for k, v in p.items()}
+    return jax.lax.with_sharding_constraint(tokens, NamedSharding(mesh, DATA))
+
+
+def contrastive_loss_fn(
+    params: Any,
+    batch: dict[str, Any],
+    tables: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    encoder: DualEncoder,
+    cfg: ContrastiveConfig,
+    mesh: Mesh,
+    layout: RowLayout | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    q_rng, p_rng = jax.random.split(rng)
+    drop = lambda r: r if cfg.dropout else None
+    q = encoder.embed(params, "query", batch["query"], dropout_rng=drop(q_rng))  # [B, d]
+    tokens = passage_tokens(batch, tables, layout, mesh)
+    p = encoder.embed(params, "passage", tokens, dropout_rng=drop(p_rng))  # [B(1+n), d]
+    # The whole mesh's passages are every query's candidates.
+    p_all = jax.lax.with_sharding_constraint(p, NamedSharding(mesh, PartitionSpec()))
+    b = q.shape[0]
+    positive = jnp.arange(b)
+    loss = contrastive_loss(q, p_all, positive, cfg.scale)
+    scores = jnp.einsum("bd,md->bm", q, p_all, preferred_element_type=jnp.float32)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(scores, -1) == positive),
+        "candidates": jnp.float32(p_all.shape[0]),
+    }
+    return loss, metrics
+
+
+def make_train_step(
+    encoder: DualEncoder,
+    optimizer: optax.GradientTransformation,
+    cfg: ContrastiveConfig,
+    mesh: Mesh,
+    in_shardings: tuple,
+    layout: RowLayout | None = None,
+) -> Any:
+    """step(state, batch, tables) → (state, metrics): jitted, explicit shardings, donated."""
+
+    def step(
+        state: TrainState, batch: dict[str, Any], tables: dict[str, jax.Array]
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        grad_fn = jax.value_and_grad(contrastive_loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(
+            state.params,
+            batch,
+            tables,
+            step_rng(state),
+            encoder=encoder,
+            cfg=cfg,
+            mesh=mesh,
+            layout=layout,
+        )
+        state, update = apply_gradients(state, grads, loss, optimizer)
+        return state, {**metrics, **update}
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        step,
+        in_shardings=in_shardings,
+        out_shardings=(in_shardings[0], replicated),
+        donate_argnums=(0,),
+    )

@@ -1,0 +1,277 @@
+"""SPAR's lexical model Λ on the shared loop: a dense retriever trained to imitate BM25.
+
+Data (Chen et al., §4.1 and §5.4): queries are sentences sampled from the corpus
+(data.sentences); BM25 retrieves the top K = 50 passages of each; the top n_p = 10 are
+positives and the bottom n_n = 5 hard negatives (lexical.labels). Each epoch, every query
+gets one positive drawn from its n_p and one hard negative from its n_n; the loss is DPR's
+contrastive loss over the global batch (recipes.contrastive). Validation is the paper's
+surrogate: MRR over a mini-index of one positive and one hard negative per held-out query.
+At the end, Λ is compared with its starting point on the evaluation questions of `data.dir`
+(retrieval metrics and rank-biased overlap with BM25).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxret.configlib import ConfigError
+from jaxret.data import sentences as sent
+from jaxret.data.readers import DataError
+from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
+from jaxret.eval import analysis
+from jaxret.eval import evaluate as ev
+from jaxret.index.encode import encode_rows, passage_table
+from jaxret.index.gather import device_table, memmap_rows
+from jaxret.index.mips import RowLayout, row_sharding
+from jaxret.lexical.bm25 import BM25, BM25Config
+from jaxret.lexical.labels import LabelSpec, TeacherLabels, cached_labels
+from jaxret.models import dual_encoder as de
+from jaxret.parallel import global_batch, initialize_distributed, make_mesh
+from jaxret.parallel.activations import Activations
+from jaxret.parallel.host_data import place
+from jaxret.recipes import contrastive
+from jaxret.recipes import state as train_state
+from jaxret.train.loop import Recipe, run
+from jaxret.train.optim import make_optimizer, schedule
+
+log = logging.getLogger(__name__)
+DATA = PartitionSpec("data")
+
+
+def draw(candidates: np.ndarray, rng: np.random.Generator, fallback: int) -> np.ndarray:
+    """One valid entry (≥ 0) of each row of `candidates` [B, n], uniformly; a row with none
+    takes a random row of the corpus (`fallback` = corpus size)."""
+    out = np.empty(len(candidates), np.int32)
+    for i, row in enumerate(candidates):
+        valid = row[row >= 0]
+        out[i] = valid[rng.integers(len(valid))] if len(valid) else rng.integers(fallback)
+    return out
+
+
+class SparRun:
+    def __init__(self, cfg: Any, workdir: Path):
+        if not cfg.model.name:
+            raise ConfigError("model.name is empty: the BERT checkpoint Λ starts from")
+        if not cfg.data.dir:
+            raise ConfigError("data.dir is empty: the corpus whose sentences train Λ")
+        self.cfg = cfg
+        initialize_distributed(cfg.get("distributed"))
+        self.mesh = mesh = make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+        self.corpus = corpus = ev.load_eval_data(cfg.data.dir, cfg.data.eval_split).corpus
+        self.eval_data = self._eval_data()
+        spec = de.EncoderSpec.from_config(cfg.model)
+        encoder, params, tok_folder = de.from_pretrained(
+            cfg.model.name, spec, cfg.model.passage_name or None, jax.random.key(cfg.seed)
+        )
+        self.encoder = encoder = encoder.with_activations(
+            Activations.for_strategy(mesh, cfg.mesh.param_sharding)
+        )
+        self.tokenizer = tokenizer = load_tokenizer(tok_folder)
+        store = Path(cfg.data.store) if cfg.data.store else workdir / "store"
+        self.table = passage_table(store, corpus, encoder, tokenizer)
+        self.table.truncation("passages").report(log)
+        self.layout = RowLayout.for_mesh(len(corpus), mesh, cfg.encode.chunk_rows)
+        keys = (
+            ("input_ids", "token_type_ids") if spec.passage_format == "hf_pair" else ("input_ids",)
+        )
+        arrays = self.table.arrays
+        self.tables = {
+            k: device_table(memmap_rows(arrays[k], len(corpus)), self.layout, mesh, arrays[k].dtype)
+            for k in keys
+        }
+
+        self.qspec = qspec = query_spec(cfg)
+        queries, path = sent.load_or_sample(corpus, qspec, store)
+        log.info("training queries: %s (%s)", sent.describe(queries, corpus), path)
+        bm25_cfg = BM25Config(k1=cfg.labels.bm25_k1, b=cfg.labels.bm25_b)
+        self.bm25 = BM25(corpus, bm25_cfg, show_progress=False)
+        lspec = LabelSpec(cfg.labels.top_k, cfg.labels.positives, cfg.labels.negatives)
+        labels = cached_labels(store, self.bm25, corpus.content_hash(), queries.texts, lspec)
+        keep = np.flatnonzero(labels.valid())
+        if len(keep) < len(queries):
+            log.warning(
+                "%d of %d queries have no BM25 hit; left out",
+                len(queries) - len(keep),
+                len(queries),
+            )
+        # A fixed, seeded set of held-out queries for the surrogate MRR.
+        order = np.random.default_rng([cfg.seed, 1]).permutation(keep)
+        n_dev = min(int(cfg.queries.dev), len(order) // 10)
+        self.dev_ids, self.train_ids = np.sort(order[:n_dev]), np.sort(order[n_dev:])
+        self.labels = TeacherLabels(labels.positives, labels.negatives)
+        trunc = Truncation("training sentences", spec.max_query_length)
+        self.query_tokens = tokenize_queries(
+            tokenizer, queries.texts, spec.max_query_length, truncation=trunc
+        )
+        trunc.report(log)
+        self.queries = queries
+
+        t = cfg.train
+        per_epoch = max(1, len(self.train_ids) // t.batch_size)
+        self.per_epoch = per_epoch
+        self.total = int(t.steps) or int(t.epochs) * per_epoch
+        self.optimizer = make_optimizer(cfg.optimizer, self.total)
+        self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
+        state = train_state.init_state(params, self.optimizer, cfg.seed)
+        self.shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
+        self.state = place(state, self.shardings)
+        self.initial_params = params
+        ccfg = contrastive.ContrastiveConfig(scale=cfg.spar.scale, dropout=cfg.spar.dropout)
+        batch_sh = NamedSharding(mesh, DATA)
+        example = self.batch_at(0)
+        in_shardings = (
+            self.shardings,
+            jax.tree.map(lambda _: batch_sh, example),
+            jax.tree.map(lambda _: row_sharding(mesh), self.tables),
+        )
+        self.step_fn = contrastive.make_train_step(
+            encoder, self.optimizer, ccfg, mesh, in_shardings, self.layout
+        )
+
+    def _eval_data(self) -> ev.EvalData | None:
+        cfg = self.cfg
+        try:
+            data = ev.load_eval_data(cfg.data.dir, cfg.data.eval_split, corpus=self.corpus)
+        except DataError:
+            return None
+        return ev.subsample(data, cfg.data.max_eval_queries or None, None, cfg.seed)
+
+    def batch_at(self, step: int) -> dict[str, Any]:
+        """Global batch `step`: a seeded permutation of the training queries per epoch; one
+        positive and `spar.hard_negatives` negatives drawn per query with a generator seeded
+        by (seed, epoch, step), so the batch is a function of the step alone."""
+        cfg = self.cfg
+        b = cfg.train.batch_size
+        epoch, pos = divmod(step, self.per_epoch)
+        perm = np.random.default_rng([cfg.seed, 2, epoch]).permutation(self.train_ids)
+        idx = perm[pos * b : (pos + 1) * b]
+        if len(idx) < b:
+            idx = np.concatenate([idx, perm[: b - len(idx)]])
+        rng = np.random.default_rng([cfg.seed, 3, step])
+        n = len(self.corpus)
+        columns = [draw(self.labels.positives[idx], rng, n)]
+        for _ in range(cfg.spar.hard_negatives):
+            columns.append(draw(self.labels.negatives[idx], rng, n))
+        rows = np.stack(columns, 1)  # [B, 1 + n_neg]: positive first
+        per = b // jax.process_count()
+        mine = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+        local = {
+            "query": {k: v[idx][mine] for k, v in self.query_tokens.items()},
+            "passage_rows": rows[mine],
+        }
+        return global_batch(local, self.mesh, DATA)
+
+    def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+        return self.step_fn(state, batch, self.tables)
+
+    def _embed_rows(self, params: Any, rows: np.ndarray) -> np.ndarray:
+        tokens = {k: np.asarray(v[rows], np.int32) for k, v in self.table.arrays.items()}
+        return encode_rows(
+            self.encoder,
+            params,
+            tokens,
+            "passage",
+            self.mesh,
+            range(len(rows)),
+            self.cfg.encode.batch_size,
+            desc=None,
+        )
+
+    def evaluate(self, state: Any, step: int) -> dict[str, float]:
+        """SPAR's surrogate: MRR of each held-out query's first positive in a mini-index of
+        every held-out query's first positive and last hard negative."""
+        return surrogate_mrr(
+            self.encoder,
+            state.params,
+            self.mesh,
+            self.query_tokens,
+            self.labels,
+            self.dev_ids,
+            self._embed_rows,
+            self.cfg.encode.batch_size,
+        )
+
+    def finish(self, state: Any) -> dict[str, Any]:
+        """Λ against its starting point on `data.dir`'s evaluation questions: retrieval
+        metrics and rank-biased overlap with BM25 (p = 0.9, depth 100)."""
+        if self.eval_data is None or not self.cfg.eval.test_at_end:
+            return {}
+        out = {}
+        base = place(self.initial_params, self.shardings.params)
+        for name, params in (("test_before", base), ("test_after", state.params)):
+            out[name] = analysis.retrieval_and_rbo(
+                self.encoder,
+                params,
+                self.tokenizer,
+                self.eval_data,
+                self.bm25,
+                self.mesh,
+                self.cfg.encode.batch_size,
+                store=self.table.folder.parent,
+            )
+        return out
+
+    def export(self, params: Any, folder: Path) -> None:
+        de.export(self.encoder, params, folder, self.tokenizer)
+
+    def recipe(self) -> Recipe:
+        return Recipe(
+            name="SPAR-Λ",
+            state=self.state,
+            train_step=self.train_step,
+            batch_at=self.batch_at,
+            total_steps=self.total,
+            metric="mrr",
+            evaluate=self.evaluate,
+            export=self.export,
+            finish=self.finish,
+            lr_at=self.lr_at,
+            fingerprints={
+                "corpus": self.corpus.content_hash(),
+                "queries": sent.cache_key(self.corpus, self.qspec),
+            },
+            loss_label="contrastive loss",
+        )
+
+
+def query_spec(cfg: Any) -> sent.QuerySpec:
+    q = cfg.queries
+    return sent.QuerySpec(q.mode, q.base, q.splitter, q.language, q.min_chars, cfg.seed)
+
+
+def surrogate_mrr(
+    encoder: de.DualEncoder,
+    params: Any,
+    mesh: Any,
+    query_tokens: dict[str, np.ndarray],
+    labels: TeacherLabels,
+    ids: np.ndarray,
+    embed_rows: Any,
+    batch_size: int,
+) -> dict[str, float]:
+    pos = np.array([row[row >= 0][0] for row in labels.positives[ids]])
+    neg = np.array([row[row >= 0][-1] if (row >= 0).any() else -1 for row in labels.negatives[ids]])
+    pool = np.unique(np.concatenate([pos, neg[neg >= 0]]))
+    p = embed_rows(params, pool)
+    q_tok = {k: v[ids] for k, v in query_tokens.items()}
+    q = encode_rows(encoder, params, q_tok, "query", mesh, range(len(ids)), batch_size, desc=None)
+    scores = q.astype(np.float64) @ p.astype(np.float64).T  # [Q, pool]
+    target = np.searchsorted(pool, pos)
+    own = scores[np.arange(len(ids)), target]
+    rank = 1 + (scores > own[:, None]).sum(1)
+    return {"mrr": float(np.mean(1.0 / rank)), "pool": float(len(pool)), "queries": float(len(ids))}
+
+
+def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = SparRun(cfg, workdir)
+    summary = run(cfg, runner.recipe(), workdir)
+    summary["params"] = summary["state"].params
+    return summary
