@@ -46,3 +46,24 @@ def contrastive_loss(
     the global batch, so each query's negatives are all the others' passages), positive [B]."""
     scores = jnp.einsum("bd,md->bm", q, candidates, preferred_element_type=jnp.float32) * scale
     return info_nce(scores, positive, valid)
+
+
+def info_nce_with_cache(
+    scores: jax.Array,
+    positive: jax.Array,
+    cache_scores: jax.Array | None = None,
+    cache_valid: jax.Array | None = None,
+) -> jax.Array:
+    """info_nce over two blocks of candidates: `scores` [B, M] (fresh, in-batch, holding each
+    row's positive) and `cache_scores` [B, C] (cached negatives, e.g. a queue; `cache_valid`
+    [C] masks its empty slots). The two blocks are never concatenated: each gets its own
+    logsumexp, so a cache sharded over devices is reduced where it lives."""
+    s = scores.astype(jnp.float32)
+    pos = jnp.take_along_axis(s, positive[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    lse = jax.nn.logsumexp(s, axis=-1)
+    if cache_scores is not None:
+        c = cache_scores.astype(jnp.float32)
+        if cache_valid is not None:
+            c = jnp.where(cache_valid[None, :], c, -jnp.inf)
+        lse = jnp.logaddexp(lse, jax.nn.logsumexp(c, axis=-1))
+    return (lse - pos).mean()

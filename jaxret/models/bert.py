@@ -51,11 +51,14 @@ class BertConfig:
     pad_token_id: int = 0
     add_pooler: bool = True
     pre_layer_norm: bool = False  # Megatron-BERT block layout (model_type "megatron-bert")
+    family: str = "bert"  # the HF checkpoint layout: bert | megatron-bert | distilbert
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], add_pooler: bool = True) -> BertConfig:
         """Builds from a HF `config.json` dict; rejects architectures this module cannot run."""
         model_type = d.get("model_type", "bert")
+        if model_type == "distilbert":
+            return cls._from_distilbert(d)
         if model_type not in ("bert", "megatron-bert", "roberta", "xlm-roberta", "electra"):
             raise ValueError(
                 f"unsupported model_type {model_type!r}: jaxret's encoder is BERT-family"
@@ -71,13 +74,60 @@ class BertConfig:
         act = d.get("hidden_act", "gelu")
         if act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"add_pooler", "pre_layer_norm"}
+        names = {f.name for f in dataclasses.fields(cls)} - {
+            "add_pooler",
+            "pre_layer_norm",
+            "family",
+        }
         kwargs = {k: d[k] for k in names if k in d and d[k] is not None}
-        return cls(**kwargs, add_pooler=add_pooler, pre_layer_norm=model_type == "megatron-bert")
+        megatron = model_type == "megatron-bert"
+        return cls(**kwargs, add_pooler=add_pooler, pre_layer_norm=megatron, family=model_type)
+
+    @classmethod
+    def _from_distilbert(cls, d: dict[str, Any]) -> BertConfig:
+        """DistilBERT (LaPraDoR's initialisation): a post-LN BERT without token types or pooler."""
+        if d.get("sinusoidal_pos_embds"):
+            raise ValueError("DistilBERT with sinusoidal position embeddings is not supported")
+        act = d.get("activation", "gelu")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"activation {act!r} is not supported; known: {sorted(_ACTIVATIONS)}")
+        return cls(
+            vocab_size=d.get("vocab_size", 30522),
+            hidden_size=d.get("dim", 768),
+            num_hidden_layers=d.get("n_layers", 6),
+            num_attention_heads=d.get("n_heads", 12),
+            intermediate_size=d.get("hidden_dim", 3072),
+            hidden_act=act,
+            hidden_dropout_prob=d.get("dropout", 0.1),
+            attention_probs_dropout_prob=d.get("attention_dropout", 0.1),
+            max_position_embeddings=d.get("max_position_embeddings", 512),
+            type_vocab_size=0,
+            layer_norm_eps=1e-12,
+            pad_token_id=d.get("pad_token_id", 0),
+            add_pooler=False,
+            family="distilbert",
+        )
 
     def to_hf_dict(self) -> dict[str, Any]:
+        if self.family == "distilbert":
+            return {
+                "model_type": "distilbert",
+                "architectures": ["DistilBertModel"],
+                "vocab_size": self.vocab_size,
+                "dim": self.hidden_size,
+                "n_layers": self.num_hidden_layers,
+                "n_heads": self.num_attention_heads,
+                "hidden_dim": self.intermediate_size,
+                "activation": self.hidden_act,
+                "dropout": self.hidden_dropout_prob,
+                "attention_dropout": self.attention_probs_dropout_prob,
+                "max_position_embeddings": self.max_position_embeddings,
+                "sinusoidal_pos_embds": False,
+                "pad_token_id": self.pad_token_id,
+            }
         d = dataclasses.asdict(self)
         d.pop("add_pooler")
+        d.pop("family")
         pre_ln = d.pop("pre_layer_norm")
         model_type, arch = (
             ("megatron-bert", "MegatronBertModel") if pre_ln else ("bert", "BertModel")
@@ -212,8 +262,9 @@ class BertModel(nn.Module):
         x = (
             embed("word_embeddings", cfg.vocab_size)(input_ids)
             + embed("position_embeddings", cfg.max_position_embeddings)(jnp.arange(length))[None]
-            + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids)
         )
+        if cfg.type_vocab_size:  # DistilBERT has no token types
+            x = x + embed("token_type_embeddings", cfg.type_vocab_size)(token_type_ids)
         if cfg.pre_layer_norm:  # Megatron applies no LayerNorm to the embeddings
             x = x.astype(self.dtype)
         else:

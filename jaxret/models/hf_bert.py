@@ -13,10 +13,67 @@ from jaxret.models import hf_io
 from jaxret.models.bert import BertConfig, BertModel
 
 # Pre-training heads and non-parameter buffers that a retriever never uses.
-_IGNORED = (r"^cls\.", r"position_ids$")
+_IGNORED = (r"^cls\.", r"position_ids$", r"^vocab_(transform|layer_norm|projector)\.")
+
+
+def _distilbert_rules(cfg: BertConfig, prefix: str = "") -> list[hf_io.TensorRule]:
+    rule = hf_io.TensorRule
+    h, d, e = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
+
+    def pair(hf: str, fx: tuple[str, ...], kernel: str = "kernel") -> list[hf_io.TensorRule]:
+        return [
+            rule(f"{hf}.weight", fx + (kernel,), transpose=True),
+            rule(f"{hf}.bias", fx + ("bias",)),
+        ]
+
+    norm = lambda hf, fx: [
+        rule(f"{hf}.weight", fx + ("scale",)),
+        rule(f"{hf}.bias", fx + ("bias",)),
+    ]
+    rules = [
+        rule(f"{prefix}embeddings.{n}.weight", (n, "embedding"))
+        for n in ("word_embeddings", "position_embeddings")
+    ]
+    rules += norm(f"{prefix}embeddings.LayerNorm", ("embeddings_norm",))
+    for i in range(cfg.num_hidden_layers):
+        hf, fx = f"{prefix}transformer.layer.{i}.", (f"layer_{i}",)
+        for ours, theirs in (("query", "q_lin"), ("key", "k_lin"), ("value", "v_lin")):
+            rules += [
+                rule(
+                    f"{hf}attention.{theirs}.weight",
+                    fx + ("attention", ours, "kernel"),
+                    True,
+                    (e, h, d),
+                    ((0,), (1, 2)),
+                ),
+                rule(
+                    f"{hf}attention.{theirs}.bias",
+                    fx + ("attention", ours, "bias"),
+                    False,
+                    (h, d),
+                    ((0, 1),),
+                ),
+            ]
+        rules += [
+            rule(
+                f"{hf}attention.out_lin.weight",
+                fx + ("attention", "output", "kernel"),
+                True,
+                (h, d, e),
+                ((0, 1), (2,)),
+            ),
+            rule(f"{hf}attention.out_lin.bias", fx + ("attention", "output", "bias")),
+        ]
+        rules += norm(f"{hf}sa_layer_norm", fx + ("attention_norm",))
+        rules += pair(f"{hf}ffn.lin1", fx + ("intermediate",))
+        rules += pair(f"{hf}ffn.lin2", fx + ("output",))
+        rules += norm(f"{hf}output_layer_norm", fx + ("output_norm",))
+    return rules
 
 
 def _rules(cfg: BertConfig, prefix: str = "") -> list[hf_io.TensorRule]:
+    if cfg.family == "distilbert":
+        return _distilbert_rules(cfg, prefix)
     rule = hf_io.TensorRule
     h, d, e = cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size
     rules = [
@@ -85,7 +142,10 @@ def _normalize_names(tensors: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarr
         ): v
         for k, v in tensors.items()
     }
-    prefix = "bert." if any(k.startswith("bert.embeddings.") for k in renamed) else ""
+    prefix = ""
+    for candidate in ("bert.", "distilbert."):  # heads' checkpoints nest the encoder
+        if any(k.startswith(f"{candidate}embeddings.") for k in renamed):
+            prefix = candidate
     return renamed, prefix
 
 

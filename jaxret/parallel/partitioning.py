@@ -41,6 +41,15 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(self_attention|cross_attention)/o/kernel$", ("heads", "kv", "embed")),
     (r"mlp/(wi|wi_0|wi_1)/kernel$", ("embed", "mlp")),
     (r"mlp/wo/kernel$", ("mlp", "embed")),
+    # BART
+    (r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)/kernel$", ("embed", "heads", "kv")),
+    (r"(self_attn|encoder_attn)/(q_proj|k_proj|v_proj)/bias$", ("heads", "kv")),
+    (r"(self_attn|encoder_attn)/out_proj/kernel$", ("heads", "kv", "embed")),
+    (r"ffn/fc1/kernel$", ("embed", "mlp")),
+    (r"ffn/fc1/bias$", ("mlp",)),
+    (r"ffn/fc2/kernel$", ("mlp", "embed")),
+    (r"(encoder|decoder)_positions/embedding$", (None, "embed")),
+    (r"final_logits_bias$", ("vocab",)),
 )
 
 STRATEGIES: dict[str, dict[str, str]] = {

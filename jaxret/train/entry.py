@@ -19,7 +19,11 @@ def main(command: str, spec: str | None, overrides: list[tuple[str, str]], workd
     default = "configs/art.py:demo" if command == "demo" else "configs/art.py"
     cfg = load_config(spec or default, overrides)
     recipe = cfg.get("recipe", "art")
-    trainers = {"art": "jaxret.train.art", "spar": "jaxret.train.spar"}
+    trainers = {
+        "art": "jaxret.train.art",
+        "spar": "jaxret.train.spar",
+        "lapradoor": "jaxret.train.lapradoor",
+    }
     if recipe not in trainers:
         raise ConfigError(f"recipe={recipe!r}; known: {', '.join(sorted(trainers))}")
     summary = importlib.import_module(trainers[recipe]).train(cfg, workdir)

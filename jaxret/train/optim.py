@@ -40,9 +40,17 @@ def schedule(peak_lr: float, total_steps: int, warmup_fraction: float = 0.01) ->
     )
 
 
-def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
-    """cfg: name ("adam" | "adamw"), lr, warmup_fraction, weight_decay, clip_norm, b1, b2, eps."""
-    lr = schedule(cfg.lr, total_steps, cfg.warmup_fraction)
+def make_optimizer(
+    cfg: Any, total_steps: int, learning_rate: float | optax.Schedule | None = None
+) -> optax.GradientTransformation:
+    """cfg: name ("adam" | "adamw"), lr, warmup_fraction, weight_decay, clip_norm, b1, b2, eps.
+    `learning_rate` replaces the warmup + linear-decay schedule of cfg.lr (e.g. 1.0 for a
+    step that scales the update by its own schedule)."""
+    lr = (
+        schedule(cfg.lr, total_steps, cfg.warmup_fraction)
+        if learning_rate is None
+        else learning_rate
+    )
     if cfg.name == "adamw":
         opt = optax.adamw(
             lr,

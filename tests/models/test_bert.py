@@ -221,3 +221,34 @@ def test_hub_download_fetches_pickles_only_without_safetensors(tiny_bert, tmp_pa
     assert "pytorch_model*.bin" in calls[3][1]
     cfg, params, _ = load_bert("someone/bin-only")
     jax.tree.map(np.testing.assert_array_equal, params, load_bert(tiny_bert)[1])
+
+
+def test_distilbert_parity_and_export(tmp_path):
+    """DistilBERT (LaPraDoR's initialisation): no token types, its own tensor names."""
+    from conftest import minilm_path
+
+    from jaxret.models.hf_bert import save_bert
+
+    torch.manual_seed(0)
+    cfg = transformers.DistilBertConfig(
+        vocab_size=30522, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=128
+    )
+    model = transformers.DistilBertModel(cfg).eval()
+    model.save_pretrained(tmp_path / "distil")
+    transformers.AutoTokenizer.from_pretrained(str(minilm_path())).save_pretrained(
+        str(tmp_path / "distil")
+    )
+    ids, mask, _ = _padded_batch()
+    with torch.no_grad():
+        ref = model(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    ours_cfg, params, _ = load_bert(tmp_path / "distil")
+    assert ours_cfg.family == "distilbert" and "token_type_embeddings" not in params
+    hidden, pooled = BertModel(ours_cfg).apply({"params": params}, ids, mask)
+    valid = mask.astype(bool)
+    assert pooled is None and np.abs(np.asarray(hidden)[valid] - ref[valid]).max() < 1e-5
+    save_bert(tmp_path / "out", ours_cfg, params)
+    again = transformers.AutoModel.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(again).__name__ == "DistilBertModel"
+    with torch.no_grad():
+        out = again(torch.tensor(ids), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-6)

