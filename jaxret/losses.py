@@ -67,3 +67,12 @@ def info_nce_with_cache(
             c = jnp.where(cache_valid[None, :], c, -jnp.inf)
         lse = jnp.logaddexp(lse, jax.nn.logsumexp(c, axis=-1))
     return (lse - pos).mean()
+
+
+def sequence_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Teacher-forced token cross-entropy [B, T, V] vs labels [B, T], mean over the unmasked
+    tokens of the batch (fp32 log-softmax)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    gold = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    m = mask.astype(jnp.float32)
+    return -(gold * m).sum() / jnp.maximum(m.sum(), 1.0)

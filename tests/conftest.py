@@ -80,6 +80,40 @@ def minilm() -> Path:
     return minilm_path()
 
 
+def save_tiny_bart_generator(folder: Path, seed: int = 0) -> Path:
+    """A random BartForConditionalGeneration on MiniLM's real (BERT) tokenizer, saved by
+    PyTorch transformers: [CLS] is BOS, [SEP] EOS and decoder start, [PAD] = 0."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(minilm_path()))
+    torch.manual_seed(seed)
+    cfg = transformers.BartConfig(
+        vocab_size=len(tok),
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        decoder_start_token_id=tok.sep_token_id,
+        forced_eos_token_id=tok.sep_token_id,
+    )
+    transformers.BartForConditionalGeneration(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory) -> Path:
+    return save_tiny_bart_generator(tmp_path_factory.mktemp("tiny_generator"))
+
+
 @pytest.fixture()
 def rng() -> np.random.RandomState:
     return np.random.RandomState(0)

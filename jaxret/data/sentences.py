@@ -183,6 +183,26 @@ def ict_pair(
     return sents[k], doc
 
 
+def ict_pairs(
+    split: Callable[[str], list[str]],
+    texts: Sequence[str],
+    rows: Sequence[int],
+    key: Sequence[int],
+    remove_prob: float = 1.0,
+) -> tuple[list[str], list[str]]:
+    """(queries, documents): an ICT pair of each passage `texts[row]` (two sentences or more),
+    each drawn with a generator seeded by (key, row), so a batch is a function of its key."""
+    queries, docs = [], []
+    for row in rows:
+        rng = np.random.default_rng([*key, int(row)])
+        pair = ict_pair(split(texts[row]), rng, remove_prob)
+        if pair is None:
+            raise ValueError(f"passage row {row} has fewer than two sentences: no ICT pair")
+        queries.append(pair[0])
+        docs.append(pair[1])
+    return queries, docs
+
+
 def describe(queries: SentenceQueries, corpus: Corpus) -> dict[str, Any]:
     per = np.bincount(queries.rows, minlength=len(corpus))
     return {

@@ -53,6 +53,25 @@ def passage_table(
     return open_table(store, "passages", corpus, tokenize, fingerprint)
 
 
+def token_keys(passage_format: str) -> tuple[str, ...]:
+    """The columns a passage tower reads: only HF sentence pairs carry token types; every
+    other format has all-zero types (steps derive the mask from pad id 0)."""
+    return ("input_ids", "token_type_ids") if passage_format == "hf_pair" else ("input_ids",)
+
+
+def tables_on_device(
+    table: TokenTable, layout: RowLayout, mesh: Mesh, keys: tuple[str, ...]
+) -> dict[str, jax.Array]:
+    """Columns `keys` of a token table on the devices in the index layout [N_pad, L]."""
+    from jaxret.index.gather import device_table, memmap_rows
+
+    arrays = table.arrays
+    return {
+        k: device_table(memmap_rows(arrays[k], len(table)), layout, mesh, arrays[k].dtype)
+        for k in keys
+    }
+
+
 @functools.lru_cache(maxsize=32)
 def make_embed_fn(encoder: DualEncoder, tower: Tower, mesh: Mesh) -> Any:
     """One jitted encoder per (model, tower, mesh): refreshes and evaluations reuse its

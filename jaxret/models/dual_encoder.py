@@ -1,8 +1,11 @@
 """Dual encoder: query and passage BERT towers, shared (siamese) or separate.
 
 Parameters are a dict of towers: `{"shared": bert}` or `{"query": bert, "passage": bert}`.
-A `dense_tanh` projection (the QGen paper's [CLS] + dense + tanh) is exactly BERT's pooler,
-so it loads from and exports to the checkpoint's `pooler.dense` weights.
+A `dense_tanh` projection (the QGen paper's [CLS] + dense + tanh) to the hidden size is
+exactly BERT's pooler, so it loads from and exports to the checkpoint's `pooler.dense`
+weights. To another dimension `projection_dim` (the paper's embedding-size ablation) it is a
+head of its own, `params[tower]["projection"]`, exported beside the tower as
+`projection.safetensors` (kernel [hidden, d], bias [d]).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class EncoderSpec:
     shared: bool = True
     pooling: Literal["cls", "mean"] = "cls"
     projection: Literal["none", "dense_tanh"] = "none"
+    projection_dim: int = 0  # dense_tanh's output size; 0 = the hidden size (BERT's pooler)
     normalize: bool = False
     similarity: Literal["dot", "cosine"] = "dot"
     scale: float = 1.0  # multiplies cosine similarity
@@ -78,7 +82,15 @@ class DualEncoder:
 
     @property
     def dim(self) -> int:
+        if self.spec.projection == "dense_tanh" and self.spec.projection_dim:
+            return self.spec.projection_dim
         return self.bert.hidden_size
+
+    @property
+    def separate_head(self) -> bool:
+        """dense_tanh to a size other than the hidden size: a head of its own, not the pooler."""
+        d = self.spec.projection_dim
+        return self.spec.projection == "dense_tanh" and d not in (0, self.bert.hidden_size)
 
     def tower_names(self) -> tuple[str, ...]:
         return ("shared",) if self.spec.shared else ("query", "passage")
@@ -109,7 +121,13 @@ class DualEncoder:
             rngs=None if dropout_rng is None else {"dropout": dropout_rng},
         )
         hidden = hidden.astype(jnp.float32)
-        if self.spec.projection == "dense_tanh":
+        head = self.tower_params(params, tower).get("projection")
+        if self.spec.projection == "dense_tanh" and head is not None:
+            cls = hidden[:, 0]
+            out = jnp.tanh(
+                cls @ head["kernel"].astype(jnp.float32) + head["bias"].astype(jnp.float32)
+            )
+        elif self.spec.projection == "dense_tanh":
             out = pooled.astype(jnp.float32)
         elif self.spec.pooling == "cls":
             out = hidden[:, 0]
@@ -138,14 +156,6 @@ def export_folder(model: str | os.PathLike) -> Path | None:
     return None
 
 
-def _restore_params(directory: Path, like: dict) -> dict:
-    import orbax.checkpoint as ocp
-
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
-    restored = ocp.StandardCheckpointer().restore(directory.absolute(), target)
-    return jax.tree.map(np.asarray, restored)
-
-
 def _with_pooler(cfg: BertConfig, params: dict, rng: jax.Array) -> tuple[BertConfig, dict]:
     """Adds a freshly initialized pooler when the checkpoint has none but dense_tanh needs one."""
     if cfg.add_pooler:
@@ -154,6 +164,21 @@ def _with_pooler(cfg: BertConfig, params: dict, rng: jax.Array) -> tuple[BertCon
     ids = jnp.zeros((1, 2), jnp.int32)
     fresh = BertModel(cfg).init(rng, ids, ids)["params"]["pooler"]
     return cfg, {**params, "pooler": jax.device_get(fresh)}
+
+
+HEAD_FILE = "projection.safetensors"
+
+
+def init_head(hidden_size: int, dim: int, rng: jax.Array) -> dict:
+    """A fresh dense_tanh head: kernel [hidden, d] ~ N(0, 0.02²) as BERT's initializer, bias 0."""
+    kernel = 0.02 * jax.random.normal(rng, (hidden_size, dim), jnp.float32)
+    return {"kernel": np.asarray(kernel), "bias": np.zeros((dim,), np.float32)}
+
+
+def _load_head(folder: Path) -> dict | None:
+    from safetensors.numpy import load_file
+
+    return load_file(folder / HEAD_FILE) if (folder / HEAD_FILE).is_file() else None
 
 
 def from_pretrained(
@@ -171,7 +196,9 @@ def from_pretrained(
     folder = Path(model)
     if (folder / "params").is_dir() and (folder / "best.json").is_file():
         encoder, params, tok = from_pretrained(folder.parent / "export", spec, passage_model, rng)
-        return encoder, _restore_params(folder / "params", params), tok
+        from jaxret.train.checkpoint import read_best_params  # a training run's output
+
+        return encoder, read_best_params(folder, params), tok
     if (folder / "export" / SPEC_FILE).is_file():
         folder = folder / "export"
     if (folder / SPEC_FILE).is_file():
@@ -184,7 +211,17 @@ def from_pretrained(
         loaded = {t: hf_bert.load_bert(folder / sub) for t, sub in towers.items()}
         cfg = next(iter(loaded.values()))[0]
         params = {t: p for t, (_, p, _) in loaded.items()}
-        return DualEncoder(cfg, spec), params, folder / next(iter(towers.values()))
+        encoder = DualEncoder(cfg, spec)
+        for t, sub in towers.items():
+            head = _load_head(folder / sub)
+            if encoder.separate_head and head is None:
+                raise ValueError(
+                    f"{folder / sub}: spec asks for a {spec.projection_dim}-d head "
+                    f"but there is no {HEAD_FILE}"
+                )
+            if head is not None:
+                params[t] = {**params[t], "projection": head}
+        return encoder, params, folder / next(iter(towers.values()))
     spec = spec or EncoderSpec()
     rng = jax.random.key(0) if rng is None else rng
     cfg, query_params, tok_folder = hf_bert.load_bert(model)
@@ -196,13 +233,24 @@ def from_pretrained(
         ):
             raise ValueError("query and passage checkpoints must share one BERT architecture")
         params["passage"] = p_params
-    if spec.projection == "dense_tanh":
+    encoder = DualEncoder(dataclasses.replace(cfg, add_pooler=False), spec)
+    if encoder.separate_head:
+        params = {
+            t: {
+                **{k: v for k, v in p.items() if k != "pooler"},
+                "projection": init_head(
+                    cfg.hidden_size, spec.projection_dim, jax.random.fold_in(rng, i)
+                ),
+            }
+            for i, (t, p) in enumerate(params.items())
+        }
+    elif spec.projection == "dense_tanh":
         for i, t in enumerate(params):
             cfg, params[t] = _with_pooler(cfg, params[t], jax.random.fold_in(rng, i))
+        encoder = DualEncoder(cfg, spec)
     else:
-        cfg = dataclasses.replace(cfg, add_pooler=False)
         params = {t: {k: v for k, v in p.items() if k != "pooler"} for t, p in params.items()}
-    return DualEncoder(cfg, spec), params, tok_folder
+    return encoder, params, tok_folder
 
 
 def export(
@@ -225,7 +273,15 @@ def export(
     )
     folders = {}
     for tower, sub in names.items():
-        hf_bert.save_bert(out / sub, encoder.bert, host[tower])
+        body = {k: v for k, v in host[tower].items() if k != "projection"}
+        hf_bert.save_bert(out / sub, encoder.bert, body)
+        if "projection" in host[tower]:
+            from safetensors.numpy import save_file
+
+            head = {
+                k: np.ascontiguousarray(v, np.float32) for k, v in host[tower]["projection"].items()
+            }
+            save_file(head, out / sub / HEAD_FILE)
         tokenizer.save_pretrained(str(out / sub))
         folders[tower] = out / sub
     with open(out / SPEC_FILE, "w") as f:

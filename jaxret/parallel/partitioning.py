@@ -33,6 +33,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"intermediate/bias$", ("mlp",)),
     (r"layer_\d+/output/kernel$", ("mlp", "embed")),
     (r"pooler/kernel$", ("embed", None)),
+    (r"projection/kernel$", ("embed", None)),  # dual encoder's own dense_tanh head
     # T5
     (r"shared/embedding$", ("vocab", "embed")),
     (r"lm_head/kernel$", ("embed", "vocab")),

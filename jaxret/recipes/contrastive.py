@@ -7,7 +7,10 @@
     loss   = −log softmax(scale · q · p_allᵀ)[i, i]               in-batch + hard negatives
 
 Every query competes against the positives and hard negatives of the whole global batch, not
-only of its own device. Parameters may be replicated or sharded by the usual rules.
+only of its own device. A candidate that is the query's own positive passage again (another
+query of the same passage in the batch, or a hard negative that is that passage) is left out
+of its softmax (`mask_duplicates`): it would be a positive scored as a negative. Parameters may
+be replicated or sharded by the usual rules.
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ DATA = PartitionSpec("data")
 class ContrastiveConfig:
     scale: float = 1.0  # multiplies the similarity (DPR: dot product, 1.0)
     dropout: bool = True
+    mask_duplicates: bool = True  # candidates equal to the query's own positive do not compete
+
+
+def not_own_positive(rows: jax.Array, batch_size: int) -> jax.Array:
+    """valid [B, M]: candidate m may compete for query i unless it is passage `rows[i]` (the
+    query's positive) at another column. rows [M]: candidate passage rows, positives first."""
+    own = rows[:batch_size, None] == rows[None, :]
+    return ~own | (jnp.arange(batch_size)[:, None] == jnp.arange(rows.shape[0])[None, :])
 
 
 def passage_tokens(
@@ -74,8 +85,15 @@ def contrastive_loss_fn(
     p_all = jax.lax.with_sharding_constraint(p, NamedSharding(mesh, PartitionSpec()))
     b = q.shape[0]
     positive = jnp.arange(b)
-    loss = contrastive_loss(q, p_all, positive, cfg.scale)
+    valid = None
+    if cfg.mask_duplicates and "passage_rows" in batch:
+        rows = batch["passage_rows"].T.reshape(-1)  # [M], in the order of p
+        rows = jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, PartitionSpec()))
+        valid = not_own_positive(rows, b)
+    loss = contrastive_loss(q, p_all, positive, cfg.scale, valid)
     scores = jnp.einsum("bd,md->bm", q, p_all, preferred_element_type=jnp.float32)
+    if valid is not None:
+        scores = jnp.where(valid, scores, -jnp.inf)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(scores, -1) == positive),

@@ -26,14 +26,19 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxret.configlib import ConfigError
-from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
+from jaxret.data.corpus_store import open_table, tokenizer_fingerprint
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import evaluate as ev
-from jaxret.index.encode import empty_index, passage_table, refresh_index
-from jaxret.index.gather import device_table, memmap_rows
+from jaxret.index.encode import (
+    empty_index,
+    passage_table,
+    refresh_index,
+    tables_on_device,
+    token_keys,
+)
 from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.index.sharded import ShardedIndex
 from jaxret.models import dual_encoder as de
@@ -44,23 +49,13 @@ from jaxret.parallel.mesh import device_banner
 from jaxret.recipes import art
 from jaxret.recipes import state as train_state
 from jaxret.teachers import t5_teacher
-from jaxret.train.art_data import ArtData, batch_indices, load_art_data, sparse_teacher_table
+from jaxret.train.art_data import ArtData, load_art_data, sparse_teacher_table
+from jaxret.train.batching import epoch_batch, process_rows, steps_per_epoch
 from jaxret.train.loop import Recipe, run
 from jaxret.train.optim import make_optimizer, schedule
 
 log = logging.getLogger(__name__)
 DATA = PartitionSpec("data")
-
-
-def _tables_on_device(
-    table: TokenTable, layout: RowLayout, mesh: Mesh, keys: tuple[str, ...]
-) -> dict[str, jax.Array]:
-    return {
-        k: device_table(
-            memmap_rows(table.arrays[k], len(table)), layout, mesh, table.arrays[k].dtype
-        )
-        for k in keys
-    }
 
 
 def _copy(tree: Any) -> Any:
@@ -108,11 +103,9 @@ class ArtRun:
         self.p_table.truncation("retriever passages").report(log)
         self.corpus_hash = data.corpus.content_hash()
         self.layout = RowLayout.for_mesh(len(data.corpus), mesh, cfg.encode.chunk_rows)
-        # Only HF sentence pairs carry token types; every other format has all-zero types.
-        keys = (
-            ("input_ids", "token_type_ids") if spec.passage_format == "hf_pair" else ("input_ids",)
+        self.passage_tables = tables_on_device(
+            self.p_table, self.layout, mesh, token_keys(spec.passage_format)
         )
-        self.passage_tables = _tables_on_device(self.p_table, self.layout, mesh, keys)
 
         self.art_cfg = art.ArtConfig(
             top_k=min(cfg.art.top_k, len(data.corpus)),
@@ -135,7 +128,7 @@ class ArtRun:
             self.host_batch["teacher_ids"], self.host_batch["teacher_scores"] = ids, scores
 
         t = cfg.train
-        per_epoch = max(1, len(data.train_questions) // t.batch_size)
+        per_epoch = steps_per_epoch(len(data.train_questions), t.batch_size)
         self.total = int(t.steps) or int(t.epochs) * per_epoch
         self.optimizer = make_optimizer(cfg.optimizer, self.total)
         self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
@@ -190,7 +183,7 @@ class ArtRun:
         }
         t_table = open_table(store, "teacher", data.corpus, tokenize, fp)
         t_table.truncation("teacher passages").report(log)
-        self.teacher_tables = _tables_on_device(t_table, self.layout, self.mesh, ("input_ids",))
+        self.teacher_tables = tables_on_device(t_table, self.layout, self.mesh, ("input_ids",))
         trunc = Truncation("training questions (teacher)", tspec.max_question_length)
         self.host_batch["target"] = t5_teacher.tokenize_questions(
             ttok, data.train_questions, tspec, trunc
@@ -220,9 +213,9 @@ class ArtRun:
     def batch_at(self, step: int) -> dict[str, Any]:
         """This process's rows of global batch `step`, assembled into global arrays."""
         cfg = self.cfg
-        idx = batch_indices(step, len(self.data.train_questions), cfg.train.batch_size, cfg.seed)
-        per_process = cfg.train.batch_size // jax.process_count()
-        mine = idx[jax.process_index() * per_process : (jax.process_index() + 1) * per_process]
+        questions = np.arange(len(self.data.train_questions))
+        idx = epoch_batch(questions, step, cfg.train.batch_size, [cfg.seed])
+        mine = idx[process_rows(cfg.train.batch_size)]
         local = jax.tree.map(lambda a: np.asarray(a)[mine], self.host_batch)
         return global_batch(local, self.mesh, DATA)
 

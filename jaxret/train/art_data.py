@@ -181,15 +181,3 @@ def sparse_teacher_table(data: ArtData, kind: str, cfg: Any) -> tuple[np.ndarray
                 rows[i, j], scores[i, j] = r, rel * cfg.oracle_margin
         return rows, scores
     raise ValueError(f"no sparse table for teacher {kind!r}")
-
-
-def batch_indices(step: int, num_questions: int, batch_size: int, seed: int) -> np.ndarray:
-    """Question indices of global batch `step`: a fresh seeded permutation per epoch, so the
-    data position is the step alone (exact resume). Short final batches wrap around."""
-    per_epoch = max(1, num_questions // batch_size)
-    epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(num_questions)
-    idx = perm[pos * batch_size : (pos + 1) * batch_size]
-    if len(idx) < batch_size:
-        idx = np.concatenate([idx, perm[: batch_size - len(idx)]])
-    return idx

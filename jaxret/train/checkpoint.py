@@ -28,6 +28,14 @@ def abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def read_best_params(best: str | os.PathLike, like: Any) -> Any:
+    """Host (numpy) copies of the parameters in a run's `best/` folder, restored onto the
+    structure, shapes and dtypes of `like` (host arrays)."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
+    restored = ocp.StandardCheckpointer().restore((Path(best) / "params").absolute(), target)
+    return jax.tree.map(np.asarray, restored)
+
+
 class Manager:
     def __init__(self, directory: Path, keep: int = 3):
         self.directory = Path(directory).absolute()

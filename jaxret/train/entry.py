@@ -23,6 +23,7 @@ def main(command: str, spec: str | None, overrides: list[tuple[str, str]], workd
         "art": "jaxret.train.art",
         "spar": "jaxret.train.spar",
         "lapradoor": "jaxret.train.lapradoor",
+        "qgen": "jaxret.train.qgen",
     }
     if recipe not in trainers:
         raise ConfigError(f"recipe={recipe!r}; known: {', '.join(sorted(trainers))}")

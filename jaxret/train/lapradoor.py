@@ -31,6 +31,7 @@ from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.recipes import lapradoor as icol
 from jaxret.recipes import state as train_state
+from jaxret.train.batching import epoch_batch, process_rows, steps_per_epoch
 from jaxret.train.loop import Recipe, run
 from jaxret.train.optim import make_optimizer, schedule
 
@@ -86,8 +87,8 @@ class LapradoorRun:
         )
 
         t = cfg.train
-        self.per_epoch = max(1, len(self.eligible) // t.batch_size)
-        self.total = int(t.steps) or int(t.epochs) * self.per_epoch
+        per_epoch = steps_per_epoch(len(self.eligible), t.batch_size)
+        self.total = int(t.steps) or int(t.epochs) * per_epoch
         # Each tower's optimizer gives a direction (learning rate 1); the step scales it by the
         # schedule of the global step, so a tower's schedule does not pause while it is frozen.
         self.optimizer = make_optimizer(cfg.optimizer, self.total, learning_rate=1.0)
@@ -111,23 +112,14 @@ class LapradoorRun:
         """ICT pairs of global batch `step`, a function of the seed and the step only."""
         cfg = self.cfg
         b = cfg.train.batch_size
-        epoch, pos = divmod(step, self.per_epoch)
-        perm = np.random.default_rng([cfg.seed, 4, epoch]).permutation(self.eligible)
-        idx = perm[pos * b : (pos + 1) * b]
-        if len(idx) < b:
-            idx = np.concatenate([idx, perm[: b - len(idx)]])
-        queries, docs = [], []
-        for i, row in enumerate(idx):
-            rng = np.random.default_rng([cfg.seed, 5, step, i])
-            q, d = sent.ict_pair(self.split(self.corpus.texts[row]), rng, cfg.data.ict_remove_prob)
-            queries.append(q)
-            docs.append(d)
+        idx = epoch_batch(self.eligible, step, b, [cfg.seed, 4])[process_rows(b)]
+        queries, docs = sent.ict_pairs(
+            self.split, self.corpus.texts, idx, [cfg.seed, 5, step], cfg.data.ict_remove_prob
+        )
         spec = self.encoder.spec
-        per = b // jax.process_count()
-        mine = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
         local = {
-            "query": tokenize_queries(self.tokenizer, queries[mine], spec.max_query_length),
-            "document": tokenize_queries(self.tokenizer, docs[mine], spec.max_passage_length),
+            "query": tokenize_queries(self.tokenizer, queries, spec.max_query_length),
+            "document": tokenize_queries(self.tokenizer, docs, spec.max_passage_length),
         }
         return global_batch(local, self.mesh, DATA)
 

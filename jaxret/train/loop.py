@@ -67,7 +67,8 @@ class Recipe:
     train_step: Callable[[TrainState, Any], tuple[TrainState, dict]]  # jitted, state donated
     batch_at: Callable[[int], Any]  # the global batch of step t: a function of t only
     total_steps: int
-    metric: str = "loss"  # dev metric for best-by-dev (higher is better)
+    metric: str = "loss"  # dev metric for best-by-dev
+    higher_is_better: bool = True  # False for a dev loss
     evaluate: Callable[[TrainState, int], dict[str, float]] | None = None
     after_step: Callable[[TrainState, int], dict[str, float] | None] | None = None
     aux: Callable[[], Any] | None = None  # a pytree saved with every checkpoint
@@ -201,7 +202,8 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
         logger.write(done, "dev", result)
         value = result.get(recipe.metric)
         best = meta["best"]
-        if value is not None and (best is None or value > best["value"]):
+        better = lambda a, b: a > b if recipe.higher_is_better else a < b
+        if value is not None and (best is None or better(value, best["value"])):
             meta["best"] = {"step": done, "value": value, "metric": recipe.metric}
             manager.save_best(state.params, meta["best"])
 

@@ -26,8 +26,7 @@ from jaxret.data.readers import DataError
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import analysis
 from jaxret.eval import evaluate as ev
-from jaxret.index.encode import encode_rows, passage_table
-from jaxret.index.gather import device_table, memmap_rows
+from jaxret.index.encode import encode_rows, passage_table, tables_on_device, token_keys
 from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.lexical.bm25 import BM25, BM25Config
 from jaxret.lexical.labels import LabelSpec, TeacherLabels, cached_labels
@@ -37,6 +36,7 @@ from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.recipes import contrastive
 from jaxret.recipes import state as train_state
+from jaxret.train.batching import epoch_batch, process_rows, steps_per_epoch
 from jaxret.train.loop import Recipe, run
 from jaxret.train.optim import make_optimizer, schedule
 
@@ -77,14 +77,9 @@ class SparRun:
         self.table = passage_table(store, corpus, encoder, tokenizer)
         self.table.truncation("passages").report(log)
         self.layout = RowLayout.for_mesh(len(corpus), mesh, cfg.encode.chunk_rows)
-        keys = (
-            ("input_ids", "token_type_ids") if spec.passage_format == "hf_pair" else ("input_ids",)
+        self.tables = tables_on_device(
+            self.table, self.layout, mesh, token_keys(spec.passage_format)
         )
-        arrays = self.table.arrays
-        self.tables = {
-            k: device_table(memmap_rows(arrays[k], len(corpus)), self.layout, mesh, arrays[k].dtype)
-            for k in keys
-        }
 
         self.qspec = qspec = query_spec(cfg)
         queries, path = sent.load_or_sample(corpus, qspec, store)
@@ -113,9 +108,9 @@ class SparRun:
         self.queries = queries
 
         t = cfg.train
-        per_epoch = max(1, len(self.train_ids) // t.batch_size)
-        self.per_epoch = per_epoch
-        self.total = int(t.steps) or int(t.epochs) * per_epoch
+        self.total = int(t.steps) or int(t.epochs) * steps_per_epoch(
+            len(self.train_ids), t.batch_size
+        )
         self.optimizer = make_optimizer(cfg.optimizer, self.total)
         self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
         state = train_state.init_state(params, self.optimizer, cfg.seed)
@@ -148,19 +143,14 @@ class SparRun:
         by (seed, epoch, step), so the batch is a function of the step alone."""
         cfg = self.cfg
         b = cfg.train.batch_size
-        epoch, pos = divmod(step, self.per_epoch)
-        perm = np.random.default_rng([cfg.seed, 2, epoch]).permutation(self.train_ids)
-        idx = perm[pos * b : (pos + 1) * b]
-        if len(idx) < b:
-            idx = np.concatenate([idx, perm[: b - len(idx)]])
+        idx = epoch_batch(self.train_ids, step, b, [cfg.seed, 2])
         rng = np.random.default_rng([cfg.seed, 3, step])
         n = len(self.corpus)
         columns = [draw(self.labels.positives[idx], rng, n)]
         for _ in range(cfg.spar.hard_negatives):
             columns.append(draw(self.labels.negatives[idx], rng, n))
         rows = np.stack(columns, 1)  # [B, 1 + n_neg]: positive first
-        per = b // jax.process_count()
-        mine = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+        mine = process_rows(b)
         local = {
             "query": {k: v[idx][mine] for k, v in self.query_tokens.items()},
             "passage_rows": rows[mine],

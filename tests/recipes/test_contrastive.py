@@ -69,6 +69,8 @@ def test_sharded_step_equals_single_device(tiny_bert, data_dir, mesh_shape, stra
     p_tokens = tokenize_passages(tok, corpus.titles, corpus.texts, 24, "pair")
     q_tokens = tokenize_queries(tok, data.query_texts[: 2 * B], 16)
     rows = np.random.RandomState(0).randint(0, len(corpus), (2 * B, 1 + NEG)).astype(np.int32)
+    rows[1, 0] = rows[0, 0]  # two queries of one passage: each must not be the other's negative
+    rows[2, 1] = rows[2, 0]  # a hard negative that is the positive itself
     optimizer = optax.sgd(0.5)
 
     def reference(params):
@@ -80,10 +82,13 @@ def test_sharded_step_equals_single_device(tiny_bert, data_dir, mesh_shape, stra
             pt = {k: v[order] for k, v in p_tokens.items()}
             qt = {k: v[sl] for k, v in q_tokens.items()}
 
-            def loss_fn(prm, qt=qt, pt=pt):
+            # Another copy of a query's positive passage does not compete against it.
+            valid = (order[None, :] != order[:B, None]) | np.eye(B, len(order), dtype=bool)
+
+            def loss_fn(prm, qt=qt, pt=pt, valid=valid):
                 q = encoder.embed(prm, "query", qt)
                 p = encoder.embed(prm, "passage", pt)
-                return contrastive_loss(q, p, jnp.arange(B))
+                return contrastive_loss(q, p, jnp.arange(B), valid=valid)
 
             loss, grads = jax.value_and_grad(loss_fn)(params)
             params = optax.apply_updates(params, optimizer.update(grads, optimizer.init(params))[0])

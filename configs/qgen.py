@@ -1,0 +1,255 @@
+"""QGen (Liang et al., "Embedding-based Zero-shot Retrieval through Query Generation").
+
+Stages (qgen.stage): `generator` fine-tunes a T5 / BART query generator on (passage → query)
+pairs; `retriever` trains a siamese (model.shared=true) or two-tower BERT retriever with
+in-batch sampled softmax on a BEIR folder of pairs (`jaxret generate` output) or on ICT pairs
+(qgen.pairs=ict); `adapt` chains generator → `jaxret generate` on the target corpus →
+retriever → the target's real test queries before / after.
+
+Variants:
+  generator_msmarco  the paper's generator: BART-large on MS MARCO positive pairs, 5 epochs,
+                     batch 96, lr 3e-5, warmup 0.1 (set generator.data.dir to a BEIR MS MARCO)
+  wikigq             the paper's pretraining: BERT-base siamese, [CLS] → dense → tanh, on the
+                     synthetic WikiGQ pairs (data.train_dir), batch 100 × 32 GPUs, lr 5e-5,
+                     warmup 0.1, 10 epochs (model.shared=false: two-tower;
+                     model.projection_dim=d: the embedding-size ablation; qgen.pairs=ict with
+                     train.epochs=50: the ICT baseline)
+  adapt              domain adaptation: a trained generator (generator.name) writes queries
+                     for data.dir's corpus; the retriever (model.name) is fine-tuned on them
+                     (lr 3e-5, batch 50 × 8 GPUs, 10 epochs)
+  demo               `jaxret train --config=configs/qgen.py:demo --workdir W`, offline, about
+                     10 minutes on 2 CPU cores: a small BART trained from scratch on the
+                     bundled SQuAD pairs writes queries for cranfield; MiniLM is adapted on
+                     them and compared with itself on cranfield's held-out test queries
+  tiny               seconds-long runs for the tests (set model.name, generator.tokenizer)
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from jaxret.configlib import distributed_config, mesh_config, minilm_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _optimizer(lr: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            lr=lr,
+            warmup_fraction=0.1,
+            weight_decay=0.01,
+            clip_norm=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+        )
+    )
+
+
+def _train(batch_size: int, epochs: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            steps=0,  # 0: `epochs` passes over the pairs
+            epochs=epochs,
+            batch_size=batch_size,
+            eval_every=2000,
+            checkpoint_every=2000,
+            keep_checkpoints=3,
+            progress=True,
+            max_skipped_in_a_row=5,
+            allow_config_change=False,
+        )
+    )
+
+
+def base():
+    c = ml_collections.ConfigDict()
+    c.recipe = "qgen"
+    c.seed = 0
+    c.qgen = ml_collections.ConfigDict(
+        dict(
+            stage="adapt",  # generator | retriever | adapt
+            pairs="qrels",  # retriever pairs: qrels of data.train_dir, or ict on its corpus
+            scale=1.0,  # multiplies the similarity in the softmax (dot product: 1)
+            dropout=True,
+        )
+    )
+    # The retriever: BERT-base, [CLS] → dense → tanh (BERT's pooler when projection_dim is
+    # 0 or the hidden size; a fresh head of that size otherwise), dot product.
+    c.model = ml_collections.ConfigDict(
+        dict(
+            name="bert-base-uncased",
+            passage_name="",
+            shared=True,  # siamese; false: two-tower
+            pooling="cls",
+            projection="dense_tanh",
+            projection_dim=0,
+            normalize=False,
+            similarity="dot",
+            scale=1.0,
+            passage_format="pair",
+            max_query_length=64,
+            max_passage_length=256,
+            dtype="bfloat16",
+            remat="none",
+        )
+    )
+    c.generator = ml_collections.ConfigDict(
+        dict(
+            name="",  # HF T5 / BART folder or hub id ("" + tokenizer: BART from scratch)
+            tokenizer="",  # a tokenizer folder for a generator trained from scratch
+            scratch=ml_collections.ConfigDict(
+                dict(
+                    d_model=256,
+                    encoder_layers=2,
+                    decoder_layers=2,
+                    encoder_attention_heads=4,
+                    decoder_attention_heads=4,
+                    encoder_ffn_dim=1024,
+                    decoder_ffn_dim=1024,
+                    max_position_embeddings=512,
+                )
+            ),
+            dtype="float32",
+            remat=False,
+            dropout=True,
+            max_input_length=512,  # passage tokens (title + " " + text, EOS kept)
+            max_target_length=64,  # query tokens when training
+            prefix="",  # put before every passage (e.g. a T5 task prefix)
+            use_best=True,  # adapt: generate with the best-by-dev generator
+            data=ml_collections.ConfigDict(
+                dict(
+                    dir="",  # BEIR folder of (passage → query) pairs; "" = do not train
+                    split="train",
+                    dev_pairs=2000,  # held out for the dev token cross-entropy
+                )
+            ),
+            train=_train(96, 5),
+            optimizer=_optimizer(3e-5),
+        )
+    )
+    c.generate = ml_collections.ConfigDict(
+        dict(
+            decoding="nucleus",  # nucleus | top_k | beam | greedy
+            num_samples=10,
+            keep=5,
+            top_p=0.95,
+            top_k=0,
+            num_beams=5,
+            max_length=64,  # generated tokens, EOS included
+            batch_size=64,
+            shard_size=1024,
+        )
+    )
+    c.mesh = mesh_config()
+    c.distributed = distributed_config()
+    c.data = ml_collections.ConfigDict(
+        dict(
+            train_dir="",  # retriever pairs: a BEIR folder (queries + qrels/<train_split>)
+            train_split="train",
+            splitter="sentencex",  # ICT sentences
+            ict_remove_prob=0.9,  # the paper's ICT: the sentence leaves its passage 90 % of time
+            dir="",  # the target: its real queries select (dev) and report (test)
+            test_split="test",
+            dev_split="",  # a split name of dir, or
+            dev_fraction=0.0,  # test queries held out by id hash for model selection
+            max_eval_queries=0,
+            store="",  # token tables (default WORKDIR/store)
+        )
+    )
+    c.encode = ml_collections.ConfigDict(dict(batch_size=256, chunk_rows=65536))
+    c.optimizer = _optimizer(5e-5)
+    c.train = _train(3200, 10)  # 100 per GPU × 32 GPUs
+    c.eval = ml_collections.ConfigDict(dict(test_at_end=True, metric="ndcg@10", at_start=True))
+    return c
+
+
+def get_config(arg=None):
+    variant = arg or "wikigq"
+    c = base()
+    if variant == "generator_msmarco":
+        c.qgen.stage = "generator"
+        c.generator.update(name="facebook/bart-large", dtype="bfloat16", max_input_length=512)
+    elif variant == "wikigq":
+        c.qgen.stage = "retriever"
+    elif variant == "adapt":
+        c.generator.update(name="BeIR/query-gen-msmarco-t5-base-v1", max_input_length=350)
+        c.optimizer.update(lr=3e-5)
+        c.train.update(batch_size=400, epochs=10)  # 50 per GPU × 8 GPUs
+    elif variant == "demo":
+        data = ROOT / "data"
+        c.generator.update(
+            tokenizer=minilm_path(),
+            max_input_length=96,
+            max_target_length=24,
+            use_best=True,
+        )
+        c.generator.scratch.update(
+            d_model=128,
+            encoder_ffn_dim=512,
+            decoder_ffn_dim=512,
+            max_position_embeddings=128,
+        )
+        c.generator.data.update(dir=str(data / "squad-dev-open"), split="test", dev_pairs=500)
+        c.generator.optimizer.update(lr=1e-3, warmup_fraction=0.05)
+        c.generator.train.update(
+            steps=600, epochs=0, batch_size=32, eval_every=200, checkpoint_every=200
+        )
+        c.generate.update(max_length=24, batch_size=64, shard_size=256)
+        c.model.update(
+            name=minilm_path(),
+            pooling="mean",
+            projection="none",
+            normalize=True,
+            similarity="cosine",
+            scale=20.0,
+            passage_format="join",
+            max_query_length=32,
+            max_passage_length=128,
+            dtype="float32",
+        )
+        c.data.update(dir=str(data / "cranfield"), dev_fraction=0.3)
+        c.encode.update(batch_size=64)
+        c.optimizer.update(lr=2e-5)
+        c.train.update(steps=200, epochs=0, batch_size=32, eval_every=100, checkpoint_every=100)
+    elif variant == "tiny":
+        data = ROOT / "data" / "adi"
+        c.model.update(
+            name="", projection_dim=8, max_query_length=16, max_passage_length=32, dtype="float32"
+        )
+        c.generator.update(max_input_length=32, max_target_length=12)
+        c.generator.scratch.update(
+            d_model=16,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_attention_heads=2,
+            decoder_attention_heads=2,
+            encoder_ffn_dim=32,
+            decoder_ffn_dim=32,
+            max_position_embeddings=64,
+        )
+        c.generator.data.update(dir=str(data), split="test", dev_pairs=16)
+        c.generator.optimizer.update(lr=1e-3)
+        c.generator.train.update(
+            steps=4, epochs=0, batch_size=8, eval_every=2, checkpoint_every=2, progress=False
+        )
+        c.generate.update(num_samples=3, keep=2, max_length=8, batch_size=16, shard_size=32)
+        c.data.update(dir=str(data), dev_fraction=0.5, max_eval_queries=10)
+        c.encode.update(batch_size=32, chunk_rows=64)
+        c.optimizer.update(lr=1e-3)
+        c.train.update(
+            steps=4,
+            epochs=0,
+            batch_size=8,
+            eval_every=2,
+            checkpoint_every=2,
+            keep_checkpoints=2,
+            progress=False,
+        )
+    else:
+        raise ValueError(
+            f"unknown variant {variant!r}; known: generator_msmarco, wikigq, adapt, demo, tiny"
+        )
+    return c

@@ -1,0 +1,115 @@
+"""QGen on the shared loop: the tiny domain-adaptation chain end to end (generator → synthetic
+queries → retriever with a d-sized tanh head), its exports, and the ICT two-tower baseline."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from jaxret.configlib import load_config
+from jaxret.eval.evaluate import load_eval_data
+from jaxret.models import dual_encoder as de
+from jaxret.models.seq2seq import load_generator
+from jaxret.train import qgen
+
+
+def rows(workdir, kind):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def test_read_pairs_takes_every_positive_judgement(data_dir):
+    pairs = qgen.read_pairs(data_dir / "adi", "test")
+    data = load_eval_data(data_dir / "adi", "test")
+    positives = sum(1 for j in data.qrels.values() for r in j.values() if r > 0)
+    assert len(pairs.queries) == len(pairs.rows) == positives
+    first = data.query_ids[0]
+    docs = sorted(d for d, r in data.qrels[first].items() if r > 0)
+    assert [pairs.corpus.ids[r] for r in pairs.rows[: len(docs)]] == docs
+    assert pairs.queries[0] == data.query_texts[0]
+
+
+def test_tokenize_targets_keeps_the_end_token(tiny_bert):
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_bert))
+    t = qgen.tokenize_targets(tok, ["one two three four five six", "one"], 5)
+    assert t["input_ids"][0].tolist() == tok("one two three four five six")["input_ids"][:4] + [
+        tok.sep_token_id
+    ]
+    assert t["attention_mask"].sum(1).tolist() == [5, 3]
+
+
+def test_adapt_chain_end_to_end(tiny_bert, tmp_path):
+    cfg = load_config(
+        "configs/qgen.py:tiny",
+        [("model.name", str(tiny_bert)), ("generator.tokenizer", str(tiny_bert))],
+    )
+    summary = qgen.train(cfg, tmp_path)
+
+    # 1. The generator trained on the loop: dev cross-entropy at 0, 2 and 4, and went down.
+    gen_dev = rows(tmp_path / "generator", "dev")
+    assert [r["step"] for r in gen_dev] == [0, 2, 4]
+    assert gen_dev[-1]["dev_loss"] < gen_dev[0]["dev_loss"]
+    best = json.loads((tmp_path / "generator" / "best" / "best.json").read_text())
+    assert best["metric"] == "dev_loss"
+    assert best["value"] == min(r["dev_loss"] for r in gen_dev)  # lower is better
+    # Its export is an HF folder PyTorch loads, with our logits.
+    folder = tmp_path / "generator" / "export"
+    gen, params, tok, _ = load_generator(folder)
+    hf = transformers.BartForConditionalGeneration.from_pretrained(str(folder)).eval()
+    ids = np.asarray(tok(["a passage about indexing"])["input_ids"], np.int32)
+    dec = np.asarray([[tok.sep_token_id, tok.cls_token_id, 2054]], np.int32)
+    ours = gen.model.apply({"params": params}, ids, np.ones_like(ids), dec, None, True)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec)).logits
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-4)
+
+    # 2. Synthetic queries for the target corpus, as a BEIR folder.
+    synthetic = Path(summary["synthetic"])
+    data = load_eval_data(synthetic, "train")
+    assert len(data.corpus) == 82 and 0 < len(data.query_ids) <= 82 * 2
+    assert summary["generator"].endswith("best_export")  # generated with the best-by-dev
+
+    # 3. The retriever: trained on them, evaluated on adi's real queries (dev / test split).
+    ret = tmp_path / "retriever"
+    assert [r["step"] for r in rows(ret, "train")] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows(ret, "dev")] == [0, 2, 4]
+    assert {"ndcg@10", "recall@100"} <= set(summary["test_after"])
+    assert summary["test_after"]["num_queries"] == summary["test_before"]["num_queries"]
+    # The paper's head: [CLS] → dense(8) → tanh, exported beside the tower.
+    head = load_file(str(ret / "export" / "encoder" / "projection.safetensors"))
+    assert head["kernel"].shape == (32, 8) and head["bias"].shape == (8,)
+    encoder, loaded, tok_folder = de.from_pretrained(ret / "export")
+    assert encoder.dim == 8 and encoder.spec.projection_dim == 8
+    np.testing.assert_array_equal(loaded["shared"]["projection"]["kernel"], head["kernel"])
+    initial = json.loads((ret / "config.json").read_text())
+    assert initial["model.projection_dim"] == 8
+
+
+def test_ict_baseline_trains_two_towers(tiny_bert, tmp_path):
+    cfg = load_config(
+        "configs/qgen.py:tiny",
+        [
+            ("model.name", str(tiny_bert)),
+            ("qgen.stage", "retriever"),
+            ("qgen.pairs", "ict"),
+            ("model.shared", "false"),
+            ("model.projection_dim", "0"),
+            ("data.train_dir", str(Path(cfg_root()) / "data" / "adi")),
+            ("eval.test_at_end", "false"),
+        ],
+    )
+    qgen.train(cfg, tmp_path)
+    train = rows(tmp_path, "train")
+    assert len(train) == 4 and all(r["candidates"] == 8 for r in train)  # in-batch only
+    encoder, params, _ = de.from_pretrained(tmp_path / "export")
+    assert set(params) == {"query", "passage"} and encoder.dim == 32
+    assert "pooler" in params["query"]  # dense_tanh at the hidden size is BERT's pooler
+    a, b = params["query"]["pooler"]["kernel"], params["passage"]["pooler"]["kernel"]
+    assert not np.array_equal(a, b)  # two towers, trained apart
+
+
+def cfg_root():
+    return Path(__file__).resolve().parents[2]
