@@ -7,6 +7,7 @@ Variants:
   nq_t5_xxl_lm_adapt  T5-XXL-LM-adapt teacher: K 16, batch 32, re-index every 1000 steps
   msmarco             MS MARCO questions: batch 512, K 8
   demo                `make demo`: bundled SQuAD-dev-open, real MiniLM towers, bm25 teacher, K 8
+  demo_rolling        demo with art.refresh=rolling (benchmarks/refresh.py compares the two)
   tiny                seconds-long CPU runs for the tests (set model.name to a checkpoint)
 
 The paper variants train on real training questions and never on evaluation questions:
@@ -77,7 +78,12 @@ def base():
             chunk_rows=32768,
         )
     )
-    c.art = ml_collections.ConfigDict(dict(top_k=32, temperature_multiplier=1.0, dropout=True))
+    # refresh: "sync" re-encodes the whole corpus every train.refresh_every steps (the paper's;
+    # training waits); "rolling" re-encodes 1/refresh_every of every device's rows after each
+    # step (same total work, no stall; rows are up to refresh_every − 1 steps old).
+    c.art = ml_collections.ConfigDict(
+        dict(top_k=32, temperature_multiplier=1.0, dropout=True, refresh="sync")
+    )
     c.teacher = ml_collections.ConfigDict(
         dict(
             kind="t5",  # t5 | bm25 | oracle
@@ -140,7 +146,7 @@ def get_config(arg=None):
         c.art.top_k = 8
         c.train.batch_size = 512
         c.eval.metric = "ndcg@10"
-    elif variant == "demo":
+    elif variant in ("demo", "demo_rolling"):
         # SQuAD-dev-open has one question set: the demo splits it by id hash (and says so).
         c.data.update(
             dir=str(ROOT / "data" / "squad-dev-open"),
@@ -168,6 +174,8 @@ def get_config(arg=None):
         c.train.update(
             steps=200, batch_size=4, refresh_every=50, eval_every=100, checkpoint_every=100
         )
+        if variant == "demo_rolling":  # the same run, the index refreshed in slices
+            c.art.refresh = "rolling"
     elif variant == "tiny":
         c.data.update(
             dir=str(ROOT / "data" / "squad-dev-open"),
@@ -201,6 +209,7 @@ def get_config(arg=None):
         )
     else:
         raise ValueError(
-            f"unknown variant {variant!r}; known: nq_t0_3b, nq_t5_xxl_lm_adapt, msmarco, demo, tiny"
+            f"unknown variant {variant!r}; known: nq_t0_3b, nq_t5_xxl_lm_adapt, msmarco, demo, "
+            "demo_rolling, tiny"
         )
     return c

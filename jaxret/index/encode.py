@@ -190,7 +190,7 @@ def encode_corpus(
     return ShardedIndex.from_process_rows(local, layout, mesh, dtype, fingerprint)
 
 
-def _tokens_from_table(rows: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def tokens_from_table(rows: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Device token rows (uint16 ids, pad id 0) → the encoder's int32 inputs."""
     ids = rows["input_ids"].astype(jnp.int32)
     types = rows.get("token_type_ids")
@@ -220,7 +220,7 @@ def device_encoder(
 
     def encode(params: Any, tables: dict[str, jax.Array], old: jax.Array) -> jax.Array:
         del old  # donated: its buffer is reused for the output
-        embed = lambda rows: encoder.embed(params, "passage", _tokens_from_table(rows))
+        embed = lambda rows: encoder.embed(params, "passage", tokens_from_table(rows))
         return map_rows(embed, tables, mesh, axes, per_device).astype(out_dtype)
 
     return jax.jit(encode, out_shardings=row_sharding(mesh), donate_argnums=(2,), keep_unused=True)

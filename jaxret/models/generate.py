@@ -41,6 +41,7 @@ class Decoding:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_new_tokens: int = 0  # EOS is impossible before this many new tokens (HF's option)
 
     def __post_init__(self) -> None:
         if self.method not in ("greedy", "sample", "beam"):
@@ -72,9 +73,12 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     return logits
 
 
-def _forced(logp: jax.Array, t: jax.Array, max_new: int, cfg: Any) -> jax.Array:
-    """ForcedBOS at the first new token, ForcedEOS at the last allowed one."""
+def _forced(logp: jax.Array, t: jax.Array, max_new: int, cfg: Any, min_new: int = 0) -> jax.Array:
+    """No EOS before `min_new` tokens, ForcedBOS at the first new token, ForcedEOS at the last
+    allowed one (HF's processor order: the forced tokens win)."""
     vocab = jnp.arange(logp.shape[-1])
+    if min_new > 0:
+        logp = jnp.where((t < min_new) & (vocab == cfg.eos_token_id), -jnp.inf, logp)
     bos = getattr(cfg, "forced_bos_token_id", None)
     eos = getattr(cfg, "forced_eos_token_id", None)
     if bos is not None:
@@ -144,7 +148,7 @@ def _greedy_or_sample(
         prev = jnp.where(t == 0, cfg.decoder_start_token_id, tokens[:, jnp.maximum(t - 1, 0)])
         logits, cache = step(prev, t, cache, cross, mask)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        forced = _forced(logp, t, d.max_new_tokens, cfg)
+        forced = _forced(logp, t, d.max_new_tokens, cfg, d.min_new_tokens)
         if d.method == "sample":
             filtered = filter_logits(forced, d.temperature, d.top_k, d.top_p)
             step_keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(keys)
@@ -190,7 +194,7 @@ def _beam_search(
         prev = jnp.where(t == 0, cfg.decoder_start_token_id, c["seqs"][:, :, jnp.maximum(t - 1, 0)])
         logits, cache = step(prev.reshape(-1), t, c["cache"], cross, mask)
         raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B·K, V]
-        logp = _forced(raw, t, t_max, cfg)
+        logp = _forced(raw, t, t_max, cfg, d.min_new_tokens)
         v = logp.shape[-1]
         acc = (logp.reshape(b, k, v) + c["scores"][:, :, None]).reshape(b, k * v)
         top_scores, top_idx = jax.lax.top_k(acc, keep)  # [B, 2K]

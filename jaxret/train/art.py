@@ -3,12 +3,17 @@
 What the loop gets from here (jaxret.train.loop.Recipe):
   train_step   recipes.art's jitted step, closed over the current index, the token tables
                and the teacher;
-  after_step   the index refresh every `train.refresh_every` steps, on the devices
-               (index.encode.refresh_index: the passage tower over the device token tables,
-               the old index's memory donated to the new one). It runs before the loop's
-               checkpoint of that step, so a resume rebuilds the index once and never twice;
-  aux          the passage-tower parameters that built the current index (a resume rebuilds
-               exactly that index);
+  after_step   art.refresh = "sync" (the paper's): the index re-encoded every
+               `train.refresh_every` steps, on the devices (index.encode.refresh_index: the
+               passage tower over the device token tables, the old index's memory donated to
+               the new one). It runs before the loop's checkpoint of that step, so a resume
+               rebuilds the index once and never twice.
+               art.refresh = "rolling": after every step each device re-encodes its next
+               slice of rows in place (index.rolling), so training never stalls; a cycle of
+               `refresh_every` steps encodes the corpus once;
+  aux          sync: the passage-tower parameters that built the current index (a resume
+               rebuilds exactly that index); rolling: the index itself and its per-row
+               staleness record (each process writes its rows), so a resume is exact;
   evaluate     dev top-k accuracy or nDCG@10 / Recall@100 with a fresh index of the current
                parameters (the training index when it is fresh);
   finish       the test split, before (the initial parameters) and after training.
@@ -40,6 +45,7 @@ from jaxret.index.encode import (
     token_keys,
 )
 from jaxret.index.mips import RowLayout, row_sharding
+from jaxret.index.rolling import empty_staleness, rolling_refresher, staleness
 from jaxret.index.sharded import ShardedIndex
 from jaxret.models import dual_encoder as de
 from jaxret.parallel import global_batch, initialize_distributed, make_mesh
@@ -137,10 +143,19 @@ class ArtRun:
         self.state = place(state, self.shardings)
         self.initial_params = params  # host copy: the baseline of the final test
 
+        self.refresh = cfg.art.get("refresh", "sync")
+        if self.refresh not in ("sync", "rolling"):
+            raise ConfigError(f"art.refresh={self.refresh!r}; expected 'sync' or 'rolling'")
         self.encodings: list[tuple[int, str]] = []  # (step, why): every corpus encoding
         self.index_params = _copy(encoder.tower_params(self.state.params, "passage"))
         self.index_step = 0
         self.index = self._encode(self.index_params, 0, "start", None)
+        self.stale, self.done = None, 0
+        if self.refresh == "rolling":
+            self.stale = empty_staleness(self.layout, mesh)  # [N_pad]: step of each row
+            self.roll_fn = rolling_refresher(
+                encoder, mesh, self.layout, int(cfg.train.refresh_every), cfg.encode.device_batch
+            )
         batch_sharding = NamedSharding(mesh, DATA)
         example = self.batch_at(0)
         in_shardings = (
@@ -195,9 +210,7 @@ class ArtRun:
     ) -> ShardedIndex:
         """The corpus encoded on the devices with `passage_params` (donor's memory reused)."""
         cfg = self.cfg
-        tower = (
-            {"shared": passage_params} if self.encoder.spec.shared else {"passage": passage_params}
-        )
+        tower = self._tower(passage_params)
         if donor is None:
             donor = empty_index(self.layout, self.mesh, self.encoder.dim, cfg.encode.index_dtype)
         t0 = time.perf_counter()
@@ -209,6 +222,9 @@ class ArtRun:
         self.encodings.append((step, why))
         log.info("encoded the corpus (%s, step %d) in %.1fs", why, step, time.perf_counter() - t0)
         return index
+
+    def _tower(self, passage_params: Any) -> dict[str, Any]:
+        return {"shared" if self.encoder.spec.shared else "passage": passage_params}
 
     def batch_at(self, step: int) -> dict[str, Any]:
         """This process's rows of global batch `step`, assembled into global arrays."""
@@ -225,13 +241,31 @@ class ArtRun:
         )
 
     def after_step(self, state: Any, done: int) -> dict[str, float] | None:
-        """Re-embeds the corpus every refresh_every steps (not after the last step)."""
+        """sync: re-embeds the corpus every refresh_every steps (not after the last step);
+        rolling: re-embeds this step's slice of every device's rows."""
+        self.done = done
+        if self.refresh == "rolling":
+            return self._roll(state, done)
         if done % self.cfg.train.refresh_every or done >= self.total:
             return self._flush_events()
         self.index_params = _copy(self.encoder.tower_params(state.params, "passage"))
         self.index_step = done
         self.index = self._encode(self.index_params, done, "refresh", self.index)
         return self._flush_events()
+
+    def _roll(self, state: Any, done: int) -> dict[str, float]:
+        tower = self._tower(self.encoder.tower_params(state.params, "passage"))
+        emb, self.stale, stats = self.roll_fn(
+            tower, self.passage_tables, self.index.embeddings, self.stale, np.int32(done)
+        )
+        self.index = self._rolling_index(emb, done)
+        self.index_step = -1  # rows of several steps: never "fresh" for evaluation
+        out = {f"refresh_{k}": float(v) for k, v in jax.device_get(stats).items()}
+        return {**out, **(self._flush_events() or {})}
+
+    def _rolling_index(self, embeddings: jax.Array, done: int) -> ShardedIndex:
+        meta = {"corpus_hash": self.corpus_hash, "encoder": {"refresh": "rolling", "step": done}}
+        return ShardedIndex(embeddings, self.layout, self.mesh, tuple(sorted(meta.items())))
 
     def _flush_events(self) -> dict[str, float] | None:
         if not self.encodings:
@@ -242,9 +276,22 @@ class ArtRun:
         return events
 
     def aux(self) -> Any:
+        if self.refresh == "rolling":
+            return {"embeddings": self.index.embeddings, "stale": self.stale}
         return self.index_params
 
+    def aux_meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"index_step": self.index_step, "refresh": self.refresh}
+        if self.refresh == "rolling":
+            meta["refresh_pointer"] = self.done % int(self.cfg.train.refresh_every)
+        return meta
+
     def restore_aux(self, aux: Any, meta: dict[str, Any]) -> None:
+        if self.refresh == "rolling":  # the index itself was saved: nothing to re-encode
+            self.index, self.stale = self._rolling_index(aux["embeddings"], -1), aux["stale"]
+            self.index_step = int(meta.get("index_step", -1))
+            self.done = int(meta["step"])
+            return
         self.index_params = aux
         self.index_step = int(meta.get("index_step", 0))
         self.encodings = []
@@ -276,6 +323,10 @@ class ArtRun:
         scratch = self._encode(passage, step, "evaluation", None)
         result = self.evaluate_params(state.params, self.data.dev, step, scratch)
         scratch.embeddings.delete()
+        if self.stale is not None:  # how old the training index's rows are
+            result.update(
+                {f"index_{k}": v for k, v in staleness(self.stale, self.layout, step).items()}
+            )
         return result
 
     def finish(self, state: Any) -> dict[str, Any]:
@@ -320,7 +371,7 @@ class ArtRun:
             evaluate=self.evaluate,
             after_step=self.after_step,
             aux=self.aux,
-            aux_meta=lambda: {"index_step": self.index_step},
+            aux_meta=self.aux_meta,
             restore_aux=self.restore_aux,
             export=self.export,
             finish=self.finish,

@@ -241,13 +241,15 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
                         f"{in_a_row} steps in a row had a non-finite loss or gradients (up to "
                         f"step {done}); stopping. The last checkpoint holds finite parameters."
                     )
+            info = recipe.after_step(state, done) if recipe.after_step is not None else None
+            # A step's wall time includes the recipe's work after it (e.g. an index refresh):
+            # that is the stall a user waits for.
+            values["wall_seconds"] = time.perf_counter() - t0
             logger.write(done, "train", values)
+            if info:
+                logger.write(done, "event", info)
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
-            if recipe.after_step is not None:
-                info = recipe.after_step(state, done)
-                if info:
-                    logger.write(done, "event", info)
             if recipe.evaluate is not None and (done % t.eval_every == 0 or done == total):
                 evaluate(done)
             preempted = preemption.requested()

@@ -57,7 +57,7 @@ def compare(hf, ours_model, params, ids, mask, decoding, **hf_kw):
             input_ids=torch.tensor(ids, dtype=torch.long),
             attention_mask=torch.tensor(mask),
             max_new_tokens=decoding.max_new_tokens,
-            min_new_tokens=0,
+            min_new_tokens=decoding.min_new_tokens,
             do_sample=False,
             num_beams=decoding.num_beams,
             num_return_sequences=decoding.num_return,
@@ -109,6 +109,17 @@ def test_beam_search_equals_transformers(bart, t5, beams, ret, lp, early, max_ne
                 early_stopping=early,
             )
             compare(hf, model, params, ids, mask, d)
+
+
+@pytest.mark.parametrize("method,beams", [("greedy", 1), ("beam", 3)])
+def test_min_new_tokens_equals_transformers(bart, t5, method, beams):
+    for hf, model, params in (bart, t5):
+        cfg = model.config
+        ids, mask = inputs(cfg.vocab_size, cfg.pad_token_id, 0)
+        d = Decoding(method, max_new_tokens=10, num_beams=beams, min_new_tokens=6)
+        compare(hf, model, params, ids, mask, d)
+        seqs, _, _ = generate(model, params, ids, mask, jax.random.key(0), d)
+        assert not (np.asarray(seqs)[..., :6] == cfg.eos_token_id).any()
 
 
 def test_beam_scores_and_loglik(bart):

@@ -126,3 +126,77 @@ def test_sharded_step_equals_single_device(tiny_bert, data_dir, mesh_shape, stra
         state.params,
         ref_params,
     )
+
+
+@pytest.mark.parametrize("mesh_shape,strategy", [((8, 1), "replicated"), ((4, 2), "fsdp_tensor")])
+def test_two_tower_head_step_on_given_passages_equals_single_device(
+    tiny_bert, data_dir, mesh_shape, strategy
+):
+    """QGen's two-tower model: [CLS] → dense(32→8) → tanh, one head per tower, passages given as
+    tokens [B, 1, L] (synthetic pairs), not gathered from tables."""
+    data = load_eval_data(data_dir / "adi")
+    spec = de.EncoderSpec(
+        shared=False,
+        pooling="cls",
+        projection="dense_tanh",
+        projection_dim=8,
+        max_query_length=16,
+        max_passage_length=24,
+    )
+    encoder, params, tok_folder = de.from_pretrained(tiny_bert, spec)
+    assert encoder.dim == 8 and params["query"]["projection"]["kernel"].shape == (32, 8)
+    # A wider head than init's so that the scores, and the gradients, are far from zero.
+    r = np.random.RandomState(1)
+    for tower in ("query", "passage"):
+        params[tower]["projection"]["kernel"] = r.randn(32, 8).astype(np.float32)
+    params = jax.tree.map(np.array, params)  # host copies: the step donates its state
+    tok = load_tokenizer(tok_folder)
+    q_tokens = tokenize_queries(tok, data.query_texts[: 2 * B], 16)
+    texts = data.corpus.texts[: 2 * B]
+    p_tokens = tokenize_passages(tok, [""] * len(texts), texts, 24, "pair")
+    optimizer = optax.sgd(1.0)
+
+    ref_params, opt_state, ref_losses = params, optimizer.init(params), []
+    for step in range(2):
+        sl = slice(step * B, (step + 1) * B)
+
+        def loss_fn(prm, sl=sl):
+            q = encoder.embed(prm, "query", {k: v[sl] for k, v in q_tokens.items()})
+            p = encoder.embed(prm, "passage", {k: v[sl] for k, v in p_tokens.items()})
+            return contrastive_loss(q, p, jnp.arange(B), scale=20.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(ref_params)
+        updates, opt_state = optimizer.update(grads, opt_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+        ref_losses.append(float(loss))
+
+    mesh = make_mesh(("data", "model"), mesh_shape)
+    state = train_state.init_state(params, optimizer, 0)
+    shardings = train_state.state_shardings(state, mesh, strategy)
+    state = jax.device_put(state, shardings)
+    cfg = contrastive.ContrastiveConfig(scale=20.0, dropout=False)
+    step_fn, losses = None, []
+    for step in range(2):
+        sl = slice(step * B, (step + 1) * B)
+        passages = {k: v[sl][:, None] for k, v in p_tokens.items()}  # [B, 1, L]
+        query = {k: v[sl] for k, v in q_tokens.items()}
+        batch = global_batch({"query": query, "passages": passages}, mesh)
+        if step_fn is None:
+            in_sh = (shardings, jax.tree.map(lambda _: NamedSharding(mesh, P("data")), batch), {})
+            step_fn = contrastive.make_train_step(encoder, optimizer, cfg, mesh, in_sh)
+        state, metrics = step_fn(state, batch, {})
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+    # Compare the updates, not the parameters (they are small next to the weights), against
+    # the largest update: leaves whose gradient is a cancelling sum carry fp32 reduction noise.
+    delta = lambda new: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new, params)
+    got, want = delta(state.params), delta(ref_params)
+    scale = max(np.abs(x).max() for x in jax.tree.leaves(want))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale), got, want
+    )
+    moved = (
+        ref_params["passage"]["projection"]["kernel"] - params["passage"]["projection"]["kernel"]
+    )
+    assert np.abs(np.asarray(moved)).max() > 1e-4  # the head trains

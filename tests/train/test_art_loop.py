@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from safetensors.numpy import load_file
 
 from jaxret.configlib import load_config
@@ -158,16 +159,9 @@ def _cli(tiny_bert, workdir, *extra, devices=8):
     return cmd, env
 
 
-def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
-    # Dropout on and two separate towers: the hardest case for bit-exact resumption.
-    extra = (
-        "--config.art.dropout=true",
-        "--config.model.shared=false",
-        "--config.train.steps=12",
-        "--config.train.checkpoint_every=2",
-        "--config.train.eval_every=4",
-        "--config.eval.test_at_end=false",
-    )
+def _run_killed_and_resumed(tiny_bert, tmp_path, extra):
+    """Runs `extra` uninterrupted in a/ and, in b/, SIGKILLed right after its step-4
+    checkpoint, then resumed with the same command."""
     cmd, env = _cli(tiny_bert, tmp_path / "a", *extra)
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
 
@@ -183,22 +177,92 @@ def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
 
+
+def _assert_same_exports(a, b):
+    for tower in ("query_encoder", "passage_encoder"):
+        x = load_file(str(a / "export" / tower / "model.safetensors"))
+        y = load_file(str(b / "export" / tower / "model.safetensors"))
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def _events(workdir):
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "event"]
+
+
+# Dropout on and two separate towers: the hardest case for bit-exact resumption.
+RESUME_ARGS = (
+    "--config.art.dropout=true",
+    "--config.model.shared=false",
+    "--config.train.steps=12",
+    "--config.train.checkpoint_every=2",
+    "--config.train.eval_every=4",
+    "--config.eval.test_at_end=false",
+)
+
+
+def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
+    _run_killed_and_resumed(tiny_bert, tmp_path, RESUME_ARGS)
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
     assert len(train_losses(tmp_path / "b")) == 12
     # One corpus encoding per refresh (every 2 steps, not after the last), one at the start,
     # and after the kill exactly one more: the index of the resumed checkpoint, rebuilt once.
-    events = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    events = [r for r in events if r["kind"] == "event"]
+    events = _events(tmp_path / "b")
     refreshes = sorted(r["index_refresh"] for r in events if "index_refresh" in r)
     resumes = [r["index_resume"] for r in events if "index_resume" in r]
     assert refreshes == [2, 4, 6, 8, 10]
     assert len(resumes) == 1 and resumes[0] % 2 == 0
     assert [r["index_start"] for r in events if "index_start" in r] == [0]
-    for tower in ("query_encoder", "passage_encoder"):
-        a = load_file(str(tmp_path / "a" / "export" / tower / "model.safetensors"))
-        b = load_file(str(tmp_path / "b" / "export" / tower / "model.safetensors"))
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k])
+    _assert_same_exports(tmp_path / "a", tmp_path / "b")
+
+
+def test_rolling_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
+    """The index and its staleness record are in the checkpoint: nothing is re-encoded on
+    resume and the losses (which read the index) and parameters are bit-identical."""
+    _run_killed_and_resumed(
+        tiny_bert,
+        tmp_path,
+        (*RESUME_ARGS, "--config.art.refresh=rolling", "--config.train.refresh_every=3"),
+    )
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert len(train_losses(tmp_path / "b")) == 12
+    events = _events(tmp_path / "b")
+    assert not [r for r in events if "index_resume" in r]  # restored, not re-encoded
+    rolled = sorted({r["step"] for r in events if "refresh_encoded" in r})
+    assert rolled == list(range(1, 13))
+    _assert_same_exports(tmp_path / "a", tmp_path / "b")
+
+
+def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path):
+    """A cycle of refresh_every steps encodes the corpus exactly once; staleness is logged
+    every step and reported by the evaluation; the run ends with a fresh test index."""
+    cfg = config(
+        tiny_bert,
+        **{
+            "art.refresh": "rolling",
+            "train.steps": 6,
+            "train.refresh_every": 3,
+            "train.eval_every": 3,
+            "eval.test_at_end": True,
+            "eval.test_baseline": False,
+        },
+    )
+    summary = train(cfg, tmp_path)
+    n = summary["index"].layout.num_rows
+    events = [r for r in _events(tmp_path) if "refresh_encoded" in r]
+    assert [r["step"] for r in events] == [1, 2, 3, 4, 5, 6]
+    per_step = [r["refresh_encoded"] for r in events]
+    assert sum(per_step[:3]) == n and sum(per_step[3:]) == n  # the corpus, once per cycle
+    assert [r["refresh_staleness_max"] for r in events[2:]] == [2, 2, 2, 2]
+    dev = [
+        json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"dev"' in x
+    ]
+    at3 = [r for r in dev if r["step"] == 3][0]
+    assert at3["index_staleness_max"] == 2 and 0 < at3["index_staleness_mean"] < 2
+    # The test split was searched on a fresh encoding by the final parameters.
+    assert summary["index_step"] == 6 and summary["index"].meta["encoder"] == {"step": 6}
+    assert "test_after" in summary
 
 
 def _free_port():
@@ -207,8 +271,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tiny_bert, tmp_path):
+@pytest.mark.parametrize("refresh", ["sync", "rolling"])
+def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
     extra = (
+        f"--config.art.refresh={refresh}",
         "--config.train.steps=3",
         "--config.eval.at_start=false",
         "--config.eval.test_at_end=false",

@@ -1,0 +1,135 @@
+"""Rolling index refresh: a fixed slice of every device's own rows re-encoded after every step.
+
+A synchronous refresh stops training every `R` steps while the whole corpus is re-embedded.
+The rolling refresh spreads the same work over the `R` steps: after step `done` (1-based),
+every device re-encodes rows
+
+    [o, o + s) of its own block,   s = ceil(rows_per_shard / R),  o = ((done − 1) mod R) · s
+
+(the last slice of a cycle stops at the block's end: rows are never encoded twice in a
+cycle), with the current passage tower, and writes them into its index block in place. After
+`R` steps every row has been refreshed once. The token rows, the index rows and the staleness
+record all live on the device that owns them (the index layout), so the refresh moves no data
+between devices; the passage tower's parameters are gathered as in any forward pass.
+
+`stale[row]` [N_pad] int32 is the step whose parameters produced the row (0 = the initial
+encoding); staleness at step t is t − stale[row].
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxret.index.encode import tokens_from_table
+from jaxret.index.mips import RowLayout, row_sharding, row_spec
+from jaxret.models.dual_encoder import DualEncoder
+from jaxret.parallel.activations import map_rows
+
+
+def slice_rows(layout: RowLayout, refresh_every: int) -> int:
+    """Rows each device re-encodes per step."""
+    if refresh_every < 1:
+        raise ValueError(f"refresh_every must be ≥ 1, got {refresh_every}")
+    return math.ceil(layout.rows_per_shard / refresh_every)
+
+
+def slice_indices(done: jax.Array, rows_per_shard: int, s: int, refresh_every: int) -> tuple:
+    """(rows to read [s] (clamped into the block), rows to write [s] (past-the-end = dropped))
+    of the slice refreshed after step `done`, in block-local row numbers."""
+    local = ((done - 1) % refresh_every) * s + jnp.arange(s, dtype=jnp.int32)
+    read = jnp.minimum(local, rows_per_shard - 1)
+    write = jnp.where(local < rows_per_shard, local, rows_per_shard)
+    return read, write
+
+
+def empty_staleness(layout: RowLayout, mesh: Mesh) -> jax.Array:
+    """stale [N_pad] int32, all 0: the index of the initial parameters."""
+    return jax.jit(
+        lambda: jnp.zeros((layout.padded_rows,), jnp.int32), out_shardings=row_sharding(mesh)
+    )()
+
+
+@functools.lru_cache(maxsize=16)
+def rolling_refresher(
+    encoder: DualEncoder, mesh: Mesh, layout: RowLayout, refresh_every: int, per_device: int
+) -> Any:
+    """jit(params, tables, embeddings, stale, done) → (embeddings, stale, stats).
+
+    params: the passage tower's {"passage"|"shared": …}; tables: token rows [N_pad, L] in the
+    index layout; embeddings [N_pad, d] and stale [N_pad] are donated and updated in place;
+    done: the number of completed train steps (int32 scalar). stats: the real rows encoded now
+    ("encoded"), and the staleness of the real rows after this refresh ("staleness_max",
+    "staleness_mean").
+    """
+    axes = tuple(mesh.axis_names)
+    rows = row_spec(mesh)
+    rps, n_real = layout.rows_per_shard, layout.num_rows
+    s = slice_rows(layout, refresh_every)
+    chunk = max(1, min(per_device, s))
+    while s % chunk:
+        chunk -= 1
+
+    def block_rows() -> jax.Array:  # [rps]: the global row ids of this device's block
+        return jax.lax.axis_index(axes).astype(jnp.int32) * rps + jnp.arange(rps, dtype=jnp.int32)
+
+    def take(tables: dict, done: jax.Array) -> dict:
+        read, _ = slice_indices(done, rps, s, refresh_every)
+        return {k: jnp.take(v, read, axis=0) for k, v in tables.items()}
+
+    def put(emb: jax.Array, stale: jax.Array, new: jax.Array, done: jax.Array) -> tuple:
+        _, write = slice_indices(done, rps, s, refresh_every)
+        emb = emb.at[write].set(new.astype(emb.dtype), mode="drop")
+        stale = stale.at[write].set(done, mode="drop")
+        global_rows = block_rows()
+        written = (write < rps) & (jnp.take(global_rows, jnp.minimum(write, rps - 1)) < n_real)
+        age = jnp.where(global_rows < n_real, done - stale, 0)
+        stats = {
+            "encoded": jax.lax.psum(written.sum(), axes).astype(jnp.float32),
+            "staleness_max": jax.lax.pmax(age.max(), axes).astype(jnp.float32),
+            "staleness_mean": jax.lax.psum(age.sum(), axes).astype(jnp.float32) / n_real,
+        }
+        return emb, stale, stats
+
+    local_take = jax.shard_map(
+        take, mesh=mesh, in_specs=(rows, PartitionSpec()), out_specs=rows, check_vma=False
+    )
+    local_put = jax.shard_map(
+        put,
+        mesh=mesh,
+        in_specs=(rows, rows, rows, PartitionSpec()),
+        out_specs=(rows, rows, PartitionSpec()),
+        check_vma=False,
+    )
+
+    def refresh(params: Any, tables: dict, emb: jax.Array, stale: jax.Array, done: jax.Array):
+        done = jnp.asarray(done, jnp.int32)
+        picked = local_take(tables, done)  # [D·s, L], each device's own rows
+        embed = lambda t: encoder.embed(params, "passage", tokens_from_table(t))
+        new = map_rows(embed, picked, mesh, axes, chunk)  # [D·s, d], row-sharded
+        return local_put(emb, stale, new, done)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(
+        refresh,
+        out_shardings=(row_sharding(mesh), row_sharding(mesh), replicated),
+        donate_argnums=(2, 3),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("num_rows",))
+def _ages(stale: jax.Array, step: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+    age = jnp.where(jnp.arange(stale.shape[0]) < num_rows, step - stale, 0)
+    return age.max(), age.sum()
+
+
+def staleness(stale: jax.Array, layout: RowLayout, step: int) -> dict[str, float]:
+    """Max and mean age (steps) of the real rows of an index at `step` (reduced on the
+    devices: on several hosts no process holds every row)."""
+    high, total = jax.device_get(_ages(stale, jnp.int32(step), layout.num_rows))
+    return {"staleness_max": float(high), "staleness_mean": float(total) / layout.num_rows}

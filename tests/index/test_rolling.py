@@ -1,0 +1,120 @@
+"""Rolling refresh on 8 devices: a cycle re-encodes every row exactly once, each row equals the
+encoding by the parameters of the step that refreshed it, and staleness is what it says."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxret.data.tokenization import load_tokenizer, tokenize_passages
+from jaxret.eval.evaluate import load_eval_data
+from jaxret.index.encode import empty_index, refresh_index
+from jaxret.index.gather import device_table
+from jaxret.index.mips import RowLayout
+from jaxret.index.rolling import empty_staleness, rolling_refresher, slice_rows, staleness
+from jaxret.models import dual_encoder as de
+from jaxret.parallel import make_mesh
+
+N = 61  # not a multiple of 8 devices · anything: padding rows and a short last slice
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_bert, data_dir):
+    corpus = load_eval_data(data_dir / "adi").corpus
+    spec = de.EncoderSpec(shared=True, pooling="cls", max_passage_length=24)
+    encoder, params, tok_folder = de.from_pretrained(tiny_bert, spec)
+    tokens = tokenize_passages(
+        load_tokenizer(tok_folder), corpus.titles[:N], corpus.texts[:N], 24, "join"
+    )["input_ids"]
+    mesh = make_mesh()
+    layout = RowLayout.for_mesh(N, mesh, 4)
+    pad = np.pad(tokens, ((0, layout.padded_rows - N), (0, 0)))
+    tables = {"input_ids": device_table(lambda s, e: pad[s:e], layout, mesh)}
+    return encoder, params, mesh, layout, tables
+
+
+def fresh(encoder, params, layout, mesh, tables, dtype="float32"):
+    index = empty_index(layout, mesh, encoder.dim, dtype)
+    return refresh_index(encoder, params, tables, index, 4).rows()
+
+
+def perturbed(params, step):
+    r = np.random.RandomState(step)
+    return jax.tree.map(lambda x: x + 0.05 * r.randn(*np.shape(x)).astype(np.float32), params)
+
+
+@pytest.mark.parametrize("refresh_every", [1, 3, 5])
+def test_frozen_cycle_equals_fresh_encoding_and_encodes_each_row_once(setup, refresh_every):
+    encoder, params, mesh, layout, tables = setup
+    assert layout.rows_per_shard == 8 and layout.padded_rows == 64
+    fn = rolling_refresher(encoder, mesh, layout, refresh_every, 2)
+    emb = empty_index(layout, mesh, encoder.dim, "float32").embeddings  # zeros: never refreshed
+    stale = empty_staleness(layout, mesh)
+    encoded = 0.0
+    for done in range(1, refresh_every + 1):
+        emb, stale, stats = fn(params, tables, emb, stale, done)
+        encoded += float(stats["encoded"])
+    assert encoded == N  # the corpus, once: no padding row or row of another slice counted
+    want = fresh(encoder, params, layout, mesh, tables)
+    np.testing.assert_allclose(np.asarray(emb)[:N], want, atol=2e-5)
+    s = slice_rows(layout, refresh_every)
+    expected = np.minimum(np.arange(8) // s + 1, refresh_every)  # the step of each block row
+    np.testing.assert_array_equal(np.asarray(stale).reshape(8, 8), np.tile(expected, (8, 1)))
+
+
+def test_changing_parameters_each_row_from_the_step_that_refreshed_it(setup):
+    encoder, params, mesh, layout, tables = setup
+    refresh_every = 3
+    fn = rolling_refresher(encoder, mesh, layout, refresh_every, 2)
+    emb = empty_index(layout, mesh, encoder.dim, "float32").embeddings
+    stale = empty_staleness(layout, mesh)
+    by_step = {}
+    for done in range(1, 6):  # more than a cycle: rows of steps 1 and 2 overwritten by 4 and 5
+        by_step[done] = perturbed(params, done)
+        emb, stale, stats = fn(by_step[done], tables, emb, stale, done)
+        if done >= refresh_every:
+            assert float(stats["staleness_max"]) == refresh_every - 1
+    stale_host = np.asarray(stale)
+    assert set(stale_host[:N]) == {3, 4, 5}
+    rows = np.asarray(emb)
+    for step in (3, 4, 5):
+        mine = np.flatnonzero(stale_host[:N] == step)
+        want = fresh(encoder, by_step[step], layout, mesh, tables)[mine]
+        np.testing.assert_allclose(rows[mine], want, atol=2e-5)
+    # The record agrees with its summary: ages 0, 1, 2 at step 5.
+    ages = 5 - stale_host[:N]
+    assert staleness(stale, layout, 5) == {
+        "staleness_max": 2.0,
+        "staleness_mean": pytest.approx(ages.mean()),
+    }
+
+
+def test_bf16_index(setup):
+    encoder, params, mesh, layout, tables = setup
+    fn = rolling_refresher(encoder, mesh, layout, 2, 4)
+    emb = empty_index(layout, mesh, encoder.dim, "bfloat16").embeddings
+    stale = empty_staleness(layout, mesh)
+    for done in (1, 2):
+        emb, stale, _ = fn(params, tables, emb, stale, done)
+    assert emb.dtype == np.dtype("bfloat16")
+    want = fresh(encoder, params, layout, mesh, tables, "bfloat16")
+    np.testing.assert_array_equal(np.asarray(emb, np.float32)[:N], np.asarray(want, np.float32))
+
+
+def test_no_cross_device_traffic_beyond_the_encoder(setup):
+    """The compiled refresh: no collective moves token or index rows (only the scalar
+    statistics are reduced), and each device encodes its slice only."""
+    encoder, params, mesh, layout, tables = setup
+    fn = rolling_refresher(encoder, mesh, layout, 2, 4)
+    emb = empty_index(layout, mesh, encoder.dim, "float32").embeddings
+    stale = empty_staleness(layout, mesh)
+    hlo = fn.lower(params, tables, emb, stale, 1).compile().as_text()
+    for op in ("all-gather", "all-to-all", "collective-permute"):
+        assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
+    # all-reduces are scalars (the statistics): s32[] or (s32[], s32[])
+    reduces = [x for x in hlo.splitlines() if " all-reduce(" in x or " all-reduce-start(" in x]
+    assert reduces
+    for line in reduces:
+        shapes = re.findall(r"[a-z]+\d*\[[\d,]*\]", re.split(r" all-reduce(?:-start)?\(", line)[0])
+        assert shapes and all(x.endswith("[]") for x in shapes), line
