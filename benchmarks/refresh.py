@@ -1,19 +1,30 @@
-"""Index refresh: the on-device path (token tables already on the devices, output born in the
-index layout, old index donated) against the host path of earlier jaxret (memmap rows →
-device → host → second upload), on the demo's corpus and model.
+"""Index refresh benchmarks.
 
-    python benchmarks/refresh.py [--variant demo] [--repeats 3]
+python benchmarks/refresh.py throughput [--variant demo] [--repeats 3]
+    the on-device path (token tables already on the devices, output born in the index
+    layout, old index donated) against the host path of earlier jaxret (memmap rows →
+    device → host → second upload): passages/s of each and the ratio (> 1 = device faster).
 
-Prints passages/s of each and the ratio (> 1 = the device path is faster).
+python benchmarks/refresh.py modes [--seeds 0 1] [--steps 200]
+    the demo run with art.refresh=sync (`demo`) and =rolling (`demo_rolling`), each a fresh
+    `jaxret train` process: per-step wall time (train step + refresh) p50 / p99 / max, the
+    slowest step over the median, total wall time, and the held-out test top-k.
 """
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 from common import best_time, cpu_devices_per_core
 
 cpu_devices_per_core()
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from jaxret.configlib import load_config  # noqa: E402
 from jaxret.data.tokenization import load_tokenizer  # noqa: E402
@@ -24,13 +35,10 @@ from jaxret.models import dual_encoder as de  # noqa: E402
 from jaxret.parallel import make_mesh  # noqa: E402
 from jaxret.train.art_data import load_art_data  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--variant", default="demo")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--store", default="/tmp/jaxret_bench_refresh_store")
-    args = p.parse_args()
+
+def throughput(args):
     cfg = load_config(f"configs/art.py:{args.variant}")
     mesh = make_mesh()
     data = load_art_data(cfg.data)
@@ -65,6 +73,62 @@ def main():
     print(f"  host path   {n / t_host:8.1f} passages/s  ({t_host:.2f} s)")
     print(f"  device path {n / t_dev:8.1f} passages/s  ({t_dev:.2f} s)")
     print(f"  ratio (host time / device time): {t_host / t_dev:.2f}")
+
+
+def run_mode(variant: str, seed: int, steps: int, workdir: Path) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxret.cli",
+        "train",
+        f"--config=configs/art.py:{variant}",
+        f"--config.seed={seed}",
+        f"--config.train.steps={steps}",
+        "--config.train.progress=false",
+        "--config.eval.test_baseline=false",
+        "--workdir",
+        str(workdir),
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    total = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    wall = np.array([r["wall_seconds"] for r in rows if r["kind"] == "train"])
+    test = [r for r in rows if r["kind"] == "test"][-1]
+    return {"wall": wall, "total": total, "test": test}
+
+
+def modes(args):
+    print(f"ART demo, {args.steps} steps, seeds {args.seeds}; per-step wall = step + refresh")
+    head = f"{'mode':>8} {'seed':>4} {'p50 s':>6} {'p99 s':>6} {'max s':>6} {'max/p50':>7}"
+    print(head + f" {'total s':>8} {'top1':>6} {'top5':>6} {'top20':>6}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for variant in ("demo", "demo_rolling"):
+                r = run_mode(variant, seed, args.steps, Path(tmp) / f"{variant}-{seed}")
+                w, t = r["wall"], r["test"]
+                p50, p99 = np.percentile(w, 50), np.percentile(w, 99)
+                print(
+                    f"{variant.replace('demo_', '').replace('demo', 'sync'):>8} {seed:>4} "
+                    f"{p50:6.2f} {p99:6.2f} {w.max():6.2f} {w.max() / p50:7.2f} "
+                    f"{r['total']:8.1f} {t.get('top1', np.nan):6.3f} {t.get('top5', np.nan):6.3f} "
+                    f"{t.get('top20', np.nan):6.3f}",
+                    flush=True,
+                )
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--variant", default="demo")
+    t.add_argument("--repeats", type=int, default=3)
+    t.add_argument("--store", default="/tmp/jaxret_bench_refresh_store")
+    m = sub.add_parser("modes")
+    m.add_argument("--seeds", type=int, nargs="+", default=[0])
+    m.add_argument("--steps", type=int, default=200)
+    args = p.parse_args()
+    throughput(args) if args.command == "throughput" else modes(args)
 
 
 if __name__ == "__main__":
