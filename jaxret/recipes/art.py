@@ -27,7 +27,7 @@ from jaxret.index.gather import gather_rows
 from jaxret.index.sharded import ShardedIndex
 from jaxret.losses import kl_teacher_student
 from jaxret.models.dual_encoder import DualEncoder
-from jaxret.recipes.state import TrainState, apply_gradients, step_rng
+from jaxret.recipes.state import TrainState, apply_gradients, jit_step, step_rng
 from jaxret.teachers.t5_teacher import T5Teacher
 
 DATA = PartitionSpec("data")
@@ -158,10 +158,4 @@ def make_train_step(
         state, update_metrics = apply_gradients(state, grads, loss, optimizer)
         return state, {**metrics, **update_metrics}
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step,
-        in_shardings=in_shardings,
-        out_shardings=(in_shardings[0], replicated),
-        donate_argnums=(0,),
-    )
+    return jit_step(step, mesh, in_shardings)

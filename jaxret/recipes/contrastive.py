@@ -27,7 +27,7 @@ from jaxret.index.gather import gather_rows
 from jaxret.index.mips import RowLayout
 from jaxret.losses import contrastive_loss
 from jaxret.models.dual_encoder import DualEncoder
-from jaxret.recipes.state import TrainState, apply_gradients, step_rng
+from jaxret.recipes.state import TrainState, apply_gradients, jit_step, step_rng
 
 DATA = PartitionSpec("data")
 
@@ -129,10 +129,4 @@ def make_train_step(
         state, update = apply_gradients(state, grads, loss, optimizer)
         return state, {**metrics, **update}
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step,
-        in_shardings=in_shardings,
-        out_shardings=(in_shardings[0], replicated),
-        donate_argnums=(0,),
-    )
+    return jit_step(step, mesh, in_shardings)

@@ -32,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxret.losses import info_nce_with_cache
 from jaxret.models.dual_encoder import DualEncoder
-from jaxret.recipes.state import TrainState, all_finite, step_rng
+from jaxret.recipes.state import TrainState, all_finite, jit_step, step_rng
 
 DATA = PartitionSpec("data")
 TOWERS = ("query", "passage")
@@ -261,13 +261,7 @@ def make_train_step(
         metrics = {**metrics, "skipped": skipped, "phase": p.astype(jnp.float32)}
         return new_state, metrics
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step,
-        in_shardings=in_shardings,
-        out_shardings=(in_shardings[0], replicated),
-        donate_argnums=(0,),
-    )
+    return jit_step(step, mesh, in_shardings)
 
 
 def init_state(

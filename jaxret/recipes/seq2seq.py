@@ -13,11 +13,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxret.losses import sequence_cross_entropy
 from jaxret.models.seq2seq import Generator
-from jaxret.recipes.state import TrainState, apply_gradients, step_rng
+from jaxret.recipes.state import TrainState, apply_gradients, jit_step, step_rng
 
 
 def decoder_inputs(labels: jax.Array, start_id: int, pad_id: int) -> jax.Array:
@@ -62,10 +62,4 @@ def make_train_step(
         state, update = apply_gradients(state, grads, loss, optimizer)
         return state, {**metrics, **update}
 
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.jit(
-        step,
-        in_shardings=in_shardings,
-        out_shardings=(in_shardings[0], replicated),
-        donate_argnums=(0,),
-    )
+    return jit_step(step, mesh, in_shardings)

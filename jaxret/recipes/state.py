@@ -99,3 +99,14 @@ def state_shardings(state: TrainState, mesh: Mesh, strategy: str, extra: Any = N
         skipped_in_a_row=replicated,
         extra=extra,
     )
+
+
+def jit_step(step: Any, mesh: Mesh, in_shardings: tuple) -> Any:
+    """A recipe's step(state, batch, …) → (state, metrics), jitted with explicit shardings:
+    the state keeps its layout and is donated, the metrics come back replicated."""
+    return jax.jit(
+        step,
+        in_shardings=in_shardings,
+        out_shardings=(in_shardings[0], NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=(0,),
+    )

@@ -53,12 +53,11 @@ from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.parallel.mesh import device_banner
 from jaxret.recipes import art
-from jaxret.recipes import state as train_state
 from jaxret.teachers import t5_teacher
 from jaxret.train.art_data import ArtData, load_art_data, sparse_teacher_table
-from jaxret.train.batching import epoch_batch, process_rows, steps_per_epoch
+from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.loop import Recipe, run
-from jaxret.train.optim import make_optimizer, schedule
+from jaxret.train.optim import start_training
 
 log = logging.getLogger(__name__)
 DATA = PartitionSpec("data")
@@ -133,14 +132,9 @@ class ArtRun:
             ids, scores = sparse_teacher_table(data, self.art_cfg.teacher, cfg.teacher)
             self.host_batch["teacher_ids"], self.host_batch["teacher_scores"] = ids, scores
 
-        t = cfg.train
-        per_epoch = steps_per_epoch(len(data.train_questions), t.batch_size)
-        self.total = int(t.steps) or int(t.epochs) * per_epoch
-        self.optimizer = make_optimizer(cfg.optimizer, self.total)
-        self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
-        state = train_state.init_state(params, self.optimizer, cfg.seed)
-        self.shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
-        self.state = place(state, self.shardings)
+        start = start_training(cfg, params, mesh, len(data.train_questions))
+        self.total, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
+        self.state, self.shardings = start.state, start.shardings
         self.initial_params = params  # host copy: the baseline of the final test
 
         self.refresh = cfg.art.get("refresh", "sync")

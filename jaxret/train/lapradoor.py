@@ -31,9 +31,9 @@ from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.recipes import lapradoor as icol
 from jaxret.recipes import state as train_state
-from jaxret.train.batching import epoch_batch, process_rows, steps_per_epoch
+from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.loop import Recipe, run
-from jaxret.train.optim import make_optimizer, schedule
+from jaxret.train.optim import make_optimizer, schedule, total_steps
 
 log = logging.getLogger(__name__)
 DATA = PartitionSpec("data")
@@ -87,8 +87,7 @@ class LapradoorRun:
         )
 
         t = cfg.train
-        per_epoch = steps_per_epoch(len(self.eligible), t.batch_size)
-        self.total = int(t.steps) or int(t.epochs) * per_epoch
+        self.total = total_steps(t, len(self.eligible))
         # Each tower's optimizer gives a direction (learning rate 1); the step scales it by the
         # schedule of the global step, so a tower's schedule does not pause while it is frozen.
         self.optimizer = make_optimizer(cfg.optimizer, self.total, learning_rate=1.0)

@@ -43,7 +43,8 @@ class Logger:
             f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
         for k, v in values.items():
             if isinstance(v, int | float) and math.isfinite(v):
-                self.writer.add_scalar(f"{kind}/{k}", v, step)
+                # TensorBoard tags allow [A-Za-z0-9_./-]: "ndcg@10" → "ndcg_at_10".
+                self.writer.add_scalar(f"{kind}/{k}".replace("@", "_at_"), v, step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ LayerNorm parameters and biases are not decayed; kernels and embedding tables ar
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,3 +73,41 @@ def make_optimizer(
     if cfg.clip_norm and cfg.clip_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
     return opt
+
+
+def total_steps(train_cfg: Any, num_items: int) -> int:
+    """`train.steps`, or `train.epochs` passes over `num_items` examples."""
+    from jaxret.train.batching import steps_per_epoch
+
+    return int(train_cfg.steps) or int(train_cfg.epochs) * steps_per_epoch(
+        num_items, train_cfg.batch_size
+    )
+
+
+@dataclasses.dataclass
+class Training:
+    """What a recipe's runner needs to start: the step budget, the optimizer and its
+    schedule, and the initial train state placed on the mesh with its shardings."""
+
+    total: int
+    optimizer: optax.GradientTransformation
+    lr_at: optax.Schedule
+    state: Any
+    shardings: Any
+
+
+def start_training(cfg: Any, params: Any, mesh: Any, num_items: int) -> Training:
+    from jaxret.parallel.host_data import place
+    from jaxret.recipes import state as train_state
+
+    total = total_steps(cfg.train, num_items)
+    optimizer = make_optimizer(cfg.optimizer, total)
+    state = train_state.init_state(params, optimizer, cfg.seed)
+    shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
+    return Training(
+        total=total,
+        optimizer=optimizer,
+        lr_at=schedule(cfg.optimizer.lr, total, cfg.optimizer.warmup_fraction),
+        state=place(state, shardings),
+        shardings=shardings,
+    )

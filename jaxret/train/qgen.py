@@ -43,11 +43,10 @@ from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.recipes import contrastive
 from jaxret.recipes import seq2seq as gen_step
-from jaxret.recipes import state as train_state
-from jaxret.train.batching import epoch_batch, process_rows, steps_per_epoch
+from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.checkpoint import read_best_params
 from jaxret.train.loop import Recipe, run
-from jaxret.train.optim import make_optimizer, schedule
+from jaxret.train.optim import start_training
 
 log = logging.getLogger(__name__)
 DATA = PartitionSpec("data")
@@ -217,15 +216,9 @@ class GeneratorRun:
             g.data.dir,
             g.data.split,
         )
-        t = cfg.train
-        self.total = int(t.steps) or int(t.epochs) * steps_per_epoch(
-            len(self.train_ids), t.batch_size
-        )
-        self.optimizer = make_optimizer(cfg.optimizer, self.total)
-        self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
-        state = train_state.init_state(params, self.optimizer, cfg.seed)
-        self.shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
-        self.state = place(state, self.shardings)
+        start = start_training(cfg, params, mesh, len(self.train_ids))
+        self.total, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
+        self.state, self.shardings = start.state, start.shardings
         batch_sh = NamedSharding(mesh, DATA)
         in_shardings = (self.shardings, jax.tree.map(lambda _: batch_sh, self.batch_at(0)))
         self.step_fn = gen_step.make_train_step(
@@ -357,7 +350,6 @@ class RetrieverRun:
             Activations.for_strategy(mesh, cfg.mesh.param_sharding)
         )
         self.tokenizer = tokenizer = load_tokenizer(tok_folder)
-        t = cfg.train
         self.store = store = Path(cfg.data.store) if cfg.data.store else workdir / "store"
         if self.mode == "qrels":
             self.table = passage_table(store, corpus, encoder, tokenizer)
@@ -379,12 +371,9 @@ class RetrieverRun:
             self.items = np.flatnonzero(np.asarray(counts) >= 2)
             if not len(self.items):
                 raise ConfigError("no passage has two sentences: ICT has nothing to pair")
-        self.total = int(t.steps) or int(t.epochs) * steps_per_epoch(len(self.items), t.batch_size)
-        self.optimizer = make_optimizer(cfg.optimizer, self.total)
-        self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
-        state = train_state.init_state(params, self.optimizer, cfg.seed)
-        self.shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
-        self.state = place(state, self.shardings)
+        start = start_training(cfg, params, mesh, len(self.items))
+        self.total, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
+        self.state, self.shardings = start.state, start.shardings
         self.initial_params = params
         ccfg = contrastive.ContrastiveConfig(scale=cfg.qgen.scale, dropout=cfg.qgen.dropout)
         batch_sh = NamedSharding(mesh, DATA)

@@ -35,10 +35,9 @@ from jaxret.parallel import global_batch, initialize_distributed, make_mesh
 from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.recipes import contrastive
-from jaxret.recipes import state as train_state
-from jaxret.train.batching import epoch_batch, process_rows, steps_per_epoch
+from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.loop import Recipe, run
-from jaxret.train.optim import make_optimizer, schedule
+from jaxret.train.optim import start_training
 
 log = logging.getLogger(__name__)
 DATA = PartitionSpec("data")
@@ -107,15 +106,9 @@ class SparRun:
         trunc.report(log)
         self.queries = queries
 
-        t = cfg.train
-        self.total = int(t.steps) or int(t.epochs) * steps_per_epoch(
-            len(self.train_ids), t.batch_size
-        )
-        self.optimizer = make_optimizer(cfg.optimizer, self.total)
-        self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
-        state = train_state.init_state(params, self.optimizer, cfg.seed)
-        self.shardings = train_state.state_shardings(state, mesh, cfg.mesh.param_sharding)
-        self.state = place(state, self.shardings)
+        start = start_training(cfg, params, mesh, len(self.train_ids))
+        self.total, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
+        self.state, self.shardings = start.state, start.shardings
         self.initial_params = params
         ccfg = contrastive.ContrastiveConfig(scale=cfg.spar.scale, dropout=cfg.spar.dropout)
         batch_sh = NamedSharding(mesh, DATA)
