@@ -153,10 +153,24 @@ def test_nucleus_keeps_the_smallest_set_reaching_p():
     # Cumulative mass 0.4, 0.65, 0.8, 0.9, 0.96, 1.0: the smallest prefix with mass ≥ p.
     for p, n in ((0.3, 1), (0.5, 2), (0.7, 3), (0.85, 4), (0.93, 5), (0.99, 6), (1.0, 6)):
         assert kept(p) == [True] * n + [False] * (6 - n), p
-    shuffled = jnp.log(jnp.asarray(probs[:, ::-1]))  # order-independent
-    assert np.isfinite(np.asarray(filter_logits(shuffled, 1.0, 0, 0.8)))[0].tolist()[::-1] == kept(
-        0.8
-    )
+    # Order-independent (away from a p that equals a cumulative mass, where fp32 rounding of
+    # the sum decides).
+    shuffled = jnp.log(jnp.asarray(probs[:, ::-1]))
+    for p in (0.75, 0.85, 0.95):
+        got = np.isfinite(np.asarray(filter_logits(shuffled, 1.0, 0, p)))[0].tolist()[::-1]
+        assert got == kept(p), p
+    # A 30k vocabulary: the same set as sorting and summing in float64.
+    big = np.random.RandomState(0).randn(4, 30522) * 3
+    probs64 = np.exp(big - big.max(1, keepdims=True))
+    probs64 /= probs64.sum(1, keepdims=True)
+    for p in (0.5, 0.9):
+        got = np.isfinite(np.asarray(filter_logits(jnp.asarray(big, jnp.float32), 1.0, 0, p)))
+        order = np.argsort(-probs64, axis=1)
+        cum = np.cumsum(np.take_along_axis(probs64, order, 1), axis=1)
+        sizes = (cum - np.take_along_axis(probs64, order, 1) < p).sum(1)
+        np.testing.assert_allclose(got.sum(1), sizes, atol=1)  # at most the edge token differs
+        for r in range(4):
+            assert got[r, order[r, : sizes[r] - 1]].all()
     assert (
         np.isfinite(np.asarray(filter_logits(logits, 1.0, 2, 1.0)))[0].tolist()
         == [True, True] + [False] * 4
