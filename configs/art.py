@@ -1,7 +1,7 @@
 """ART: Questions Are All You Need to Train a Dense Passage Retriever (Sachan et al.).
 
 Variants:
-  nq_t0_3b            the paper's NQ setting (../shared/DESIGN.md): batch 64, K 32, lr 2e-5,
+  nq_t0_3b            the paper's NQ setting (ART's released scripts): batch 64, K 32, lr 2e-5,
                       AdamW (Megatron's decoupled decay) 0.1, warmup 1 %, linear decay, clip 1.0,
                       10 epochs, re-index every 500 steps, retriever seq 256, teacher seq 512, T0-3B
   nq_t5_xxl_lm_adapt  T5-XXL-LM-adapt teacher: K 16, batch 32, re-index every 1000 steps
