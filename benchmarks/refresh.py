@@ -5,10 +5,11 @@ python benchmarks/refresh.py throughput [--variant demo] [--repeats 3]
     layout, old index donated) against the host path of earlier jaxret (memmap rows →
     device → host → second upload): passages/s of each and the ratio (> 1 = device faster).
 
-python benchmarks/refresh.py modes [--seeds 0 1] [--steps 200]
-    the demo run with art.refresh=sync (`demo`) and =rolling (`demo_rolling`), each a fresh
-    `jaxret train` process: per-step wall time (train step + refresh) p50 / p99 / max, the
-    slowest step over the median, total wall time, and the held-out test top-k.
+python benchmarks/refresh.py modes [--seeds 0 1] [--steps 200] [--modes sync fused separate]
+    the demo run with art.refresh=sync (`demo`) and =rolling (`demo_rolling`), the rolling
+    slice either inside the train step (`fused`) or a second program after it (`separate`),
+    each a fresh `jaxret train` process: per-step wall time (train step + refresh) p50 / p99 /
+    max, the slowest step over the median, total wall time, and the held-out test top-k.
 """
 
 import argparse
@@ -75,13 +76,23 @@ def throughput(args):
     print(f"  ratio (host time / device time): {t_host / t_dev:.2f}")
 
 
-def run_mode(variant: str, seed: int, steps: int, workdir: Path) -> dict:
+# mode → (configs/art.py variant, overrides)
+MODES = {
+    "sync": ("demo", ()),
+    "fused": ("demo_rolling", ("--config.art.rolling_program=fused",)),
+    "separate": ("demo_rolling", ("--config.art.rolling_program=separate",)),
+}
+
+
+def run_mode(mode: str, seed: int, steps: int, workdir: Path) -> dict:
+    variant, overrides = MODES[mode]
     cmd = [
         sys.executable,
         "-m",
         "jaxret.cli",
         "train",
         f"--config=configs/art.py:{variant}",
+        *overrides,
         f"--config.seed={seed}",
         f"--config.train.steps={steps}",
         "--config.train.progress=false",
@@ -105,11 +116,10 @@ def modes(args):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         for seed in args.seeds:
-            for variant in ("demo", "demo_rolling"):
-                r = run_mode(variant, seed, args.steps, out / f"{variant}-{seed}")
+            for mode in args.modes:
+                r = run_mode(mode, seed, args.steps, out / f"{mode}-{seed}")
                 first, w, t = r["wall"][0], r["wall"][1:], r["test"]
                 p50, p99 = np.percentile(w, 50), np.percentile(w, 99)
-                mode = "rolling" if variant == "demo_rolling" else "sync"
                 print(
                     f"{mode:>8} {seed:>4} {first:6.1f} {p50:6.2f} {p99:6.2f} {w.max():6.2f} "
                     f"{w.max() / p50:7.2f} {r['total']:8.1f} {t.get('top1', np.nan):6.3f} "
@@ -128,6 +138,7 @@ def main():
     m = sub.add_parser("modes")
     m.add_argument("--seeds", type=int, nargs="+", default=[0])
     m.add_argument("--steps", type=int, default=200)
+    m.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     m.add_argument("--out", help="keep the runs' workdirs here")
     args = p.parse_args()
     throughput(args) if args.command == "throughput" else modes(args)

@@ -81,8 +81,16 @@ def base():
     # refresh: "sync" re-encodes the whole corpus every train.refresh_every steps (the paper's;
     # training waits); "rolling" re-encodes 1/refresh_every of every device's rows after each
     # step (same total work, no stall; rows are up to refresh_every − 1 steps old).
+    # rolling_program: "fused" runs that slice inside the jitted train step (one program,
+    # index donated); "separate" dispatches it as a second program right after the step.
     c.art = ml_collections.ConfigDict(
-        dict(top_k=32, temperature_multiplier=1.0, dropout=True, refresh="sync")
+        dict(
+            top_k=32,
+            temperature_multiplier=1.0,
+            dropout=True,
+            refresh="sync",
+            rolling_program="fused",
+        )
     )
     c.teacher = ml_collections.ConfigDict(
         dict(

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,41 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"  # bundled with the repo: the tests read nothing outside it
+
+
+def train_command(
+    config: str, model: Path, workdir: Path, *extra: str, devices: int = 8
+) -> tuple[list[str], dict[str, str]]:
+    """(cmd, env) of `jaxret train --config=CONFIG` on `devices` fake CPU devices, offline."""
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    cmd = [sys.executable, "-m", "jaxret.cli", "train", f"--config={config}"]
+    cmd += [f"--config.model.name={model}", "--workdir", str(workdir), *extra]
+    return cmd, env
+
+
+def run_killed_and_resumed(
+    config: str, model: Path, tmp_path: Path, extra: tuple[str, ...], checkpoint: int
+) -> None:
+    """Runs `extra` uninterrupted in tmp_path/a and, in tmp_path/b, SIGKILLed as soon as its
+    step-`checkpoint` checkpoint exists, then resumed with the same command."""
+    cmd, env = train_command(config, model, tmp_path / "a", *extra)
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+    cmd, env = train_command(config, model, tmp_path / "b", *extra)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = tmp_path / "b" / "checkpoints" / str(checkpoint)
+    deadline = time.time() + 300
+    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
 
 
 def minilm_path() -> Path:

@@ -12,6 +12,10 @@ cycle), with the current passage tower, and writes them into its index block in 
 record all live on the device that owns them (the index layout), so the refresh moves no data
 between devices; the passage tower's parameters are gathered as in any forward pass.
 
+The same update runs either as its own program dispatched after the step
+(`rolling_refresher`) or inside the ART train step (`rolling_update` handed to
+recipes.art.make_train_step), chosen by `art.rolling_program`.
+
 `stale[row]` [N_pad] int32 is the step whose parameters produced the row (0 = the initial
 encoding); staleness at step t is t − stale[row].
 """
@@ -55,17 +59,18 @@ def empty_staleness(layout: RowLayout, mesh: Mesh) -> jax.Array:
     )()
 
 
-@functools.lru_cache(maxsize=16)
-def rolling_refresher(
+def rolling_update(
     encoder: DualEncoder, mesh: Mesh, layout: RowLayout, refresh_every: int, per_device: int
 ) -> Any:
-    """jit(params, tables, embeddings, stale, done) → (embeddings, stale, stats).
+    """update(params, tables, embeddings, stale, done) → (embeddings, stale, stats), not jitted:
+    the body of the separate refresh program (`rolling_refresher`) and of the ART step that
+    carries the refresh inside it (recipes.art.make_train_step(roll=…)).
 
-    params: the passage tower's {"passage"|"shared": …}; tables: token rows [N_pad, L] in the
-    index layout; embeddings [N_pad, d] and stale [N_pad] are donated and updated in place;
-    done: the number of completed train steps (int32 scalar). stats: the real rows encoded now
-    ("encoded"), and the staleness of the real rows after this refresh ("staleness_max",
-    "staleness_mean").
+    params: the dual encoder's parameters (the passage tower is used); tables: token rows
+    [N_pad, L] in the index layout; embeddings [N_pad, d] and stale [N_pad] are updated in place
+    when donated; done: the number of completed train steps (int32 scalar). stats: the real rows
+    encoded now ("encoded") and the staleness of the real rows after this refresh
+    ("staleness_max", "staleness_mean").
     """
     axes = tuple(mesh.axis_names)
     rows = row_spec(mesh)
@@ -107,16 +112,26 @@ def rolling_refresher(
         check_vma=False,
     )
 
-    def refresh(params: Any, tables: dict, emb: jax.Array, stale: jax.Array, done: jax.Array):
+    def update(params: Any, tables: dict, emb: jax.Array, stale: jax.Array, done: jax.Array):
         done = jnp.asarray(done, jnp.int32)
         picked = local_take(tables, done)  # [D·s, L], each device's own rows
         embed = lambda t: encoder.embed(params, "passage", tokens_from_table(t))
         new = map_rows(embed, picked, mesh, axes, chunk)  # [D·s, d], row-sharded
         return local_put(emb, stale, new, done)
 
+    return update
+
+
+@functools.lru_cache(maxsize=16)
+def rolling_refresher(
+    encoder: DualEncoder, mesh: Mesh, layout: RowLayout, refresh_every: int, per_device: int
+) -> Any:
+    """jit(params, tables, embeddings, stale, done) → (embeddings, stale, stats): the rolling
+    refresh as its own program, dispatched after the train step; embeddings and stale are
+    donated (see `rolling_update`)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(
-        refresh,
+        rolling_update(encoder, mesh, layout, refresh_every, per_device),
         out_shardings=(row_sharding(mesh), row_sharding(mesh), replicated),
         donate_argnums=(2, 3),
     )

@@ -128,10 +128,17 @@ def make_train_step(
     mesh: Mesh,
     in_shardings: tuple,
     teacher: T5Teacher | None = None,
+    roll: Any = None,
 ) -> Any:
     """Returns step(state, batch, index, passage_tables, teacher_tables, teacher_params)
     → (state, metrics), jitted with explicit in/out shardings, the state donated. A step with
-    a non-finite loss or gradient is skipped (recipes.state.apply_gradients)."""
+    a non-finite loss or gradient is skipped (recipes.state.apply_gradients).
+
+    roll: an `index.rolling.rolling_update`: the step then also takes the staleness record
+    (stale [N_pad], in_shardings[6]) and, after the update, re-encodes this step's slice of
+    every device's rows with the new parameters — one program: (state, metrics, index, stale),
+    index and stale donated; the refresh's stats are the metrics "refresh_*".
+    """
 
     def step(
         state: TrainState,
@@ -140,7 +147,8 @@ def make_train_step(
         passage_tables: dict[str, jax.Array],
         teacher_tables: dict[str, jax.Array],
         teacher_params: Any,
-    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        *stale: jax.Array,
+    ) -> tuple:
         grad_fn = jax.value_and_grad(art_loss, has_aux=True)
         (loss, metrics), grads = grad_fn(
             state.params,
@@ -156,6 +164,13 @@ def make_train_step(
             teacher=teacher,
         )
         state, update_metrics = apply_gradients(state, grads, loss, optimizer)
-        return state, {**metrics, **update_metrics}
+        metrics = {**metrics, **update_metrics}
+        if roll is None:
+            return state, metrics
+        emb, new_stale, stats = roll(
+            state.params, passage_tables, index.embeddings, stale[0], state.step
+        )
+        index = ShardedIndex(emb, index.layout, index.mesh)  # host metadata: set by the caller
+        return state, {**metrics, **{f"refresh_{k}": v for k, v in stats.items()}}, index, new_stale
 
-    return jit_step(step, mesh, in_shardings)
+    return jit_step(step, mesh, in_shardings, carry=() if roll is None else (2, 6))

@@ -101,12 +101,15 @@ def state_shardings(state: TrainState, mesh: Mesh, strategy: str, extra: Any = N
     )
 
 
-def jit_step(step: Any, mesh: Mesh, in_shardings: tuple) -> Any:
-    """A recipe's step(state, batch, …) → (state, metrics), jitted with explicit shardings:
-    the state keeps its layout and is donated, the metrics come back replicated."""
+def jit_step(step: Any, mesh: Mesh, in_shardings: tuple, carry: tuple[int, ...] = ()) -> Any:
+    """A recipe's step(state, batch, …) → (state, metrics, *carried), jitted with explicit
+    shardings: the state keeps its layout and is donated, the metrics come back replicated.
+    `carry` names further arguments (by position) the step updates and returns after the
+    metrics, in their input layout and donated (e.g. ART's index under a rolling refresh)."""
+    carried = tuple(in_shardings[i] for i in carry)
     return jax.jit(
         step,
         in_shardings=in_shardings,
-        out_shardings=(in_shardings[0], NamedSharding(mesh, PartitionSpec())),
-        donate_argnums=(0,),
+        out_shardings=(in_shardings[0], NamedSharding(mesh, PartitionSpec()), *carried),
+        donate_argnums=(0, *carry),
     )

@@ -10,7 +10,9 @@ What the loop gets from here (jaxret.train.loop.Recipe):
                rebuilds the index once and never twice.
                art.refresh = "rolling": after every step each device re-encodes its next
                slice of rows in place (index.rolling), so training never stalls; a cycle of
-               `refresh_every` steps encodes the corpus once;
+               `refresh_every` steps encodes the corpus once. art.rolling_program = "fused"
+               does it inside the train step (one program; after_step only logs it),
+               "separate" as a second program dispatched here;
   aux          sync: the passage-tower parameters that built the current index (a resume
                rebuilds exactly that index); rolling: the index itself and its per-row
                staleness record (each process writes its rows), so a resume is exact;
@@ -45,7 +47,7 @@ from jaxret.index.encode import (
     token_keys,
 )
 from jaxret.index.mips import RowLayout, row_sharding
-from jaxret.index.rolling import empty_staleness, rolling_refresher, staleness
+from jaxret.index.rolling import empty_staleness, rolling_refresher, rolling_update, staleness
 from jaxret.index.sharded import ShardedIndex
 from jaxret.models import dual_encoder as de
 from jaxret.parallel import global_batch, initialize_distributed, make_mesh
@@ -144,12 +146,18 @@ class ArtRun:
         self.index_params = _copy(encoder.tower_params(self.state.params, "passage"))
         self.index_step = 0
         self.index = self._encode(self.index_params, 0, "start", None)
-        self.stale, self.done = None, 0
+        self.stale, self.done, self.roll_stats = None, 0, {}
+        self.program = cfg.art.get("rolling_program", "fused")
+        if self.program not in ("fused", "separate"):
+            raise ConfigError(
+                f"art.rolling_program={self.program!r}; expected 'fused' or 'separate'"
+            )
+        roll_args = (encoder, mesh, self.layout, int(cfg.train.refresh_every))
+        fused = self.refresh == "rolling" and self.program == "fused"
         if self.refresh == "rolling":
             self.stale = empty_staleness(self.layout, mesh)  # [N_pad]: step of each row
-            self.roll_fn = rolling_refresher(
-                encoder, mesh, self.layout, int(cfg.train.refresh_every), cfg.encode.device_batch
-            )
+            if not fused:
+                self.roll_fn = rolling_refresher(*roll_args, cfg.encode.device_batch)
         batch_sharding = NamedSharding(mesh, DATA)
         example = self.batch_at(0)
         in_shardings = (
@@ -160,8 +168,12 @@ class ArtRun:
             jax.tree.map(lambda _: row_sharding(mesh), self.teacher_tables),
             jax.tree.map(lambda x: x.sharding, self.teacher_params),
         )
+        roll = None
+        if fused:
+            in_shardings += (row_sharding(mesh),)  # stale
+            roll = rolling_update(*roll_args, cfg.encode.device_batch)
         self.step_fn = art.make_train_step(
-            encoder, self.optimizer, self.art_cfg, mesh, in_shardings, self.teacher
+            encoder, self.optimizer, self.art_cfg, mesh, in_shardings, self.teacher, roll
         )
 
     # -- pieces ----------------------------------------------------------------------------
@@ -230,9 +242,14 @@ class ArtRun:
         return global_batch(local, self.mesh, DATA)
 
     def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
-        return self.step_fn(
-            state, batch, self.index, self.passage_tables, self.teacher_tables, self.teacher_params
-        )
+        args = (batch, self.index, self.passage_tables, self.teacher_tables, self.teacher_params)
+        if self.stale is None or self.program == "separate":
+            return self.step_fn(state, *args)
+        state, metrics, index, self.stale = self.step_fn(state, *args, self.stale)
+        self.index = index
+        # Reported by after_step as events, the same rows as the separate program writes.
+        self.roll_stats = {k: metrics.pop(k) for k in list(metrics) if k.startswith("refresh_")}
+        return state, metrics
 
     def after_step(self, state: Any, done: int) -> dict[str, float] | None:
         """sync: re-embeds the corpus every refresh_every steps (not after the last step);
@@ -248,13 +265,17 @@ class ArtRun:
         return self._flush_events()
 
     def _roll(self, state: Any, done: int) -> dict[str, float]:
-        tower = self._tower(self.encoder.tower_params(state.params, "passage"))
-        emb, self.stale, stats = self.roll_fn(
-            tower, self.passage_tables, self.index.embeddings, self.stale, np.int32(done)
-        )
+        if self.program == "separate":
+            tower = self._tower(self.encoder.tower_params(state.params, "passage"))
+            emb, self.stale, stats = self.roll_fn(
+                tower, self.passage_tables, self.index.embeddings, self.stale, np.int32(done)
+            )
+            self.roll_stats = {f"refresh_{k}": v for k, v in stats.items()}
+        else:  # the train step refreshed the slice already
+            emb = self.index.embeddings
         self.index = self._rolling_index(emb, done)
         self.index_step = -1  # rows of several steps: never "fresh" for evaluation
-        out = {f"refresh_{k}": float(v) for k, v in jax.device_get(stats).items()}
+        out = {k: float(v) for k, v in jax.device_get(self.roll_stats).items()}
         return {**out, **(self._flush_events() or {})}
 
     def _rolling_index(self, embeddings: jax.Array, done: int) -> ShardedIndex:

@@ -36,8 +36,9 @@ def main(command: str, spec: str | None, overrides: list[tuple[str, str]], workd
         print(f"held-out test questions: {n}")
         _print_accuracy("baseline", summary["test_before"])
         _print_accuracy("trained", summary["test_after"])
-    out = Path(workdir)
-    print(f"checkpoints: {out / 'checkpoints'}  best: {out / 'best'}")
+    out = Path(summary.get("run_dir", workdir))
+    best = out / "best" if (out / "best").exists() else "none (no dev evaluation)"
+    print(f"checkpoints: {out / 'checkpoints'}  best: {best}")
     print(f"HF export: {out / 'export'}  plot: {summary.get('plot')}")
     print(f"metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tensorboard'}")
     (out / "summary.json").exists() and json.loads((out / "summary.json").read_text())

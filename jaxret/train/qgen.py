@@ -520,6 +520,7 @@ def adapt(cfg: Any, workdir: str | Path) -> dict[str, Any]:
     summary = train_retriever(rcfg, workdir / "retriever")
     summary["generator"] = str(generator_dir)
     summary["synthetic"] = str(synthetic_dir)
+    summary["run_dir"] = str(workdir / "retriever")  # where its checkpoints, logs, export are
     return summary
 
 

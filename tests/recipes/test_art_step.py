@@ -12,6 +12,7 @@ from jaxret.data.tokenization import load_tokenizer, tokenize_passages, tokenize
 from jaxret.eval.evaluate import load_eval_data
 from jaxret.index.gather import device_table
 from jaxret.index.mips import RowLayout, row_sharding
+from jaxret.index.rolling import empty_staleness, rolling_refresher, rolling_update
 from jaxret.index.sharded import ShardedIndex
 from jaxret.lexical.bm25 import BM25
 from jaxret.losses import kl_teacher_student
@@ -103,6 +104,29 @@ def reference_run(encoder, params, p_tokens, q_tokens, t_ids, t_scores, embeddin
     return params, losses
 
 
+def token_tables(p_tokens, layout, mesh):
+    """The passage token rows on the devices, in the index layout (zero padding rows)."""
+    return {
+        k: device_table(
+            lambda s, e, v=v: np.pad(v, ((0, layout.padded_rows - len(v)), (0, 0)))[s:e],
+            layout,
+            mesh,
+        )
+        for k, v in p_tokens.items()
+    }
+
+
+def step_batch(step, q_tokens, t_ids, t_scores, mesh):
+    """Global batch `step`: B questions in order with their sparse-teacher lists."""
+    sl = slice(step * B, (step + 1) * B)
+    local = {
+        "query": {k: v[sl] for k, v in q_tokens.items()},
+        "teacher_ids": t_ids[sl],
+        "teacher_scores": t_scores[sl],
+    }
+    return global_batch(local, mesh)
+
+
 @pytest.mark.parametrize("mesh_shape,strategy", [((8, 1), "replicated"), ((4, 2), "fsdp_tensor")])
 def test_sharded_step_equals_single_device_reference(problem, mesh_shape, strategy):
     encoder, params, p_tokens, q_tokens, t_ids, t_scores = problem
@@ -122,14 +146,7 @@ def test_sharded_step_equals_single_device_reference(problem, mesh_shape, strate
     index = ShardedIndex.from_embeddings(embeddings, mesh, jnp.float32, chunk_rows=8)
     layout = RowLayout.for_mesh(len(embeddings), mesh, 8)
     assert layout == index.layout
-    tables = {
-        k: device_table(
-            lambda s, e, v=v: np.pad(v, ((0, layout.padded_rows - len(v)), (0, 0)))[s:e],
-            layout,
-            mesh,
-        )
-        for k, v in p_tokens.items()
-    }
+    tables = token_tables(p_tokens, layout, mesh)
     cfg = art.ArtConfig(top_k=K, teacher="bm25", teacher_temperature=1.0, dropout=False)
     state = train_state.init_state(params, optimizer, seed=0)
     shardings = train_state.state_shardings(state, mesh, strategy)
@@ -146,15 +163,7 @@ def test_sharded_step_equals_single_device_reference(problem, mesh_shape, strate
     losses = []
     step_fn = None
     for step in range(STEPS):
-        sl = slice(step * B, (step + 1) * B)
-        batch = global_batch(
-            {
-                "query": {k: v[sl] for k, v in q_tokens.items()},
-                "teacher_ids": t_ids[sl],
-                "teacher_scores": t_scores[sl],
-            },
-            mesh,
-        )
+        batch = step_batch(step, q_tokens, t_ids, t_scores, mesh)
         if step_fn is None:
             in_sh = in_sh[:1] + (jax.tree.map(lambda _: batch_sh, batch),) + in_sh[2:]
             step_fn = art.make_train_step(encoder, optimizer, cfg, mesh, in_sh)
@@ -175,6 +184,76 @@ def test_sharded_step_equals_single_device_reference(problem, mesh_shape, strate
     if strategy == "fsdp_tensor":
         specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
         assert any("model" in s or "data" in s for s in specs)
+
+
+@pytest.mark.parametrize("strategy", ["replicated", "fsdp_tensor"])
+def test_fused_rolling_step_equals_step_then_separate_refresh(problem, strategy):
+    """The rolling refresh inside the train step (one program, index and staleness donated)
+    computes what the step followed by the separate refresh program computes: the same
+    losses, parameters, index rows and staleness record, step after step."""
+    encoder, params, p_tokens, q_tokens, t_ids, t_scores = problem
+    optimizer = optax.sgd(0.5)
+    mesh = make_mesh(("data", "model"), (4, 2) if strategy == "fsdp_tensor" else (8, 1))
+    embeddings = np.asarray(jax.jit(lambda p, t: encoder.embed(p, "passage", t))(params, p_tokens))
+    layout = RowLayout.for_mesh(len(embeddings), mesh, 8)
+    tables = token_tables(p_tokens, layout, mesh)
+    cfg = art.ArtConfig(top_k=K, teacher="bm25", teacher_temperature=1.0, dropout=False)
+    refresh_every = 2
+    roll_args = (encoder, mesh, layout, refresh_every, 4)
+    runs = {}
+    for program in ("separate", "fused"):
+        index = ShardedIndex.from_embeddings(embeddings, mesh, jnp.float32, chunk_rows=8)
+        stale = empty_staleness(layout, mesh)
+        state = train_state.init_state(params, optimizer, seed=0)
+        shardings = train_state.state_shardings(state, mesh, strategy)
+        state = jax.device_put(state, shardings)
+        step_fn, losses, encoded = None, [], []
+        for step in range(STEPS):
+            batch = step_batch(step, q_tokens, t_ids, t_scores, mesh)
+            if step_fn is None:
+                in_sh = (
+                    shardings,
+                    jax.tree.map(lambda _: NamedSharding(mesh, P("data")), batch),
+                    jax.tree.map(lambda x: x.sharding, index),
+                    jax.tree.map(lambda _: row_sharding(mesh), tables),
+                    {},
+                    None,
+                )
+                if program == "fused":
+                    in_sh += (row_sharding(mesh),)
+                    roll = rolling_update(*roll_args)
+                    step_fn = art.make_train_step(encoder, optimizer, cfg, mesh, in_sh, None, roll)
+                    compiled = step_fn.lower(state, batch, index, tables, {}, None, stale).compile()
+                else:
+                    step_fn = art.make_train_step(encoder, optimizer, cfg, mesh, in_sh)
+                    separate = rolling_refresher(*roll_args)
+            if program == "fused":
+                state, metrics, index, stale = step_fn(state, batch, index, tables, {}, None, stale)
+                stats = {k[len("refresh_") :]: v for k, v in metrics.items() if "refresh_" in k}
+            else:
+                state, metrics = step_fn(state, batch, index, tables, {}, None)
+                emb, stale, stats = separate(
+                    state.params, tables, index.embeddings, stale, step + 1
+                )
+                index = ShardedIndex(emb, layout, mesh)
+            losses.append(float(metrics["loss"]))
+            encoded.append(float(stats["encoded"]))
+        runs[program] = (losses, state.params, np.asarray(index.embeddings), np.asarray(stale))
+        runs[program + "_encoded"] = encoded
+
+    (l_sep, p_sep, e_sep, s_sep), (l_fus, p_fus, e_fus, s_fus) = runs["separate"], runs["fused"]
+    np.testing.assert_allclose(l_fus, l_sep, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p_fus, p_sep)
+    np.testing.assert_allclose(e_fus, e_sep, atol=1e-5)
+    np.testing.assert_array_equal(s_fus, s_sep)
+    assert set(s_fus[: len(embeddings)]) == {2, 3}  # rows of step 1 were refreshed again at 3
+    assert runs["fused_encoded"] == runs["separate_encoded"]
+    assert sum(runs["fused_encoded"][:refresh_every]) == len(embeddings)
+    # The refreshed rows really moved: step 3's parameters differ from the initial ones.
+    assert np.abs(e_fus[: len(embeddings)] - embeddings).max() > 1e-3
+    # In place: the index and the staleness record alias their outputs (donated, no copy).
+    index_bytes = layout.padded_rows * encoder.dim * 4 // mesh.size
+    assert compiled.memory_analysis().alias_size_in_bytes >= index_bytes
 
 
 def test_t5_teacher_gets_no_gradient(tmp_path):

@@ -2,17 +2,14 @@
 
 import json
 import math
-import os
-import signal
 import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import run_killed_and_resumed, train_command
 from safetensors.numpy import load_file
 
 from jaxret.configlib import load_config
@@ -139,43 +136,12 @@ def test_t5_teacher_path_end_to_end(tiny_bert, tmp_path):
 
 
 def _cli(tiny_bert, workdir, *extra, devices=8):
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "jaxret.cli",
-        "train",
-        "--config=configs/art.py:tiny",
-        f"--config.model.name={tiny_bert}",
-        "--workdir",
-        str(workdir),
-        *extra,
-    ]
-    return cmd, env
+    return train_command("configs/art.py:tiny", tiny_bert, workdir, *extra, devices=devices)
 
 
 def _run_killed_and_resumed(tiny_bert, tmp_path, extra):
-    """Runs `extra` uninterrupted in a/ and, in b/, SIGKILLed right after its step-4
-    checkpoint, then resumed with the same command."""
-    cmd, env = _cli(tiny_bert, tmp_path / "a", *extra)
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
-
-    cmd, env = _cli(tiny_bert, tmp_path / "b", *extra)
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    ckpt = tmp_path / "b" / "checkpoints" / "4"
-    deadline = time.time() + 300
-    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+    """SIGKILLed right after the step-4 checkpoint, then resumed (conftest)."""
+    run_killed_and_resumed("configs/art.py:tiny", tiny_bert, tmp_path, extra, 4)
 
 
 def _assert_same_exports(a, b):
@@ -234,13 +200,15 @@ def test_rolling_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
     _assert_same_exports(tmp_path / "a", tmp_path / "b")
 
 
-def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path):
+@pytest.mark.parametrize("program", ["fused", "separate"])
+def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program):
     """A cycle of refresh_every steps encodes the corpus exactly once; staleness is logged
     every step and reported by the evaluation; the run ends with a fresh test index."""
     cfg = config(
         tiny_bert,
         **{
             "art.refresh": "rolling",
+            "art.rolling_program": program,
             "train.steps": 6,
             "train.refresh_every": 3,
             "train.eval_every": 3,

@@ -3,10 +3,8 @@ skipped and never checkpointed, a changed config is refused on resume, SIGTERM l
 exact checkpoint."""
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import train_command
 from safetensors.numpy import load_file
 
 from jaxret.configlib import ConfigError, load_config
@@ -117,24 +116,7 @@ def test_resume_with_a_changed_config_is_refused(tiny_bert, tmp_path):
 
 
 def _cli(tiny_bert, workdir, *extra):
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "jaxret.cli",
-        "train",
-        "--config=configs/art.py:tiny",
-        f"--config.model.name={tiny_bert}",
-        "--workdir",
-        str(workdir),
-        *extra,
-    ]
-    return cmd, env
+    return train_command("configs/art.py:tiny", tiny_bert, workdir, *extra)
 
 
 def test_sigterm_saves_a_checkpoint_from_which_resume_is_exact(tiny_bert, tmp_path):

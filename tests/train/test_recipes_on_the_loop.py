@@ -2,14 +2,10 @@
 exact resumption hold for them too."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
+from conftest import run_killed_and_resumed
 from safetensors.numpy import load_file
 
 from jaxret.configlib import load_config
@@ -42,27 +38,6 @@ def test_spar_tiny_trains_evaluates_and_exports(tiny_bert, tmp_path):
     assert "#s" in first["_id"] and first["passage"] == first["_id"].split("#s")[0]
 
 
-def _cli(workdir, model, *extra, config="configs/lapradoor.py:tiny"):
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "jaxret.cli",
-        "train",
-        f"--config={config}",
-        f"--config.model.name={model}",
-        "--workdir",
-        str(workdir),
-        *extra,
-    ]
-    return cmd, env
-
-
 def test_lapradoor_resumes_exactly_after_sigkill(tiny_bert, tmp_path):
     """The cache queue, the phase and both towers come back bit-identical."""
     extra = (
@@ -70,22 +45,7 @@ def test_lapradoor_resumes_exactly_after_sigkill(tiny_bert, tmp_path):
         "--config.train.checkpoint_every=3",
         "--config.eval.test_at_end=false",
     )
-    cmd, env = _cli(tmp_path / "a", tiny_bert, *extra)
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
-    cmd, env = _cli(tmp_path / "b", tiny_bert, *extra)
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 300
-    while (
-        not (tmp_path / "b" / "checkpoints" / "3").is_dir()
-        and proc.poll() is None
-        and time.time() < deadline
-    ):
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
+    run_killed_and_resumed("configs/lapradoor.py:tiny", tiny_bert, tmp_path, extra, 3)
     loss = lambda w: [(r["step"], r["loss"], r["negatives"], r["phase"]) for r in rows(w, "train")]
     assert loss(tmp_path / "a") == loss(tmp_path / "b")
     assert len(loss(tmp_path / "b")) == 10
