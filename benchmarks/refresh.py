@@ -10,6 +10,11 @@ python benchmarks/refresh.py modes [--seeds 0 1] [--steps 200] [--modes sync fus
     slice either inside the train step (`fused`) or a second program after it (`separate`),
     each a fresh `jaxret train` process: per-step wall time (train step + refresh) p50 / p99 /
     max, the slowest step over the median, total wall time, and the held-out test top-k.
+
+python benchmarks/refresh.py programs [--rounds 6] [--steps 15]
+    the two rolling programs side by side in one process on the demo_rolling run: rounds of
+    `--steps` steps each, alternating which goes first, timed as the loop runs them (the
+    step's metrics fetched, then after_step); per-step median and p90 of each and the ratio.
 """
 
 import argparse
@@ -128,6 +133,44 @@ def modes(args):
                 )
 
 
+def programs(args):
+    from jaxret.train.art import ArtRun
+
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for program in ("fused", "separate"):
+            cfg = load_config("configs/art.py:demo_rolling", [("art.rolling_program", program)])
+            runs[program] = ArtRun(cfg, Path(tmp) / program)
+        done = {p: 0 for p in runs}
+        times: dict[str, list[float]] = {p: [] for p in runs}
+
+        def advance(program: str, steps: int, record: bool) -> None:
+            run = runs[program]
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                run.state, metrics = run.train_step(run.state, run.batch_at(done[program]))
+                jax.device_get(metrics)
+                done[program] += 1
+                run.after_step(run.state, done[program])
+                run.index.embeddings.block_until_ready()
+                if record:
+                    times[program].append(time.perf_counter() - t0)
+
+        for p in runs:  # compile
+            advance(p, 2, record=False)
+        order = list(runs)
+        for _ in range(args.rounds):
+            for p in order:
+                advance(p, args.steps, record=True)
+            order.reverse()
+    n = args.rounds * args.steps
+    print(f"demo_rolling, {n} timed steps per program ({args.rounds} alternating rounds)")
+    for p, t in times.items():
+        print(f"  {p:>8}: median {np.median(t):.3f} s/step  p90 {np.percentile(t, 90):.3f} s")
+    ratio = np.median(times["separate"]) / np.median(times["fused"])
+    print(f"  ratio (separate / fused median): {ratio:.3f}  (> 1: fused faster)")
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,8 +183,11 @@ def main():
     m.add_argument("--steps", type=int, default=200)
     m.add_argument("--modes", nargs="+", choices=sorted(MODES), default=list(MODES))
     m.add_argument("--out", help="keep the runs' workdirs here")
+    g = sub.add_parser("programs")
+    g.add_argument("--rounds", type=int, default=6)
+    g.add_argument("--steps", type=int, default=15)
     args = p.parse_args()
-    throughput(args) if args.command == "throughput" else modes(args)
+    {"throughput": throughput, "modes": modes, "programs": programs}[args.command](args)
 
 
 if __name__ == "__main__":

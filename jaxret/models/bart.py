@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxret.models.bert import _ACTIVATIONS, LayerNorm
+from jaxret.models.encoder_decoder import EncoderDecoder
 from jaxret.models.t5 import LMHead
 from jaxret.parallel.activations import Activations, constrain
 
@@ -199,7 +200,7 @@ class DecoderLayer(nn.Module):
         return x, cache
 
 
-class Bart(nn.Module):
+class Bart(EncoderDecoder):
     config: BartConfig
     dtype: Any = jnp.float32
     remat: bool = False
@@ -329,17 +330,3 @@ class Bart(nn.Module):
             x, layer_cache = layer(x, self_bias, cross_bias, kv, True, layer_cache, index)
             new_cache.append(layer_cache)
         return self.logits(x[:, 0]), new_cache
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array,
-        decoder_input_ids: jax.Array,
-        decoder_attention_mask: jax.Array | None = None,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        encoded = self.encode(input_ids, attention_mask, deterministic)
-        hidden = self.decode(
-            decoder_input_ids, encoded, attention_mask, decoder_attention_mask, deterministic
-        )
-        return self.logits(hidden)

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.models.encoder_decoder import EncoderDecoder
 from jaxret.parallel.activations import Activations, constrain
 
 # Logical names of activation dimensions (jaxret.parallel.activations).
@@ -395,7 +396,7 @@ class Decoder(nn.Module):
         return self.final_norm(x), new_cache
 
 
-class T5(nn.Module):
+class T5(EncoderDecoder):
     config: T5Config
     dtype: Any = jnp.float32
     remat: bool = False  # rematerialize each layer in the backward pass (generator training)
@@ -472,21 +473,6 @@ class T5(nn.Module):
             self.embed(token[:, None]), index, cache, cross_kv, encoder_mask
         )
         return self.logits(hidden[:, 0]), cache
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array,
-        decoder_input_ids: jax.Array,
-        decoder_attention_mask: jax.Array | None = None,
-        deterministic: bool = True,
-    ) -> jax.Array:
-        """Full forward → logits [B, T, V] fp32 (use for small vocabularies / tests)."""
-        encoded = self.encode(input_ids, attention_mask, deterministic)
-        hidden = self.decode(
-            decoder_input_ids, encoded, attention_mask, decoder_attention_mask, deterministic
-        )
-        return self.logits(hidden)
 
 
 def shift_right(labels: jax.Array, start_id: int = 0, pad_id: int = 0) -> jax.Array:

@@ -147,7 +147,7 @@ class ArtRun:
         self.index_step = 0
         self.index = self._encode(self.index_params, 0, "start", None)
         self.stale, self.done, self.roll_stats = None, 0, {}
-        self.program = cfg.art.get("rolling_program", "fused")
+        self.program = cfg.art.get("rolling_program", "separate")
         if self.program not in ("fused", "separate"):
             raise ConfigError(
                 f"art.rolling_program={self.program!r}; expected 'fused' or 'separate'"

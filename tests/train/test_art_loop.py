@@ -183,13 +183,13 @@ def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
     _assert_same_exports(tmp_path / "a", tmp_path / "b")
 
 
-def test_rolling_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
+@pytest.mark.parametrize("program", ["separate", "fused"])
+def test_rolling_resume_after_sigkill_is_exact(tiny_bert, tmp_path, program):
     """The index and its staleness record are in the checkpoint: nothing is re-encoded on
     resume and the losses (which read the index) and parameters are bit-identical."""
+    rolling = ("--config.art.refresh=rolling", f"--config.art.rolling_program={program}")
     _run_killed_and_resumed(
-        tiny_bert,
-        tmp_path,
-        (*RESUME_ARGS, "--config.art.refresh=rolling", "--config.train.refresh_every=3"),
+        tiny_bert, tmp_path, (*RESUME_ARGS, *rolling, "--config.train.refresh_every=3")
     )
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
     assert len(train_losses(tmp_path / "b")) == 12
