@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.models.attention import dot_product_attention
 from jaxret.models.bert import _ACTIVATIONS, LayerNorm
 from jaxret.models.encoder_decoder import EncoderDecoder
 from jaxret.models.t5 import LMHead
@@ -117,9 +118,8 @@ class Attention(nn.Module):
     ) -> jax.Array:
         head_dim = self.config.d_model // self.heads
         q = constrain(self.act, self.q_proj(x), _BLHD) * (head_dim**-0.5)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
-        probs = self.dropout(jax.nn.softmax(logits, axis=-1), deterministic=deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v)
+        drop = lambda p: self.dropout(p, deterministic=deterministic)
+        ctx = dot_product_attention(q, k, v, bias, self.dtype, drop, act=self.act)
         return constrain(self.act, self.out_proj(ctx), _BLE)
 
 

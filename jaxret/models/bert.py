@@ -18,12 +18,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.models.attention import dot_product_attention
 from jaxret.parallel.activations import Activations, constrain
 
 # Logical names of activation dimensions (jaxret.parallel.activations).
 _BLE = ("batch", None, None)  # [B, L, E]
 _BLHD = ("batch", None, "heads", None)  # [B, L, H, D]
-_BHLL = ("batch", "heads", None, None)  # [B, H, L, L]
 _BLF = ("batch", None, "mlp")  # [B, L, F]
 
 _ACTIVATIONS = {
@@ -182,11 +182,18 @@ class SelfAttention(nn.Module):
         q = c(_dense(heads, self.dtype, "query")(x), _BLHD)  # [B, L, H, D]
         k = c(_dense(heads, self.dtype, "key")(x), _BLHD)
         v = c(_dense(heads, self.dtype, "value")(x), _BLHD)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits / jnp.sqrt(cfg.head_dim).astype(jnp.float32) + bias  # [B, H, L, L]
-        probs = c(jax.nn.softmax(logits, axis=-1), _BHLL)
-        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        ctx = c(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v), _BLHD)
+        dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+        ctx = dot_product_attention(
+            q,
+            k,
+            v,
+            bias,
+            self.dtype,
+            lambda p: dropout(p, deterministic=deterministic),
+            logit_scale=cfg.head_dim**-0.5,
+            act=self.act,
+        )
+        ctx = c(ctx, _BLHD)
         out = _dense(cfg.hidden_size, self.dtype, "output", axis=(-2, -1))(ctx)
         return c(out, _BLE)  # [B, L, E]
 

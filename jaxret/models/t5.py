@@ -23,13 +23,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxret.models.attention import dot_product_attention
 from jaxret.models.encoder_decoder import EncoderDecoder
 from jaxret.parallel.activations import Activations, constrain
 
 # Logical names of activation dimensions (jaxret.parallel.activations).
 _BLE = ("batch", None, None)  # [B, L, D]
 _BLHD = ("batch", None, "heads", None)  # [B, L, H, Dk]
-_BHQK = ("batch", "heads", None, None)  # [B, H, Q, K]
 _BLF = ("batch", None, "mlp")  # [B, L, F]
 
 _ACT = {
@@ -218,10 +218,8 @@ class Attention(nn.Module):
     ) -> jax.Array:
         c = lambda y, axes: constrain(self.act, y, axes)
         q = c(self.q(x), _BLHD)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) + bias
-        probs = c(jax.nn.softmax(logits, axis=-1), _BHQK)
-        probs = self.dropout(probs, deterministic=deterministic)
-        ctx = c(jnp.einsum("bhqk,bkhd->bqhd", probs.astype(self.dtype), v), _BLHD)
+        drop = lambda p: self.dropout(p, deterministic=deterministic)
+        ctx = c(dot_product_attention(q, k, v, bias, self.dtype, drop, act=self.act), _BLHD)
         return c(self.o(ctx), _BLE)
 
     def __call__(self, x: jax.Array, kv_input: jax.Array, bias: jax.Array, deterministic: bool):
