@@ -144,6 +144,7 @@ def _build(
     name), the manifest last, then renames it into place. The rename is atomic and fails if
     another builder got there first (its table is identical): a table that opens is always
     complete, and a killed build leaves only a temporary folder that nothing opens."""
+    _remove_dead_builds(folder)
     suffix = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = folder.with_name(f".{folder.name}.tmp-{suffix}")
     tmp.mkdir(parents=True)
@@ -191,3 +192,30 @@ def _write(
     }
     # The manifest is written last: a folder with a manifest is complete.
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def _remove_dead_builds(folder: Path) -> list[Path]:
+    """Deletes the temporary folders that killed builds of `folder` left on this host: their
+    name holds the builder's host and pid, and a pid that no longer runs will never rename
+    its folder. Builds of other hosts (a shared filesystem) are left alone: their liveness
+    cannot be seen from here."""
+    host = socket.gethostname()
+    removed = []
+    for tmp in folder.parent.glob(f".{folder.name}.tmp-*"):
+        owner = tmp.name[len(f".{folder.name}.tmp-") :]  # "{host}-{pid}-{random}"
+        owner_host, _, pid = owner.rpartition("-")[0].rpartition("-")
+        if owner_host != host or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed

@@ -150,7 +150,10 @@ def test_concurrent_builds_give_one_table_and_a_killed_build_none(tmp_path):
     corpus = Corpus([f"d{i}" for i in range(n)], ["t"] * n, [f"text {i}" for i in range(n)])
     with pytest.raises(StoreMismatchError, match="no token table"):
         open_table(tmp_path / "store", "p", corpus, None, {"vocab_size": 100}, build=False)
-    # ... and two builders at once produce one valid table that both open.
+    leftover = list((tmp_path / "store").glob(".p-*.tmp-*"))
+    assert len(leftover) == 1
+    # ... and two builders at once produce one valid table that both open (and delete the
+    # killed build's folder, without touching each other's live ones).
     procs = [run(0.01), run(0.01)]
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
@@ -158,5 +161,35 @@ def test_concurrent_builds_give_one_table_and_a_killed_build_none(tmp_path):
     assert len(opened) == 1  # same folder, same content
     tables = list((tmp_path / "store").glob("p-*"))
     assert len(tables) == 1 and (tables[0] / "manifest.json").is_file()
+    assert not list((tmp_path / "store").glob(".p-*.tmp-*"))
     table = open_table(tmp_path / "store", "p", corpus, None, {"vocab_size": 100}, build=False)
     assert len(table) == 300 and table.arrays["input_ids"].dtype == np.uint16
+
+
+def test_only_dead_builds_of_this_host_are_removed(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from jaxret.data.corpus_store import _remove_dead_builds
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = int(done.stdout)
+    host = socket.gethostname()
+    folder = tmp_path / "p-0123"
+    names = {
+        "dead": f".p-0123.tmp-{host}-{dead}-abcd1234",
+        "alive": f".p-0123.tmp-{host}-{os.getpid()}-abcd1234",
+        "other host": f".p-0123.tmp-elsewhere-{dead}-abcd1234",
+        "other table": f".p-9999.tmp-{host}-{dead}-abcd1234",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+    assert _remove_dead_builds(folder) == [tmp_path / names["dead"]]
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {names["alive"], names["other host"], names["other table"]}
