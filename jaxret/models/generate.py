@@ -117,12 +117,16 @@ def _methods(model: Any, params: Any) -> tuple:
 
 
 def _start(
-    model: Any, params: Any, input_ids: jax.Array, attention_mask: jax.Array, n: int, t_max: int
+    encode: Any,
+    init_cache: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    n: int,
+    t_max: int,
 ) -> tuple[Any, Any, jax.Array]:
     """Encode each input once, then give each of its n sequences a copy of the cross-attention
     keys/values: (empty self-attention cache, cross K/V, mask [B·n, L]) in row order
     (input 0's n sequences first). Encoding the n copies instead would cost n× the encoder."""
-    encode, init_cache, _ = _methods(model, params)
     cache, cross = init_cache(encode(input_ids, attention_mask), t_max)
     copies = lambda tree: jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), tree)
     return copies(cache), copies(cross), copies(attention_mask)
@@ -159,8 +163,8 @@ def _greedy_or_sample(
     b = input_ids.shape[0]
     n = d.num_return if d.method == "sample" else 1
     bn = b * n
-    cache, cross, mask = _start(model, params, input_ids, attention_mask, n, d.max_new_tokens)
-    step = _methods(model, params)[2]
+    encode, init_cache, step = _methods(model, params)
+    cache, cross, mask = _start(encode, init_cache, input_ids, attention_mask, n, d.max_new_tokens)
     seeds = jnp.arange(b) if row_seeds is None else row_seeds
     # One key per (row, sample): independent of which other rows share the batch.
     row_keys = jax.vmap(lambda s: jax.random.fold_in(rng, s))(seeds)
@@ -202,8 +206,8 @@ def _beam_search(
     cfg = model.config
     b, k, t_max = input_ids.shape[0], d.num_beams, d.max_new_tokens
     keep = 2 * k  # transformers: max(2, 1 + number of EOS ids) · beams
-    cache, cross, mask = _start(model, params, input_ids, attention_mask, k, t_max)
-    step = _methods(model, params)[2]
+    encode, init_cache, step = _methods(model, params)
+    cache, cross, mask = _start(encode, init_cache, input_ids, attention_mask, k, t_max)
     pad = cfg.pad_token_id
     gather = lambda x, idx: jnp.take_along_axis(
         x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1
