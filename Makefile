@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # 8 fake CPU devices so that the sharding tests run on any machine.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-slow lint format bench clean
 
 $(VENV)/.runtime: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ format: $(VENV)/.dev
 
 test: lint
 	$(TEST_ENV) $(PY) -m pytest tests
+
+# End-to-end runs of minutes each (the demo on several core counts, more device counts).
+test-slow: $(VENV)/.dev
+	$(TEST_ENV) $(PY) -m pytest tests -m slow
 
 bench: $(VENV)/.dev
 	$(PY) benchmarks/mips.py

@@ -224,10 +224,9 @@ def load_model(cfg: Any, explicit: set[str] = frozenset()) -> tuple[Any, Any, An
 
 
 def _mesh(cfg: Any) -> Any:
-    from jaxret.parallel import initialize_distributed, make_mesh
+    from jaxret.parallel import mesh_from_config
 
-    initialize_distributed(cfg.get("distributed"))
-    return make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+    return mesh_from_config(cfg)
 
 
 def _place_params(cfg: Any, params: Any, mesh: Any) -> Any:

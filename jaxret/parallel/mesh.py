@@ -11,6 +11,11 @@ Two properties the rest of jaxret relies on:
   distributed config can name the local devices (`local_device_ids`, or
   `JAX_LOCAL_DEVICE_IDS`) and the count it expects (`expected_devices`), and every process
   logs a banner of what it got.
+* A global batch the data axis cannot divide never reaches a device: `mesh_from_config`
+  checks it before any work. On a single-process CPU host, where the device count is only a
+  way to use the cores, it takes the largest number of devices that divides every batch (the
+  results are the same, within fp32 reduction order); on accelerators and multi-process jobs
+  it refuses, naming the batch, the device count and the fix.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
+
+from jaxret.configlib import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,78 @@ def make_mesh(
     if len(axes) != len(shape):
         raise ValueError(f"mesh axes {tuple(axes)} and shape {tuple(shape)} differ in length")
     return Mesh(device_grid(shape, devices), tuple(axes))
+
+
+def data_axis_size(axes: Sequence[str], shape: Sequence[int], num_devices: int) -> int | None:
+    """Devices along the "data" axis of `shape` over `num_devices` (None: shape does not fit)."""
+    try:
+        resolved = resolve_shape(shape, num_devices)
+    except ValueError:
+        return None
+    return resolved[list(axes).index("data")] if "data" in axes else 1
+
+
+def fit_devices(
+    axes: Sequence[str],
+    shape: Sequence[int],
+    batches: Mapping[str, int],
+    devices: Sequence[Any],
+    shrink: bool,
+) -> list[Any]:
+    """The devices a mesh of `shape` uses so that its data axis divides every global batch.
+
+    `batches` maps a config key to a global batch sharded over the data axis. All devices
+    when they divide every batch; otherwise, with `shrink` (a single-process CPU host), the
+    largest leading subset that does; otherwise a ConfigError naming the batch and the fix.
+    """
+    devices = list(devices)
+    bad = {k: b for k, b in batches.items() if int(b) < 1}
+    if bad:
+        raise ConfigError(", ".join(f"{k}={b}" for k, b in bad.items()) + ": must be ≥ 1")
+
+    def divides(n: int) -> bool:
+        d = data_axis_size(axes, shape, n)
+        return d is not None and all(int(b) % d == 0 for b in batches.values())
+
+    n = len(devices)
+    if divides(n):
+        return devices
+    if shrink:
+        for m in range(n - 1, 0, -1):
+            if divides(m):
+                log.warning(
+                    "jaxret: %s not divisible by %d CPU devices: using %d of them (the same "
+                    "results; set XLA_FLAGS=--xla_force_host_platform_device_count=%d to match)",
+                    ", ".join(f"{k}={b}" for k, b in batches.items()),
+                    n,
+                    m,
+                    m,
+                )
+                return devices[:m]
+    d = data_axis_size(axes, shape, n)
+    if d is None:
+        resolve_shape(shape, n)  # raises the shape's own error
+    wrong = [f"{k}={b}" for k, b in batches.items() if int(b) % d]
+    multiple = math.lcm(*(int(b) for b in batches.values()), d) if batches else d
+    raise ConfigError(
+        f"{', '.join(wrong)} cannot be split over the {d} devices of the mesh's data axis "
+        f"(mesh.shape={tuple(shape)} over {n} devices): make each batch a multiple of {d} "
+        f"(e.g. --config.{next(k for k, b in batches.items() if int(b) % d)}={multiple}), or "
+        f"give mesh.shape a model axis so that the data axis divides it"
+    )
+
+
+def mesh_from_config(cfg: Any, batches: Mapping[str, int] | None = None) -> Mesh:
+    """Distributed start (`initialize_distributed`) and the run's mesh, checked against its
+    global batches before any work (see `fit_devices`). `cfg` has `mesh` (axes, shape) and
+    optionally `distributed`."""
+    initialize_distributed(cfg.get("distributed"))
+    axes, shape = tuple(cfg.mesh.axes), tuple(cfg.mesh.shape)
+    shrink = jax.default_backend() == "cpu" and jax.process_count() == 1
+    devices = fit_devices(axes, shape, dict(batches or {}), jax.devices(), shrink)
+    mesh = make_mesh(axes, shape, devices)
+    log.info("jaxret: %s", device_banner(mesh))
+    return mesh
 
 
 def _device_ids(value: Any) -> list[int] | None:

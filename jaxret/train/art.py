@@ -50,10 +50,9 @@ from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.index.rolling import empty_staleness, rolling_refresher, rolling_update, staleness
 from jaxret.index.sharded import ShardedIndex
 from jaxret.models import dual_encoder as de
-from jaxret.parallel import global_batch, initialize_distributed, make_mesh
+from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
-from jaxret.parallel.mesh import device_banner
 from jaxret.recipes import art
 from jaxret.teachers import t5_teacher
 from jaxret.train.art_data import ArtData, load_art_data, sparse_teacher_table
@@ -88,9 +87,7 @@ class ArtRun:
                 "or a jaxret export)"
             )
         self.cfg = cfg
-        initialize_distributed(cfg.get("distributed"))
-        self.mesh = mesh = make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
-        log.info("jaxret: %s", device_banner(mesh))
+        self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
         self.data: ArtData = load_art_data(cfg.data)
         data = self.data
         spec = de.EncoderSpec.from_config(cfg.model)

@@ -26,7 +26,7 @@ from jaxret.data.tokenization import load_tokenizer, tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.eval import hybrid
 from jaxret.models import dual_encoder as de
-from jaxret.parallel import global_batch, initialize_distributed, make_mesh
+from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.recipes import lapradoor as icol
@@ -65,8 +65,7 @@ class LapradoorRun:
             )
         self.cfg = cfg
         self.icol = icol_config(cfg)
-        initialize_distributed(cfg.get("distributed"))
-        self.mesh = mesh = make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+        self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
         self.eval_sets = [ev.load_eval_data(d, cfg.data.eval_split) for d in dirs]
         self.corpus = join_corpora([e.corpus for e in self.eval_sets])
         spec = dataclasses.replace(de.EncoderSpec.from_config(cfg.model), shared=False)

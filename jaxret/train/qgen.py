@@ -38,7 +38,7 @@ from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.models import dual_encoder as de
 from jaxret.models.generate import Decoding
 from jaxret.models.seq2seq import Generator, load_generator, save_generator, scratch_generator
-from jaxret.parallel import global_batch, initialize_distributed, make_mesh
+from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.recipes import contrastive
@@ -196,8 +196,7 @@ class GeneratorRun:
         if not g.data.dir:
             raise ConfigError("generator.data.dir is empty: the BEIR folder of training pairs")
         self.cfg = cfg
-        initialize_distributed(cfg.get("distributed"))
-        self.mesh = mesh = make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+        self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
         self.generator, params, self.tokenizer = build_generator(cfg)
         pairs = read_pairs(g.data.dir, g.data.split)
         self.pairs = pairs
@@ -328,8 +327,7 @@ class RetrieverRun:
                 "output) or, with qgen.pairs=ict, of the corpus to take ICT pairs from"
             )
         self.cfg = cfg
-        initialize_distributed(cfg.get("distributed"))
-        self.mesh = mesh = make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+        self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
         self.mode = cfg.qgen.pairs
         if self.mode == "qrels":
             self.pairs = read_pairs(cfg.data.train_dir, cfg.data.train_split)

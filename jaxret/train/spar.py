@@ -31,7 +31,7 @@ from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.lexical.bm25 import BM25, BM25Config
 from jaxret.lexical.labels import LabelSpec, TeacherLabels, cached_labels
 from jaxret.models import dual_encoder as de
-from jaxret.parallel import global_batch, initialize_distributed, make_mesh
+from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
 from jaxret.recipes import contrastive
@@ -60,8 +60,7 @@ class SparRun:
         if not cfg.data.dir:
             raise ConfigError("data.dir is empty: the corpus whose sentences train Λ")
         self.cfg = cfg
-        initialize_distributed(cfg.get("distributed"))
-        self.mesh = mesh = make_mesh(tuple(cfg.mesh.axes), tuple(cfg.mesh.shape))
+        self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
         self.corpus = corpus = ev.load_eval_data(cfg.data.dir, cfg.data.eval_split).corpus
         self.eval_data = self._eval_data()
         spec = de.EncoderSpec.from_config(cfg.model)
