@@ -12,9 +12,16 @@ from jaxret.eval.evaluate import load_eval_data
 from jaxret.index.encode import empty_index, refresh_index
 from jaxret.index.gather import device_table
 from jaxret.index.mips import RowLayout
-from jaxret.index.rolling import empty_staleness, rolling_refresher, slice_rows, staleness
+from jaxret.index.rolling import (
+    empty_staleness,
+    rolling_refresher,
+    slice_plan,
+    slice_rows,
+    staleness,
+)
 from jaxret.models import dual_encoder as de
 from jaxret.parallel import make_mesh
+from jaxret.parallel.compiled import program
 
 N = 61  # not a multiple of 8 devices · anything: padding rows and a short last slice
 
@@ -58,7 +65,7 @@ def test_frozen_cycle_equals_fresh_encoding_and_encodes_each_row_once(setup, ref
     assert encoded == N  # the corpus, once: no padding row or row of another slice counted
     want = fresh(encoder, params, layout, mesh, tables)
     np.testing.assert_allclose(np.asarray(emb)[:N], want, atol=2e-5)
-    s = slice_rows(layout, refresh_every)
+    s = slice_rows(layout, refresh_every, 2)
     expected = np.minimum(np.arange(8) // s + 1, refresh_every)  # the step of each block row
     np.testing.assert_array_equal(np.asarray(stale).reshape(8, 8), np.tile(expected, (8, 1)))
 
@@ -66,15 +73,16 @@ def test_frozen_cycle_equals_fresh_encoding_and_encodes_each_row_once(setup, ref
 def test_changing_parameters_each_row_from_the_step_that_refreshed_it(setup):
     encoder, params, mesh, layout, tables = setup
     refresh_every = 3
-    fn = rolling_refresher(encoder, mesh, layout, refresh_every, 2)
+    fn = rolling_refresher(encoder, mesh, layout, refresh_every, 1)  # 3 slices of 3 rows
     emb = empty_index(layout, mesh, encoder.dim, "float32").embeddings
     stale = empty_staleness(layout, mesh)
     by_step = {}
     for done in range(1, 6):  # more than a cycle: rows of steps 1 and 2 overwritten by 4 and 5
         by_step[done] = perturbed(params, done)
         emb, stale, stats = fn(by_step[done], tables, emb, stale, done)
-        if done >= refresh_every:
-            assert float(stats["staleness_max"]) == refresh_every - 1
+        ages = done - np.asarray(stale)[:N]  # padded slices: the cycle's last may be empty
+        assert float(stats["staleness_max"]) == ages.max() <= refresh_every - 1
+        assert float(stats["staleness_mean"]) == pytest.approx(ages.mean())
     stale_host = np.asarray(stale)
     assert set(stale_host[:N]) == {3, 4, 5}
     rows = np.asarray(emb)
@@ -118,3 +126,58 @@ def test_no_cross_device_traffic_beyond_the_encoder(setup):
     for line in reduces:
         shapes = re.findall(r"[a-z]+\d*\[[\d,]*\]", re.split(r" all-reduce(?:-start)?\(", line)[0])
         assert shapes and all(x.endswith("[]") for x in shapes), line
+
+
+# ART's NQ run: 21,015,324 passages on 16 devices in 32768-row chunks, refresh every 500 steps.
+PAPER = RowLayout(21_015_324, 16, 1_343_488, 32768)
+
+
+def test_slice_plan_at_the_papers_size_is_full_batches():
+    """The paper's slice is 2687 rows per device (a prime). Before issue 19 the encoder chunk
+    was the largest divisor of the slice ≤ device_batch: 1 row, 2687 calls per step. Fails
+    if the chunk goes back to dividing the unpadded slice."""
+    need = -(-PAPER.rows_per_shard // 500)
+    assert need == 2687
+    s, chunk = slice_plan(PAPER, 500, 256)
+    assert s % chunk == 0 and s // chunk == 11  # ⌈2687 / 256⌉ calls, each of ~245 rows
+    assert need <= s < need + s // chunk  # padding below one row per call
+    assert slice_plan(PAPER, 500, 4096) == (2687, 2687)  # one call when the batch allows
+
+
+def test_compiled_refresh_at_paper_rows_per_device(tiny_bert):
+    """The rolling refresh compiled for 1.34M rows per device (abstract shapes, 8 devices):
+    its encoder loop runs ⌈2687 / 256⌉ = 11 times and each device's matmul FLOPs are those
+    of s ≈ 2687 rows, not of its block. Fails with a one-row chunk (trip count 2687)."""
+    spec = de.EncoderSpec(shared=True, pooling="cls", max_passage_length=16)
+    encoder, params, _ = de.from_pretrained(tiny_bert, spec)
+    mesh = make_mesh()
+    layout = RowLayout(PAPER.rows_per_shard * 8, 8, PAPER.rows_per_shard, 32768)
+    s, chunk = slice_plan(layout, 500, 256)
+    fn = rolling_refresher(encoder, mesh, layout, 500, 256)
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "model")))
+    table = jax.ShapeDtypeStruct((layout.padded_rows, 16), np.uint16, sharding=rows)
+    emb = jax.ShapeDtypeStruct((layout.padded_rows, encoder.dim), np.float32, sharding=rows)
+    stale = jax.ShapeDtypeStruct((layout.padded_rows,), np.int32, sharding=rows)
+    compiled = fn.lower(params, {"input_ids": table}, emb, stale, 1).compile()
+    hlo = compiled.as_text()
+    assert '"known_trip_count":{"n":"11"}' in hlo and s // chunk == 11  # ⌈2687 / 256⌉
+    # Per-device FLOPs of the refresh = s rows through the encoder (one jitted batch of
+    # `chunk` rows on one device is the reference).
+    one = jax.jit(lambda p, t: encoder.embed(p, "passage", t))
+    batch = {
+        k: jax.ShapeDtypeStruct((chunk, 16), np.int32)
+        for k in ("input_ids", "attention_mask", "token_type_ids")
+    }
+    per_chunk = program(one.lower(params, batch).compile()).dot_flops()
+    assert program(compiled).dot_flops() == pytest.approx(per_chunk * (s // chunk), rel=1e-6)
+
+
+def test_staleness_mean_does_not_overflow(setup):
+    """Ages summed over many rows exceed int32 (21M rows × 500 steps ≈ 1e10): the mean at
+    step 2**28 of rows all from step 0 is 2**28. Fails with an int32 sum."""
+    _, _, mesh, layout, _ = setup
+    stale = empty_staleness(layout, mesh)
+    assert staleness(stale, layout, 2**28) == {
+        "staleness_max": float(2**28),
+        "staleness_mean": float(2**28),
+    }
