@@ -141,8 +141,10 @@ class ArtRun:
             raise ConfigError(f"art.refresh={self.refresh!r}; expected 'sync' or 'rolling'")
         self.encodings: list[tuple[int, str]] = []  # (step, why): every corpus encoding
         self.index_params = _copy(encoder.tower_params(self.state.params, "passage"))
-        self.index_step = 0
-        self.index = self._encode(self.index_params, 0, "start", None)
+        # The start encoding waits for first use (`_ensure_index`): a resume restores or
+        # re-encodes the index of its checkpoint instead, so it encodes the corpus once.
+        self.index_step: int | None = None
+        self.index = empty_index(self.layout, mesh, encoder.dim, cfg.encode.index_dtype)
         self.stale, self.done, self.roll_stats = None, 0, {}
         self.program = cfg.art.get("rolling_program", "separate")
         if self.program not in ("fused", "separate"):
@@ -238,7 +240,14 @@ class ArtRun:
         local = jax.tree.map(lambda a: np.asarray(a)[mine], self.host_batch)
         return global_batch(local, self.mesh, DATA)
 
+    def _ensure_index(self) -> None:
+        """Encodes the start index unless a restore supplied one."""
+        if self.index_step is None:
+            self.index_step = 0
+            self.index = self._encode(self.index_params, 0, "start", self.index)
+
     def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+        self._ensure_index()
         args = (batch, self.index, self.passage_tables, self.teacher_tables, self.teacher_params)
         if self.stale is None or self.program == "separate":
             return self.step_fn(state, *args)
@@ -288,6 +297,7 @@ class ArtRun:
         return events
 
     def aux(self) -> Any:
+        # Also the restore template (before any step): the empty donor index has the shape.
         if self.refresh == "rolling":
             return {"embeddings": self.index.embeddings, "stale": self.stale}
         return self.index_params
@@ -329,6 +339,7 @@ class ArtRun:
 
     def evaluate(self, state: Any, step: int) -> dict[str, float]:
         """Dev metrics of the current parameters, on an index they built."""
+        self._ensure_index()
         if self.index_step == step:  # the training index is fresh
             return self.evaluate_params(state.params, self.data.dev, step, self.index)
         passage = self.encoder.tower_params(state.params, "passage")
@@ -347,6 +358,7 @@ class ArtRun:
         if self.data.test is None or not self.cfg.eval.test_at_end:
             return {}
         out = {}
+        self._ensure_index()
         passage = self.encoder.tower_params(state.params, "passage")
         if self.index_step != self.total:
             self.index = self._encode(passage, self.total, "test", self.index)

@@ -309,3 +309,36 @@ def test_cli_evaluates_a_training_run_and_its_best(tiny_bert, tmp_path, capsys):
     assert set(dev) == {0, 3, 6}  # the starting point counts: best may be "no training"
     assert best["value"] == max(dev.values()) and dev[best["step"]] == best["value"]
     assert (tmp_path / "run" / "best").is_symlink()  # swapped atomically
+
+
+@pytest.mark.parametrize("refresh", ["sync", "rolling"])
+def test_start_and_resume_each_encode_the_corpus_once(tiny_bert, tmp_path, monkeypatch, refresh):
+    """Real corpus encodings (calls of the device encoder `refresh_index`) before the first
+    train step: one on a fresh start, one on a sync resume (its checkpoint's index), none on
+    a rolling resume (the index is in the checkpoint). Before issue 19 a sync resume encoded
+    twice (the start index, then the resumed one); fails if `__init__` encodes eagerly again."""
+    from jaxret.train import art as art_run
+
+    calls, before_first_step = [], []
+    real_refresh, real_step = art_run.refresh_index, art_run.ArtRun.train_step
+    monkeypatch.setattr(
+        art_run, "refresh_index", lambda *a, **k: calls.append(1) or real_refresh(*a, **k)
+    )
+
+    def step(self, state, batch):
+        if not self.__dict__.get("_stepped"):
+            self._stepped = True
+            before_first_step.append(len(calls))
+        return real_step(self, state, batch)
+
+    monkeypatch.setattr(art_run.ArtRun, "train_step", step)
+    cfg = config(tiny_bert, **{"art.refresh": refresh, "eval.test_at_end": False})
+    train(cfg, tmp_path)
+    assert before_first_step == [1]
+    # Resume from step 3: drop the last checkpoint and run the same command again.
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "6")
+    calls.clear()
+    train(cfg, tmp_path)
+    assert before_first_step == [1, 1 if refresh == "sync" else 0]
