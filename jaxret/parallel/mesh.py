@@ -203,17 +203,34 @@ def _slurm_gpus_per_task() -> int | None:
         return None
 
 
+def tpu_host() -> bool:
+    """Whether this is a TPU VM (libtpu installed and JAX not told to use another platform).
+    A Cloud TPU VM keeps its worker id and peers in its metadata, not in the environment."""
+    import importlib.util
+
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms and "tpu" not in platforms.split(","):
+        return False
+    return importlib.util.find_spec("libtpu") is not None
+
+
 def initialize_distributed(cfg: Any | None = None) -> bool:
     """Calls `jax.distributed.initialize` when configured or when the environment asks for it.
 
+    How a process finds the job (enabled="auto"): an explicit coordinator
+    (`coordinator_address` or JAXRET_COORDINATOR, with JAXRET_NUM_PROCESSES / _PROCESS_ID);
+    a SLURM job (JAX reads its variables); a TPU VM, where `initialize()` gets no arguments
+    and JAX reads the pod from the VM's metadata (a single-host TPU VM stays one process).
     `cfg` may carry coordinator_address / num_processes / process_id / local_device_ids
-    (ints, "0,1,2,3", or empty for JAX's default) / expected_devices (0 = don't check);
-    empty values are left to JAX's auto-detection (SLURM, TPU pods, Open MPI). Returns
-    whether it initialized. Either way the device counts are checked and the banner logged.
+    (ints, "0,1,2,3", or empty for JAX's default) / expected_devices (0 = don't check).
+    Returns whether it initialized. Either way the device counts are checked and the banner
+    logged.
     """
     cfg = dict(cfg or {})
     enabled = cfg.get("enabled", "auto")
     env_says = any(k in os.environ for k in ("JAXRET_COORDINATOR", "SLURM_JOB_ID", "TPU_WORKER_ID"))
+    tpu = tpu_host()
+    env_says = env_says or tpu
     initialized = False
     if not (
         enabled is False or (enabled == "auto" and not (env_says or cfg.get("coordinator_address")))
@@ -243,8 +260,15 @@ def initialize_distributed(cfg: Any | None = None) -> bool:
                 "(launch/gpu_slurm.sh does).",
                 _slurm_gpus_per_task(),
             )
-        jax.distributed.initialize(**kwargs)
-        initialized = True
+        try:
+            jax.distributed.initialize(**kwargs)
+            initialized = True
+        except ValueError as e:
+            # A TPU VM outside a pod: JAX finds no coordinator to join (the device check
+            # below still refuses a job that expected more devices).
+            if not (tpu and not kwargs):
+                raise
+            log.info("jaxret: no TPU pod found (%s): one process", e)
     check_devices(cfg.get("expected_devices") or 0)
     return initialized
 

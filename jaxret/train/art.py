@@ -4,10 +4,11 @@ What the loop gets from here (jaxret.train.loop.Recipe):
   train_step   recipes.art's jitted step, closed over the current index, the token tables
                and the teacher;
   after_step   art.refresh = "sync" (the paper's): the index re-encoded every
-               `train.refresh_every` steps, on the devices (index.encode.refresh_index: the
-               passage tower over the device token tables, the old index's memory donated to
-               the new one). It runs before the loop's checkpoint of that step, so a resume
-               rebuilds the index once and never twice.
+               `train.refresh_every` steps, on the devices (index.rolling.refresh_in_slices:
+               the passage tower over the device token tables in slices, the old index's
+               memory donated to the new one, a SIGTERM seen between slices). It runs
+               before the loop's checkpoint of that step, so a resume rebuilds the index
+               once and never twice.
                art.refresh = "rolling": after every step each device re-encodes its next
                slice of rows in place (index.rolling), so training never stalls; a cycle of
                `refresh_every` steps encodes the corpus once. art.rolling_program = "fused"
@@ -39,15 +40,15 @@ from jaxret.configlib import ConfigError
 from jaxret.data.corpus_store import open_table, tokenizer_fingerprint
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import evaluate as ev
-from jaxret.index.encode import (
-    empty_index,
-    passage_table,
-    refresh_index,
-    tables_on_device,
-    token_keys,
-)
+from jaxret.index.encode import empty_index, passage_table, tables_on_device, token_keys
 from jaxret.index.mips import RowLayout, row_sharding
-from jaxret.index.rolling import empty_staleness, rolling_refresher, rolling_update, staleness
+from jaxret.index.rolling import (
+    empty_staleness,
+    refresh_in_slices,
+    rolling_refresher,
+    rolling_update,
+    staleness,
+)
 from jaxret.index.sharded import ShardedIndex
 from jaxret.models import dual_encoder as de
 from jaxret.parallel import global_batch, mesh_from_config
@@ -141,10 +142,13 @@ class ArtRun:
             raise ConfigError(f"art.refresh={self.refresh!r}; expected 'sync' or 'rolling'")
         self.encodings: list[tuple[int, str]] = []  # (step, why): every corpus encoding
         self.index_params = _copy(encoder.tower_params(self.state.params, "passage"))
-        # The start encoding waits for first use (`_ensure_index`): a resume restores or
-        # re-encodes the index of its checkpoint instead, so it encodes the corpus once.
-        self.index_step: int | None = None
+        # Encodings wait for first use (`_ensure_index`), inside the loop where a SIGTERM
+        # is seen: a resume restores or re-encodes its checkpoint's index instead of the
+        # start index, so it encodes the corpus once.
+        self.index_step = 0
+        self.pending: tuple[int, str] | None = (0, "start")
         self.index = empty_index(self.layout, mesh, encoder.dim, cfg.encode.index_dtype)
+        self.check_stop: Any = None  # the loop's SIGTERM check (Recipe.bind_stop)
         self.stale, self.done, self.roll_stats = None, 0, {}
         self.program = cfg.art.get("rolling_program", "separate")
         if self.program not in ("fused", "separate"):
@@ -220,8 +224,15 @@ class ArtRun:
             donor = empty_index(self.layout, self.mesh, self.encoder.dim, cfg.encode.index_dtype)
         t0 = time.perf_counter()
         fingerprint = {"corpus_hash": self.corpus_hash, "encoder": {"step": int(step)}}
-        index = refresh_index(
-            self.encoder, tower, self.passage_tables, donor, cfg.encode.device_batch, fingerprint
+        index = refresh_in_slices(
+            self.encoder,
+            tower,
+            self.passage_tables,
+            donor,
+            cfg.encode.device_batch,
+            fingerprint,
+            self.check_stop,
+            cfg.encode.get("calls_per_slice", 16),
         )
         index.embeddings.block_until_ready()
         self.encodings.append((step, why))
@@ -241,10 +252,11 @@ class ArtRun:
         return global_batch(local, self.mesh, DATA)
 
     def _ensure_index(self) -> None:
-        """Encodes the start index unless a restore supplied one."""
-        if self.index_step is None:
-            self.index_step = 0
-            self.index = self._encode(self.index_params, 0, "start", self.index)
+        """Encodes the pending index (the start's, or a sync resume's) with index_params."""
+        if self.pending is not None:
+            step, why = self.pending
+            self.index = self._encode(self.index_params, step, why, self.index)
+            self.index_step, self.pending = step, None
 
     def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
         self._ensure_index()
@@ -313,11 +325,10 @@ class ArtRun:
             self.index, self.stale = self._rolling_index(aux["embeddings"], -1), aux["stale"]
             self.index_step = int(meta.get("index_step", -1))
             self.done = int(meta["step"])
+            self.pending = None
             return
-        self.index_params = aux
-        self.index_step = int(meta.get("index_step", 0))
-        self.encodings = []
-        self.index = self._encode(aux, self.index_step, "resume", self.index)
+        self.index_params = aux  # the index of the checkpoint, encoded on first use
+        self.pending = (int(meta.get("index_step", 0)), "resume")
 
     def evaluate_params(
         self, params: Any, data: ev.EvalData, step: int, index: ShardedIndex
@@ -402,7 +413,11 @@ class ArtRun:
             lr_at=self.lr_at,
             fingerprints=fingerprints,
             loss_label="KL loss",
+            bind_stop=self._bind_stop,
         )
+
+    def _bind_stop(self, check: Any) -> None:
+        self.check_stop = check
 
 
 def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:

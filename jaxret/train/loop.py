@@ -79,6 +79,13 @@ class Recipe:
     lr_at: Callable[[int], float] | None = None
     fingerprints: dict[str, Any] = dataclasses.field(default_factory=dict)
     loss_label: str = "loss"
+    # Called once with the loop's stop check: long work (a corpus encoding, an evaluation)
+    # calls it between its programs; it raises `Preempted` after a SIGTERM.
+    bind_stop: Callable[[Callable[[], None]], None] | None = None
+
+
+class Preempted(Exception):
+    """A SIGTERM arrived during long work: the loop saves and exits."""
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -142,6 +149,12 @@ class _Preemption:
         flags = multihost_utils.process_allgather(np.int32(self.flag))
         return bool(np.asarray(flags).any())
 
+    def check(self) -> None:
+        """Raises `Preempted` when any process got a SIGTERM (every process calls it at the
+        same point of the same work, so they agree)."""
+        if self.requested():
+            raise Preempted
+
     def uninstall(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -174,6 +187,11 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
     workdir.mkdir(parents=True, exist_ok=True)
     t = cfg.train
     manager = Manager(workdir / "checkpoints", t.keep_checkpoints)
+    # Installed before any long work (the resume's encoding, the first evaluation).
+    preemption = _Preemption()
+    preemption.install()
+    if recipe.bind_stop is not None:
+        recipe.bind_stop(preemption.check)
     meta: dict[str, Any] = {
         "recipe": recipe.name,
         "best": None,
@@ -213,14 +231,12 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
         extra = recipe.aux_meta() if recipe.aux_meta else {}
         manager.save(done, state, recipe.aux() if recipe.aux else None, {**meta, **extra})
 
-    if start == 0 and recipe.evaluate is not None and cfg.eval.get("at_start", True):
-        evaluate(0)
-    preemption = _Preemption()
-    preemption.install()
     bar = tqdm(total=total, initial=start, desc=recipe.name, unit="step", disable=not t.progress)
     max_skips = int(t.get("max_skipped_in_a_row", 5))
     last_saved, preempted = None, False
     try:
+        if start == 0 and recipe.evaluate is not None and cfg.eval.get("at_start", True):
+            evaluate(0)
         for step in range(start, total):
             t0 = time.perf_counter()
             state, metrics = recipe.train_step(state, recipe.batch_at(step))
@@ -241,7 +257,11 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
                         f"{in_a_row} steps in a row had a non-finite loss or gradients (up to "
                         f"step {done}); stopping. The last checkpoint holds finite parameters."
                     )
-            info = recipe.after_step(state, done) if recipe.after_step is not None else None
+            info = None
+            try:
+                info = recipe.after_step(state, done) if recipe.after_step is not None else None
+            except Preempted:  # mid-refresh: the checkpoint's aux rebuilds the index on resume
+                preempted = True
             # A step's wall time includes the recipe's work after it (e.g. an index refresh):
             # that is the stall a user waits for.
             values["wall_seconds"] = time.perf_counter() - t0
@@ -250,15 +270,22 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
                 logger.write(done, "event", info)
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
-            if recipe.evaluate is not None and (done % t.eval_every == 0 or done == total):
-                evaluate(done)
-            preempted = preemption.requested()
+            due = done % t.eval_every == 0 or done == total
+            if recipe.evaluate is not None and due and not preempted:
+                try:
+                    evaluate(done)
+                except Preempted:
+                    preempted = True
+            preempted = preempted or preemption.requested()
             if done % t.checkpoint_every == 0 or done == total or preempted:
                 checkpoint(done)
                 last_saved = done
             if preempted:
                 log.warning("SIGTERM: saved step %d; resume with the same command", done)
                 break
+    except Preempted:  # before the first step of this process: nothing new to save
+        preempted, last_saved = True, start
+        log.warning("SIGTERM before step %d: nothing new to save", start + 1)
     finally:
         bar.close()
         preemption.uninstall()

@@ -313,23 +313,25 @@ def test_cli_evaluates_a_training_run_and_its_best(tiny_bert, tmp_path, capsys):
 
 @pytest.mark.parametrize("refresh", ["sync", "rolling"])
 def test_start_and_resume_each_encode_the_corpus_once(tiny_bert, tmp_path, monkeypatch, refresh):
-    """Real corpus encodings (calls of the device encoder `refresh_index`) before the first
-    train step: one on a fresh start, one on a sync resume (its checkpoint's index), none on
-    a rolling resume (the index is in the checkpoint). Before issue 19 a sync resume encoded
-    twice (the start index, then the resumed one); fails if `__init__` encodes eagerly again."""
+    """Real corpus encodings (calls of the device encoding `refresh_in_slices`) up to the end
+    of the first train step: one on a fresh start, one on a sync resume (its checkpoint's
+    index), none on a rolling resume (the index is in the checkpoint). Before issue 19 a sync
+    resume encoded twice (the start index, then the resumed one); fails if `__init__` encodes
+    eagerly again."""
     from jaxret.train import art as art_run
 
     calls, before_first_step = [], []
-    real_refresh, real_step = art_run.refresh_index, art_run.ArtRun.train_step
+    real_refresh, real_step = art_run.refresh_in_slices, art_run.ArtRun.train_step
     monkeypatch.setattr(
-        art_run, "refresh_index", lambda *a, **k: calls.append(1) or real_refresh(*a, **k)
+        art_run, "refresh_in_slices", lambda *a, **k: calls.append(1) or real_refresh(*a, **k)
     )
 
-    def step(self, state, batch):
+    def step(self, state, batch):  # counts up to the end of the first step (which encodes
+        out = real_step(self, state, batch)  # a pending index first)
         if not self.__dict__.get("_stepped"):
             self._stepped = True
             before_first_step.append(len(calls))
-        return real_step(self, state, batch)
+        return out
 
     monkeypatch.setattr(art_run.ArtRun, "train_step", step)
     cfg = config(tiny_bert, **{"art.refresh": refresh, "eval.test_at_end": False})
@@ -342,3 +344,51 @@ def test_start_and_resume_each_encode_the_corpus_once(tiny_bert, tmp_path, monke
     calls.clear()
     train(cfg, tmp_path)
     assert before_first_step == [1, 1 if refresh == "sync" else 0]
+
+
+def test_sigterm_during_a_refresh_stops_it_and_saves(tiny_bert, tmp_path, monkeypatch):
+    """A SIGTERM in the middle of a sync refresh (8 slices of one call) is seen at the next
+    slice: the refresh stops, the step is saved, and the resumed run equals an uninterrupted
+    one. Before issue 19 the flag was read only after the refresh and the evaluation (an
+    8-minute stall at the paper's size); fails if `refresh_in_slices` stops calling check."""
+    import os
+    import signal
+
+    from jaxret.train import art as art_run
+
+    overrides = {
+        "encode.device_batch": 2,
+        "encode.calls_per_slice": 1,  # 16 rows per device: 8 slices per encoding
+        "eval.test_at_end": False,
+    }
+    cfg = config(tiny_bert, **overrides)
+    reference = train(cfg, tmp_path / "a")
+    checks = []
+    real_bind = art_run.ArtRun._bind_stop
+
+    def bind(self, check):
+        def checking():
+            checks.append(self.done)
+            if checks.count(2) == 3:  # the third slice of the step-2 refresh
+                os.kill(os.getpid(), signal.SIGTERM)
+            check()
+
+        real_bind(self, checking)
+
+    monkeypatch.setattr(art_run.ArtRun, "_bind_stop", bind)
+    stopped = train(cfg, tmp_path / "b")
+    assert stopped["preempted_at"] == 2 and checks.count(2) == 3  # no slice after the signal
+    assert (tmp_path / "b" / "checkpoints" / "2").is_dir()
+    monkeypatch.setattr(art_run.ArtRun, "_bind_stop", real_bind)
+    resumed = train(cfg, tmp_path / "b")
+    assert "preempted_at" not in resumed
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert reference["final_step_loss"] == resumed["final_step_loss"]
+    exported = sorted((tmp_path / "a" / "export").rglob("*.safetensors"))
+    assert exported
+    for path in exported:
+        a, b = (
+            load_file(str(path)),
+            load_file(str(tmp_path / "b" / path.relative_to(tmp_path / "a"))),
+        )
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
