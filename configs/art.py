@@ -139,8 +139,11 @@ def base():
             allow_config_change=False,  # resume a workdir despite a changed config
         )
     )
+    # index: dev evaluation on the "training" index as it is (its age reported; no stall,
+    # no second index) or on a "fresh" scratch index (a corpus encoding and a second index
+    # on the devices). The final test always encodes the corpus with the final parameters.
     c.eval = ml_collections.ConfigDict(
-        dict(metric="top20", at_start=True, test_at_end=True, test_baseline=True)
+        dict(metric="top20", at_start=True, test_at_end=True, test_baseline=True, index="training")
     )
     return c
 

@@ -349,19 +349,30 @@ class ArtRun:
         return ev.compute_metrics(data, scores, rows)
 
     def evaluate(self, state: Any, step: int) -> dict[str, float]:
-        """Dev metrics of the current parameters, on an index they built."""
+        """Dev metrics of the current parameters.
+
+        eval.index = "training" (default): on the training index as it is — no stall and no
+        second index; how old its rows are is reported (rolling: per-row staleness; sync:
+        `index_age`, 0 when evaluation falls on a refresh step). "fresh": on a scratch index
+        of the current parameters (exact, but a whole-corpus encoding and a second index of
+        the same size on the devices)."""
         self._ensure_index()
-        if self.index_step == step:  # the training index is fresh
-            return self.evaluate_params(state.params, self.data.dev, step, self.index)
+        mode = self.cfg.eval.get("index", "training")
+        if mode not in ("training", "fresh"):
+            raise ConfigError(f"eval.index={mode!r}; expected 'training' or 'fresh'")
+        age: dict[str, float] = {}
+        if self.stale is not None:  # how old the training index's rows are
+            age = {f"index_{k}": v for k, v in staleness(self.stale, self.layout, step).items()}
+        elif self.index_step is not None and self.index_step >= 0:
+            age = {"index_age": float(step - self.index_step)}
+        if self.index_step == step or mode == "training":
+            result = self.evaluate_params(state.params, self.data.dev, step, self.index)
+            return {**result, **age}
         passage = self.encoder.tower_params(state.params, "passage")
         scratch = self._encode(passage, step, "evaluation", None)
         result = self.evaluate_params(state.params, self.data.dev, step, scratch)
         scratch.embeddings.delete()
-        if self.stale is not None:  # how old the training index's rows are
-            result.update(
-                {f"index_{k}": v for k, v in staleness(self.stale, self.layout, step).items()}
-            )
-        return result
+        return {**result, **age}
 
     def finish(self, state: Any) -> dict[str, Any]:
         """The test split once, after training (and with the initial parameters); the

@@ -392,3 +392,36 @@ def test_sigterm_during_a_refresh_stops_it_and_saves(tiny_bert, tmp_path, monkey
             load_file(str(tmp_path / "b" / path.relative_to(tmp_path / "a"))),
         )
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("refresh", ["sync", "rolling"])
+def test_dev_evaluation_reads_the_training_index(tiny_bert, tmp_path, monkeypatch, refresh):
+    """eval.index=training (the default): dev evaluations at steps 3 and 6 encode nothing
+    (the run's only corpus encoding is the start's) and report the index's age; "fresh"
+    encodes a scratch index per evaluation. Before issue 19 every evaluation off a refresh
+    step encoded the corpus into a second index; fails if "training" falls back to it."""
+    from jaxret.train import art as art_run
+
+    calls = []
+    real_refresh = art_run.refresh_in_slices
+    monkeypatch.setattr(
+        art_run, "refresh_in_slices", lambda *a, **k: calls.append(k) or real_refresh(*a, **k)
+    )
+    base = {"art.refresh": refresh, "eval.test_at_end": False, "train.refresh_every": 4}
+    train(config(tiny_bert, **base), tmp_path / "training")
+    rows = [
+        json.loads(x)
+        for x in (tmp_path / "training" / "metrics.jsonl").read_text().split("\n")
+        if x
+    ]
+    dev = {r["step"]: r for r in rows if r["kind"] == "dev"}
+    assert sorted(dev) == [0, 3, 6]
+    if refresh == "sync":  # encodings: start, refresh after step 4 (not after the last)
+        assert len(calls) == 2
+        assert [dev[s]["index_age"] for s in (0, 3, 6)] == [0, 3, 2]
+    else:
+        assert len(calls) == 1
+        assert dev[3]["index_staleness_max"] == 3 and dev[6]["index_staleness_max"] <= 3
+    calls.clear()
+    train(config(tiny_bert, **base, **{"eval.index": "fresh"}), tmp_path / "fresh")
+    assert len(calls) == (4 if refresh == "sync" else 3)  # + a scratch index at 3 and 6
