@@ -1,4 +1,5 @@
-"""`jaxret <command>`: encode, search, eval, export, train, demo.
+"""`jaxret <command>`: prepare, train, demo, encode, search, eval, analyze, export, generate,
+convert-megatron.
 
 Every command reads an ml_collections config (`--config=configs/x.py:variant`, default
 configs/retrieval.py) and `--config.a.b=value` overrides; the named flags below are
@@ -37,8 +38,28 @@ def _cpu_devices_per_core() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n or 1}".strip()
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def cmd_prepare(cfg: Any, args: argparse.Namespace) -> None:
+    from jaxret.train.art import prepare
+
+    tables = prepare(cfg, args.workdir, args.workers, args.shard_rows)
+    for name, table in tables.items():
+        print(f"{name}: {len(table)} rows × {table.max_length} tokens in {table.folder}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jaxret", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="jaxret", description=" ".join(__doc__.split("\n\n")[0].split())
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def model_flags(s: argparse.ArgumentParser) -> None:
@@ -63,6 +84,20 @@ def _parser() -> argparse.ArgumentParser:
             default="error",
             help="qrels naming unknown documents/queries: refuse (default) or warn and drop",
         )
+
+    pr = sub.add_parser(
+        "prepare",
+        help="tokenize a training run's corpus into its store before the job (ART)",
+        description="Builds the token tables a training run reads (the retriever's passages "
+        "and, with a T5 teacher, the teacher's) in parallel, resumable after a kill, the same "
+        "bytes for any --workers. Multi-process training refuses to start without them. "
+        "Example: jaxret prepare --config=configs/art.py:demo --workdir runs/demo",
+    )
+    pr.add_argument("--workdir", required=True, help="the training run's workdir (its store/)")
+    pr.add_argument(
+        "--workers", type=_positive_int, default=os.cpu_count() or 1, help="default: all cores"
+    )
+    pr.add_argument("--shard-rows", type=_positive_int, default=65536, help=argparse.SUPPRESS)
 
     e = sub.add_parser("encode", help="embed a corpus into a saved sharded index")
     model_flags(e)
@@ -606,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
             return entry.main(args.command, spec, overrides, args.workdir)
         if args.command == "convert-megatron":
             cmd_convert_megatron(args)
+            return 0
+        if args.command == "prepare":
+            cmd_prepare(load_config(spec or "configs/art.py", overrides), args)
             return 0
         if args.command == "generate":
             cmd_generate(load_config(spec or "configs/retrieval.py", overrides), args)

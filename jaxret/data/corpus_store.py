@@ -6,15 +6,25 @@ passage tokens, the T5 teacher's passage tokens — each holding `.npy` arrays [
 fingerprint, max length, row count and corpus content hash. A table's folder name carries a
 hash of all of that, so a table is written once, never modified, and a different setting
 gets its own folder (`build=False` refuses instead of tokenizing).
+
+A build tokenizes fixed shards of `shard_rows` rows, each written atomically into
+`.<table>.shards/` beside the table: a killed build resumes with the shards it finished, any
+number of worker processes (`jaxret prepare --workers N`) writes the same bytes, and the
+table is assembled and renamed into place only when every shard exists. A multi-process
+training run never tokenizes while another process waits for it in a device collective:
+it refuses a missing table and names `jaxret prepare` (or, for recipes that allow it, each
+process builds its own copy without waiting for any other).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +32,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxret.data.readers import Corpus
@@ -34,6 +43,13 @@ TokenizeFn = Callable[[list[str], list[str], Truncation], dict[str, np.ndarray]]
 
 class StoreMismatchError(ValueError):
     pass
+
+
+class StoreMissingError(StoreMismatchError):
+    """A multi-process run found no token table: it must be prepared before the job."""
+
+
+SHARD_ROWS = 65536  # rows per build shard: 321 shards for the 21M-passage Wikipedia split
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -109,78 +125,221 @@ def open_table(
     corpus: Corpus,
     tokenize: TokenizeFn,
     fingerprint: dict[str, Any],
-    batch_size: int = 2048,
     build: bool = True,
+    multi_process: str = "each",
+    workers: int = 1,
+    shard_rows: int = SHARD_ROWS,
+    prepare_hint: str = "",
 ) -> TokenTable:
     """Opens the table `name` of `corpus` in `store`, tokenizing the corpus first if needed.
 
     `fingerprint` must describe everything that changes the token ids (tokenizer fingerprint,
     max length, passage format or verbalizer); its `vocab_size` decides the storage dtype.
     `tokenize` counts what it cuts in the `Truncation` it is given; the count is kept in the
-    manifest (`TokenTable.truncation`). In a multi-process run, process 0 builds while the
-    others wait; a process that then still finds no table (no shared filesystem) builds its
-    own copy.
+    manifest (`TokenTable.truncation`). A single process builds a missing table inline
+    (`workers` processes). In a multi-process run no process ever waits for another's build:
+    `multi_process="refuse"` raises StoreMissingError naming `prepare_hint` (the command that
+    builds it before the job); "each" lets every process build (or finish) its own copy.
     """
     store = Path(store)
     expected = {"corpus_hash": corpus.content_hash(), "rows": len(corpus), **fingerprint}
     folder = table_folder(store, name, expected)
-    if not (folder / "manifest.json").is_file() and not build:
+    if (folder / "manifest.json").is_file():
+        return TokenTable(folder)
+    if not build:
         raise StoreMismatchError(_mismatch(store, name, expected))
-    multi = jax.process_count() > 1
-    if not multi or jax.process_index() == 0:
-        if not (folder / "manifest.json").is_file():
-            _build(folder, corpus, tokenize, expected, batch_size)
-    if multi:
-        multihost_utils.sync_global_devices(f"jaxret-table-{folder.name}")
-        if not (folder / "manifest.json").is_file():
-            _build(folder, corpus, tokenize, expected, batch_size)
+    # (distributed first: asking jax.process_count() would start a backend, and `prepare`
+    # forks its workers with none running)
+    multi = jax.distributed.is_initialized() and jax.process_count() > 1
+    if multi and multi_process == "refuse":
+        raise StoreMissingError(
+            f"token table {name!r} of this corpus is not in {store} (or is incomplete): a "
+            "multi-process run does not tokenize, since the other processes would wait for it "
+            "in a device collective. Build it before the job"
+            + (f": {prepare_hint}" if prepare_hint else " with `jaxret prepare`")
+        )
+    build_table(folder, corpus, tokenize, expected, workers, shard_rows)
     return TokenTable(folder)
 
 
-def _build(
-    folder: Path, corpus: Corpus, tokenize: TokenizeFn, manifest: dict, batch_size: int
-) -> None:
-    """Writes the table into a private temporary folder (host, pid and a random suffix in its
-    name), the manifest last, then renames it into place. The rename is atomic and fails if
-    another builder got there first (its table is identical): a table that opens is always
-    complete, and a killed build leaves only a temporary folder that nothing opens."""
-    _remove_dead_builds(folder)
-    suffix = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = folder.with_name(f".{folder.name}.tmp-{suffix}")
-    tmp.mkdir(parents=True)
-    try:
-        _write(tmp, folder.name, corpus, tokenize, manifest, batch_size)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not (folder / "manifest.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write(
-    tmp: Path, name: str, corpus: Corpus, tokenize: TokenizeFn, manifest: dict, batch_size: int
-) -> None:
+def build_table(
+    folder: Path,
+    corpus: Corpus,
+    tokenize: TokenizeFn,
+    manifest: dict[str, Any],
+    workers: int = 1,
+    shard_rows: int = SHARD_ROWS,
+    progress: bool = True,
+) -> Path:
+    """Tokenizes `corpus` into the table `folder` (see the module docstring): shards first
+    (kept across kills), then the arrays in a private temporary folder, the manifest last,
+    then an atomic rename (which fails harmlessly if another builder got there first: its
+    table is identical)."""
+    if (folder / "manifest.json").is_file():
+        return folder
     n = len(corpus)
+    if n == 0:
+        raise ValueError(f"{folder.name}: the corpus is empty")
+    if shard_rows < 1:
+        raise ValueError(f"shard_rows must be ≥ 1, got {shard_rows}")
+    shards = folder.with_name(f".{folder.name}.shards")
+    count = -(-n // shard_rows)
+    try:
+        shards.mkdir(parents=True, exist_ok=True)
+        todo = [i for i in range(count) if not _shard_path(shards, i).is_file()]
+        if todo:
+            _tokenize_shards(
+                shards, todo, count, corpus, tokenize, manifest, shard_rows, workers, progress
+            )
+        _remove_dead_builds(folder)
+        suffix = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = folder.with_name(f".{folder.name}.tmp-{suffix}")
+        tmp.mkdir(parents=True)
+        try:
+            _assemble(tmp, shards, count, n, folder.name, manifest)
+            os.rename(tmp, folder)  # atomic; fails if another builder got there first
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        # Another builder (a process of this job, or a concurrent `prepare`) finished the
+        # same table first and removed the spent shards: its table is identical.
+        if (folder / "manifest.json").is_file():
+            return folder
+        raise
+    shutil.rmtree(shards, ignore_errors=True)  # the table is complete: shards are spent
+    return folder
+
+
+def _shard_path(shards: Path, i: int) -> Path:
+    return shards / f"{i:06d}.npz"
+
+
+def _tokenize_shard(
+    shards: Path, i: int, corpus: Corpus, tokenize: TokenizeFn, manifest: dict, shard_rows: int
+) -> None:
+    """Tokenizes rows [i·shard_rows, …) into shard file i (written whole, then renamed)."""
+    s, e = i * shard_rows, min((i + 1) * shard_rows, len(corpus))
+    trunc = Truncation("shard", int(manifest.get("max_length", 0)))
+    part: dict[str, np.ndarray] = {}
+    for b in range(s, e, 2048):  # tokenizer batches
+        got = tokenize(
+            corpus.titles[b : min(b + 2048, e)], corpus.texts[b : min(b + 2048, e)], trunc
+        )
+        for k, v in got.items():
+            part.setdefault(k, []).append(v)
+    arrays = {k: np.concatenate(v) for k, v in part.items()}
+    # Half the bytes when every id fits (BERT's 30k and T5's 32k vocabularies do).
+    small = int(manifest.get("vocab_size", 2**31)) <= 2**16
+    for k, v in arrays.items():
+        if small and len(v) and int(v.max()) >= 2**16:
+            raise OverflowError(f"token id {int(v.max())} does not fit uint16")
+        arrays[k] = v.astype(np.uint16 if small else np.int32)
+    counts = np.array([trunc.rows, trunc.cut, trunc.longest], np.int64)
+    path = _shard_path(shards, i)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    with open(tmp, "wb") as f:
+        np.savez(f, __truncation__=counts, **arrays)
+    os.replace(tmp, path)
+
+
+def _tokenize_shards(
+    shards: Path,
+    todo: list[int],
+    count: int,
+    corpus: Corpus,
+    tokenize: TokenizeFn,
+    manifest: dict,
+    shard_rows: int,
+    workers: int,
+    progress: bool,
+) -> None:
+    """Shards `todo` in this process (workers=1) or in `workers` forked processes that take
+    the next shard from a shared counter; a progress bar of passages and passages/s."""
+    rows = lambda i: min((i + 1) * shard_rows, len(corpus)) - i * shard_rows
+    total = sum(rows(i) for i in todo)
+    bar = tqdm(
+        total=total,
+        desc=f"tokenizing {shards.name[1:-7]}",
+        unit="psg",
+        unit_scale=True,
+        disable=not progress or total <= 2048,
+    )
+    t0 = time.perf_counter()
+    workers = max(1, min(workers, len(todo)))
+    if workers == 1:
+        for i in todo:
+            _tokenize_shard(shards, i, corpus, tokenize, manifest, shard_rows)
+            bar.update(rows(i))
+    else:
+        # fork: the workers inherit the corpus and the tokenizer (neither is pickled).
+        ctx = multiprocessing.get_context("fork")
+        next_shard = ctx.Value("i", 0)
+
+        def work() -> None:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            while True:
+                with next_shard.get_lock():
+                    k = next_shard.value
+                    next_shard.value += 1
+                if k >= len(todo):
+                    return
+                _tokenize_shard(shards, todo[k], corpus, tokenize, manifest, shard_rows)
+
+        procs = [ctx.Process(target=work, daemon=True) for _ in range(workers)]
+        for p in procs:
+            p.start()
+        done: set[int] = set()
+        try:
+            while any(p.is_alive() for p in procs):
+                time.sleep(0.2)
+                finished = {i for i in todo if i not in done and _shard_path(shards, i).is_file()}
+                bar.update(sum(rows(i) for i in finished))
+                done |= finished
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+                p.join()
+        failed = [p.exitcode for p in procs if p.exitcode != 0]
+        missing = [i for i in todo if not _shard_path(shards, i).is_file()]
+        if failed or missing:
+            raise RuntimeError(
+                f"tokenizing {shards}: {len(failed)} worker(s) failed (exit codes {failed}); "
+                f"{len(missing)} of {count} shards missing. Finished shards are kept: run again "
+                "to resume."
+            )
+        bar.update(total - bar.n)
+    bar.close()
+    if progress and total > 2048:
+        tqdm.write(
+            f"tokenized {total} passages in {time.perf_counter() - t0:.1f}s "
+            f"({total / max(time.perf_counter() - t0, 1e-9):.0f} passages/s, "
+            f"{workers} worker(s))"
+        )
+
+
+def _assemble(tmp: Path, shards: Path, count: int, n: int, name: str, manifest: dict) -> None:
+    """The table's arrays [n, L] from the shards in order, then its manifest (written last: a
+    folder with a manifest is complete)."""
     arrays: dict[str, np.ndarray] = {}
     trunc = Truncation(name, int(manifest.get("max_length", 0)))
-    starts = range(0, n, batch_size)
-    for s in tqdm(starts, desc=f"tokenizing {name}", unit="batch", disable=n <= batch_size):
-        e = min(s + batch_size, n)
-        part = tokenize(corpus.titles[s:e], corpus.texts[s:e], trunc)
-        if not arrays:
-            # Half the bytes when every id fits (BERT's 30k and T5's 32k vocabularies do).
-            small = int(manifest.get("vocab_size", 2**31)) <= 2**16
-            for k, v in part.items():
-                dtype = np.uint16 if small else np.int32
-                arrays[k] = np.lib.format.open_memmap(
-                    tmp / f"{k}.npy", mode="w+", dtype=dtype, shape=(n, v.shape[1])
-                )
-        for k, v in part.items():
-            if arrays[k].dtype == np.uint16 and int(v.max()) >= 2**16:
-                raise OverflowError(f"token id {int(v.max())} does not fit uint16")
-            arrays[k][s:e] = v
+    start = 0
+    for i in range(count):
+        with np.load(_shard_path(shards, i)) as shard:
+            rows, cut, longest = (int(x) for x in shard["__truncation__"])
+            trunc.rows, trunc.cut = trunc.rows + rows, trunc.cut + cut
+            trunc.longest = max(trunc.longest, longest)
+            keys = [k for k in shard.files if k != "__truncation__"]
+            for k in keys:
+                v = shard[k]
+                if k not in arrays:
+                    arrays[k] = np.lib.format.open_memmap(
+                        tmp / f"{k}.npy", mode="w+", dtype=v.dtype, shape=(n, v.shape[1])
+                    )
+                arrays[k][start : start + len(v)] = v
+            start += len(shard[keys[0]])
+    if start != n:
+        raise RuntimeError(f"{shards}: the shards hold {start} rows, the corpus {n}")
     for arr in arrays.values():
         arr.flush()
     max_length = next(iter(arrays.values())).shape[1]
@@ -190,7 +349,6 @@ def _write(
         "max_length": max_length,
         "truncation": trunc.as_dict(),
     }
-    # The manifest is written last: a folder with a manifest is complete.
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 

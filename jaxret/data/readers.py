@@ -45,13 +45,18 @@ class Corpus:
         self.row_of = {doc_id: i for i, doc_id in enumerate(self.ids)}
 
     def content_hash(self) -> str:
-        """Identifies the corpus content and order (index manifests refer to it)."""
+        """Identifies the corpus content and order (index manifests refer to it). Computed
+        once per object: a corpus is never modified in place (`subset` makes a new one)."""
+        cached = self.__dict__.get("_content_hash")
+        if cached is not None:
+            return cached
         h = hashlib.sha256()
         for row in zip(self.ids, self.titles, self.texts):
             for field in row:
                 h.update(field.encode())
                 h.update(b"\x00")
-        return h.hexdigest()[:32]
+        self._content_hash = h.hexdigest()[:32]
+        return self._content_hash
 
     def subset(self, rows: list[int]) -> Corpus:
         return Corpus(

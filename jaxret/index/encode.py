@@ -20,7 +20,7 @@ from jaxret.data.readers import Corpus
 from jaxret.data.tokenization import Truncation, tokenize_passages
 from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.index.sharded import ShardedIndex, params_fingerprint, process_row_range
-from jaxret.models.dual_encoder import DualEncoder, Tower
+from jaxret.models.dual_encoder import DualEncoder, EncoderSpec, Tower
 from jaxret.parallel.activations import map_rows
 from jaxret.parallel.host_data import global_batch
 
@@ -28,10 +28,15 @@ DATA = PartitionSpec("data")
 
 
 def passage_table(
-    store: str | os.PathLike, corpus: Corpus, encoder: DualEncoder, tokenizer: Any
+    store: str | os.PathLike,
+    corpus: Corpus,
+    encoder: DualEncoder | EncoderSpec,
+    tokenizer: Any,
+    **build: Any,
 ) -> TokenTable:
-    """The retriever's tokenization of the corpus, built once and memory-mapped."""
-    spec = encoder.spec
+    """The retriever's tokenization of the corpus, built once and memory-mapped. `encoder`
+    may be just its spec (`jaxret prepare` loads no weights); `build`: open_table's options."""
+    spec = encoder.spec if isinstance(encoder, DualEncoder) else encoder
 
     def tokenize(titles: list[str], texts: list[str], trunc: Truncation) -> dict[str, np.ndarray]:
         return tokenize_passages(
@@ -50,7 +55,7 @@ def passage_table(
         "passage_format": spec.passage_format,
         "layout": 2,  # bumped whenever the row layout of a format changes
     }
-    return open_table(store, "passages", corpus, tokenize, fingerprint)
+    return open_table(store, "passages", corpus, tokenize, fingerprint, **build)
 
 
 def token_keys(passage_format: str) -> tuple[str, ...]:

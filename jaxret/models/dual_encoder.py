@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxret.models import hf_bert
+from jaxret.models import hf_bert, hf_io
 from jaxret.models.bert import BertConfig, BertModel
 from jaxret.parallel.activations import Activations
 
@@ -154,6 +154,19 @@ def export_folder(model: str | os.PathLike) -> Path | None:
     if (folder / "best.json").is_file() and (folder.parent / "export" / SPEC_FILE).is_file():
         return folder.parent / "export"  # a workdir's best/
     return None
+
+
+def tokenizer_folder(model: str | os.PathLike) -> Path:
+    """The folder holding `model`'s tokenizer (as `from_pretrained` returns it), without
+    reading any weights: what `jaxret prepare` needs."""
+    folder = Path(model)
+    if (folder / "params").is_dir() and (folder / "best.json").is_file():
+        folder = folder.parent  # a workdir's best/: its export's tokenizer
+    export = export_folder(folder)
+    if export is not None:
+        towers = json.loads((export / SPEC_FILE).read_text())["towers"]
+        return export / next(iter(towers.values()))
+    return hf_io.resolve_checkpoint(model)
 
 
 def _with_pooler(cfg: BertConfig, params: dict, rng: jax.Array) -> tuple[BertConfig, dict]:

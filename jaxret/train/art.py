@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxret.configlib import ConfigError
-from jaxret.data.corpus_store import open_table, tokenizer_fingerprint
+from jaxret.data.corpus_store import SHARD_ROWS, TokenTable, open_table, tokenizer_fingerprint
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.index.encode import empty_index, passage_table, tables_on_device, token_keys
@@ -51,6 +51,7 @@ from jaxret.index.rolling import (
 )
 from jaxret.index.sharded import ShardedIndex
 from jaxret.models import dual_encoder as de
+from jaxret.models import hf_io
 from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.activations import Activations
 from jaxret.parallel.host_data import place
@@ -75,6 +76,83 @@ def _hash_texts(texts: list[str]) -> str:
         h.update(t.encode())
         h.update(b"\x00")
     return h.hexdigest()[:16]
+
+
+def store_folder(cfg: Any, workdir: str | Path) -> Path:
+    """The run's token store: data.store, else WORKDIR/store."""
+    return Path(cfg.data.store) if cfg.data.store else Path(workdir) / "store"
+
+
+def teacher_spec(cfg: Any) -> t5_teacher.TeacherSpec:
+    return t5_teacher.TeacherSpec(
+        max_passage_length=cfg.teacher.max_passage_length,
+        max_question_length=cfg.teacher.max_question_length,
+        chunk_pairs=cfg.teacher.chunk_pairs,
+    )
+
+
+def open_tables(
+    cfg: Any,
+    corpus: Any,
+    store: Path,
+    tokenizer: Any,
+    teacher_tokenizer: Any = None,
+    workers: int = 1,
+    shard_rows: int = SHARD_ROWS,
+) -> dict[str, TokenTable]:
+    """ART's token tables of `corpus` — the retriever's passages and, with a T5 teacher, the
+    teacher's verbalized passages — opened from `store` or built there. Training with more
+    than one process never builds them (`jaxret prepare` does, before the job)."""
+    build = {
+        "workers": workers,
+        "shard_rows": shard_rows,
+        "multi_process": "refuse",
+        "prepare_hint": "jaxret prepare --config=<the same config and overrides> "
+        f"--workdir=<the run's workdir> (store {store})",
+    }
+    spec = de.EncoderSpec.from_config(cfg.model)
+    tables = {"passages": passage_table(store, corpus, spec, tokenizer, **build)}
+    tables["passages"].truncation("retriever passages").report(log)
+    if cfg.teacher.kind == "t5":
+        tspec = teacher_spec(cfg)
+
+        def tokenize(titles: list[str], texts: list[str], trunc: Truncation) -> dict:
+            return t5_teacher.tokenize_passages(teacher_tokenizer, titles, texts, tspec, trunc)
+
+        fp = {
+            "tokenizer": tokenizer_fingerprint(teacher_tokenizer),
+            "vocab_size": len(teacher_tokenizer),
+            "max_length": tspec.max_passage_length,
+            "verbalizer": tspec.verbalize("{t}", "{x}"),
+        }
+        tables["teacher"] = open_table(store, "teacher", corpus, tokenize, fp, **build)
+        tables["teacher"].truncation("teacher passages").report(log)
+    return tables
+
+
+def prepare(
+    cfg: Any, workdir: str | Path, workers: int, shard_rows: int = SHARD_ROWS
+) -> dict[str, TokenTable]:
+    """`jaxret prepare`: ART's token tables built before the training job, by `workers`
+    processes (the same bytes for any count), resumable after a kill. Loads no weights and
+    starts no devices."""
+    from transformers import AutoTokenizer
+
+    if cfg.get("recipe", "art") != "art":
+        raise ConfigError(
+            f"jaxret prepare builds ART's token tables; recipe={cfg.recipe!r} builds its own "
+            "when it starts (each process its copy, with no process waiting for another)"
+        )
+    if not cfg.model.name:
+        raise ConfigError("model.name is empty: the retriever whose tokenizer the store uses")
+    data = load_art_data(cfg.data)
+    tokenizer = load_tokenizer(de.tokenizer_folder(cfg.model.name))
+    teacher_tokenizer = None
+    if cfg.teacher.kind == "t5":
+        folder = hf_io.resolve_checkpoint(cfg.teacher.model)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    store = store_folder(cfg, workdir)
+    return open_tables(cfg, data.corpus, store, tokenizer, teacher_tokenizer, workers, shard_rows)
 
 
 class ArtRun:
@@ -103,9 +181,17 @@ class ArtRun:
                 f"the retriever tokenizer pads with id {tokenizer.pad_token_id}; the ART step "
                 "derives attention masks from pad id 0 (BERT's and T5's)"
             )
-        store = Path(cfg.data.store) if cfg.data.store else workdir / "store"
-        self.p_table = passage_table(store, data.corpus, encoder, tokenizer)
-        self.p_table.truncation("retriever passages").report(log)
+        store = store_folder(cfg, workdir)
+        self.store = store
+        self.teacher_tokenizer = None
+        if cfg.teacher.kind == "t5":
+            from transformers import AutoTokenizer
+
+            self.teacher_tokenizer = AutoTokenizer.from_pretrained(
+                str(hf_io.resolve_checkpoint(cfg.teacher.model))
+            )
+        self.tables = open_tables(cfg, data.corpus, store, tokenizer, self.teacher_tokenizer)
+        self.p_table = self.tables["passages"]
         self.corpus_hash = data.corpus.content_hash()
         self.layout = RowLayout.for_mesh(len(data.corpus), mesh, cfg.encode.chunk_rows)
         self.passage_tables = tables_on_device(
@@ -127,7 +213,7 @@ class ArtRun:
         self.host_batch: dict[str, Any] = {"query": q_tokens}
         self.teacher, self.teacher_params, self.teacher_tables = None, None, {}
         if self.art_cfg.teacher == "t5":
-            self._setup_t5_teacher(store)
+            self._setup_t5_teacher()
         else:
             ids, scores = sparse_teacher_table(data, self.art_cfg.teacher, cfg.teacher)
             self.host_batch["teacher_ids"], self.host_batch["teacher_scores"] = ids, scores
@@ -181,13 +267,9 @@ class ArtRun:
 
     # -- pieces ----------------------------------------------------------------------------
 
-    def _setup_t5_teacher(self, store: Path) -> None:
+    def _setup_t5_teacher(self) -> None:
         cfg, data = self.cfg, self.data
-        tspec = t5_teacher.TeacherSpec(
-            max_passage_length=cfg.teacher.max_passage_length,
-            max_question_length=cfg.teacher.max_question_length,
-            chunk_pairs=cfg.teacher.chunk_pairs,
-        )
+        tspec = teacher_spec(cfg)
         # Sharded as it is read: each process loads only its devices' blocks.
         teacher = t5_teacher.T5Teacher.from_pretrained(
             cfg.teacher.model, cfg.teacher.dtype, tspec, self.mesh, cfg.teacher.param_sharding
@@ -195,18 +277,7 @@ class ArtRun:
         self.teacher = dataclasses.replace(teacher, remat=cfg.teacher.get("remat", False))
         self.teacher_params = teacher.params
         ttok = teacher.tokenizer
-
-        def tokenize(titles: list[str], texts: list[str], trunc: Truncation) -> dict:
-            return t5_teacher.tokenize_passages(ttok, titles, texts, tspec, trunc)
-
-        fp = {
-            "tokenizer": tokenizer_fingerprint(ttok),
-            "vocab_size": len(ttok),
-            "max_length": tspec.max_passage_length,
-            "verbalizer": tspec.verbalize("{t}", "{x}"),
-        }
-        t_table = open_table(store, "teacher", data.corpus, tokenize, fp)
-        t_table.truncation("teacher passages").report(log)
+        t_table = self.tables["teacher"]
         self.teacher_tables = tables_on_device(t_table, self.layout, self.mesh, ("input_ids",))
         trunc = Truncation("training questions (teacher)", tspec.max_question_length)
         self.host_batch["target"] = t5_teacher.tokenize_questions(

@@ -58,7 +58,7 @@ def test_store_reuses_and_rebuilds(setup, tmp_path):
         return tokenize_passages(tok, titles, texts, 16, "join", truncation=trunc)
 
     fp = {"tokenizer": "t", "max_length": 16, "vocab_size": 30522}
-    t1 = open_table(tmp_path, "p", corpus, tokenize, fp, batch_size=10)
+    t1 = open_table(tmp_path, "p", corpus, tokenize, fp, shard_rows=10)
     assert calls == [10, 10, 10, 7] and len(t1) == 37
     assert t1.arrays["input_ids"].dtype == np.uint16  # 30k vocabulary fits
     # What the 16-token cut removed is recorded with the table.
@@ -68,7 +68,7 @@ def test_store_reuses_and_rebuilds(setup, tmp_path):
     cut = t1.truncation("passages")
     assert (cut.rows, cut.cut, cut.longest) == (37, sum(n > 16 for n in lengths), max(lengths))
     assert cut.cut > 0 and "longer than 16 tokens" in cut.message()
-    t2 = open_table(tmp_path, "p", corpus, tokenize, fp, batch_size=10)
+    t2 = open_table(tmp_path, "p", corpus, tokenize, fp, shard_rows=10)
     assert calls == [10, 10, 10, 7]  # reloaded, not re-tokenized
     np.testing.assert_array_equal(t2.rows(0, 37)["input_ids"], t1.rows(0, 37)["input_ids"])
     assert t2.rows(30, 40)["input_ids"][7:].sum() == 0  # past the end: padding rows
@@ -77,7 +77,7 @@ def test_store_reuses_and_rebuilds(setup, tmp_path):
     other = Corpus(corpus.ids, corpus.titles, corpus.texts[:-1] + ["changed"])
     with pytest.raises(StoreMismatchError, match="corpus_hash"):
         open_table(tmp_path, "p", other, tokenize, fp, build=False)
-    open_table(tmp_path, "p", other, tokenize, fp, batch_size=100)  # rebuilds
+    open_table(tmp_path, "p", other, tokenize, fp, shard_rows=100)  # rebuilds
     assert calls[-1] == 37
 
 
@@ -115,55 +115,89 @@ from jaxret.data.corpus_store import open_table
 from jaxret.data.readers import Corpus
 n = 300
 corpus = Corpus([f"d{i}" for i in range(n)], ["t"] * n, [f"text {i}" for i in range(n)])
+calls = []
 def tokenize(titles, texts, trunc):
     time.sleep(float(sys.argv[2]))  # slow enough for the builders to overlap
+    calls.append(len(texts))
     ids = np.array([[1 + len(t) + int(t.split()[1]) % 7] * 4 for t in texts])
+    trunc.add([4 + int(t.split()[1]) % 5 for t in texts])
     return {"input_ids": ids}
-table = open_table(sys.argv[1], "p", corpus, tokenize, {"vocab_size": 100}, batch_size=20)
+workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+table = open_table(sys.argv[1], "p", corpus, tokenize, {"vocab_size": 100, "max_length": 6},
+                   shard_rows=20, workers=workers)
 print("OPENED", table.folder, int(table.arrays["input_ids"].sum()), flush=True)
+print("CALLS", len(calls), flush=True)
 """
 
 
-def test_concurrent_builds_give_one_table_and_a_killed_build_none(tmp_path):
-    import signal
+def _build(store, delay, workers=1):
     import subprocess
     import sys
-    import time
-
-    from jaxret.data.readers import Corpus
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    run = lambda delay: subprocess.Popen(
-        [sys.executable, "-c", BUILD, str(tmp_path / "store"), str(delay)],
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(store), str(delay), str(workers)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
-    # A build killed halfway leaves no table that opens ...
-    victim = run(0.05)
+
+
+def _table_bytes(store):
+    (folder,) = Path(store).glob("p-*")
+    return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
+
+
+def test_killed_build_resumes_and_concurrent_builds_give_one_table(tmp_path):
+    """A build killed halfway leaves no table that opens, only its finished shards; the next
+    build tokenizes just the missing shards; two builders at once give one table that both
+    open. Fails if shards are not kept (the rebuild tokenizes all 15) or not atomic."""
+    import signal
+    import time
+
+    from jaxret.data.readers import Corpus
+
+    store = tmp_path / "store"
+    victim = _build(store, 0.05)
     deadline = time.time() + 120
-    while time.time() < deadline and not list((tmp_path / "store").glob(".p-*.tmp-*/*.npy")):
+    while time.time() < deadline and len(list(store.glob(".p-*.shards/*.npz"))) < 3:
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     n = 300
     corpus = Corpus([f"d{i}" for i in range(n)], ["t"] * n, [f"text {i}" for i in range(n)])
     with pytest.raises(StoreMismatchError, match="no token table"):
-        open_table(tmp_path / "store", "p", corpus, None, {"vocab_size": 100}, build=False)
-    leftover = list((tmp_path / "store").glob(".p-*.tmp-*"))
-    assert len(leftover) == 1
-    # ... and two builders at once produce one valid table that both open (and delete the
-    # killed build's folder, without touching each other's live ones).
-    procs = [run(0.01), run(0.01)]
+        open_table(store, "p", corpus, None, {"vocab_size": 100, "max_length": 6}, build=False)
+    finished = len(list(store.glob(".p-*.shards/*.npz")))
+    assert 3 <= finished < 15
+    # Two builders at once, resuming from the kept shards: one table, both open it.
+    procs = [_build(store, 0.01), _build(store, 0.01)]
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     opened = {line for out in outs for line in out.splitlines() if line.startswith("OPENED")}
     assert len(opened) == 1  # same folder, same content
-    tables = list((tmp_path / "store").glob("p-*"))
+    calls = [int(line.split()[1]) for out in outs for line in out.splitlines() if "CALLS" in line]
+    assert max(calls) <= 15 - finished  # the killed build's shards were not redone
+    tables = list(store.glob("p-*"))
     assert len(tables) == 1 and (tables[0] / "manifest.json").is_file()
-    assert not list((tmp_path / "store").glob(".p-*.tmp-*"))
-    table = open_table(tmp_path / "store", "p", corpus, None, {"vocab_size": 100}, build=False)
+    assert not list(store.glob(".p-*"))  # no temporary folder and no spent shards left
+    table = open_table(store, "p", corpus, None, {"vocab_size": 100, "max_length": 6}, build=False)
     assert len(table) == 300 and table.arrays["input_ids"].dtype == np.uint16
+    cut = sum(4 + i % 5 > 6 for i in range(300))  # the lengths BUILD reports, cut at 6
+    assert table.manifest["truncation"] == {"rows": 300, "cut": cut, "longest": 8}
+    # The resumed table is byte for byte the one an uninterrupted build writes.
+    clean = tmp_path / "clean"
+    assert _build(clean, 0).wait() == 0
+    assert _table_bytes(clean) == _table_bytes(store)
+
+
+def test_build_is_byte_identical_for_any_worker_count(tmp_path):
+    """`jaxret prepare --workers N` writes the same table for N = 1 and 3 (fixed shards, forked
+    workers). Fails if the shard boundaries depended on the worker count."""
+    for workers in (1, 3):
+        out = _build(tmp_path / f"w{workers}", 0, workers).communicate(timeout=300)[0].decode()
+        assert "OPENED" in out, out
+    assert _table_bytes(tmp_path / "w1") == _table_bytes(tmp_path / "w3")
 
 
 def test_only_dead_builds_of_this_host_are_removed(tmp_path):

@@ -239,6 +239,38 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _two_process_start_refuses_without_a_store(tiny_bert, workdir, extra):
+    """Both processes of a 2-process run with no token store stop at once, naming
+    `jaxret prepare`: neither tokenizes while the other waits in a device collective. Before
+    issue 19 process 1 waited in a barrier while process 0 tokenized (on GPU: NCCL's
+    10-minute timeout at 21M passages); fails if a missing table is built inline again."""
+    import time
+
+    port = _free_port()
+    procs, t0 = [], time.time()
+    for pid in range(2):
+        cmd, env = _cli(
+            tiny_bert,
+            workdir,
+            *extra,
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={pid}",
+            devices=4,
+        )
+        procs.append(
+            subprocess.Popen(
+                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            )
+        )
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    for out in outs:
+        assert "jaxret prepare" in out and "Traceback" not in out, out[-2000:]
+    assert not list(workdir.glob("store/passages-*"))  # nothing was built
+    assert time.time() - t0 < 240
+
+
 @pytest.mark.parametrize("refresh", ["sync", "rolling"])
 def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
     extra = (
@@ -250,6 +282,10 @@ def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
     cmd, env = _cli(tiny_bert, tmp_path / "single", *extra)
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
 
+    _two_process_start_refuses_without_a_store(tiny_bert, tmp_path / "multi", extra)
+    cmd, env = _cli(tiny_bert, tmp_path / "multi", *extra)
+    prepare = [*cmd[:3], "prepare", *cmd[4:], "--workers", "2"]  # the same config, no train
+    subprocess.run(prepare, env=env, cwd=ROOT, check=True, capture_output=True)
     port = _free_port()
     procs = []
     for pid in range(2):
