@@ -39,6 +39,12 @@ if [ "${JAXRET_DETERMINISTIC:-0}" = "1" ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true"
 fi
 # The workdir (checkpoints, token store, index) must be on a file system every node sees.
+# The token store is built first, here on the first node with all its cores (a no-op when it
+# is complete; resumed when a build was cut short): training processes never tokenize, so
+# none waits in a collective for another. JAXRET_SKIP_PREPARE=1 skips it (built elsewhere).
+if [ "${JAXRET_SKIP_PREPARE:-0}" != "1" ]; then
+  .venv/bin/python -m jaxret.cli prepare --config="$config" --workdir="$workdir" "$@"
+fi
 # SLURM sends SIGTERM 300 s before the time limit (--signal above): jaxret saves and exits,
 # and the same command resumes.
 srun --kill-on-bad-exit=1 .venv/bin/python -m jaxret.cli train \

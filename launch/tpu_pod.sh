@@ -21,6 +21,12 @@ shift 4
 run="jaxret-$(date +%Y%m%d-%H%M%S)"
 # Every argument is quoted for the remote shell: paths and values with spaces survive.
 printf -v args ' %q' --config="$config" --workdir="$workdir" "$@"
+# The token store first, on worker 0 (all its cores; a no-op when complete): training
+# processes never tokenize, so none waits in a collective for another.
+if [ "${JAXRET_SKIP_PREPARE:-0}" != "1" ]; then
+  gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=0 \
+      --command "cd ~/jaxret && .venv/bin/python -m jaxret.cli prepare${args}"
+fi
 remote="mkdir -p ~/jaxret-logs && cd ~/jaxret && nohup .venv/bin/python -m jaxret.cli train${args} \
 > ~/jaxret-logs/${run}.log 2>&1 < /dev/null &"
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "$remote"

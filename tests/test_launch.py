@@ -22,12 +22,17 @@ def test_gpu_slurm_drives_every_gpu_and_checks_the_count(tmp_path):
         'echo "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS"; echo "XLA_FLAGS=$XLA_FLAGS"; '
         'printf "ARG<%s>\\n" "$@"\n',
     )
+    # The store is prepared before srun starts the job (a stand-in .venv python records it).
+    venv = tmp_path / "repo" / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    fake(venv, "python", 'printf "PREPARE<%s>\\n" "$@"\n')
+    (tmp_path / "repo" / "launch").symlink_to(ROOT / "launch")
     env = {
         **os.environ,
         "PATH": f"{tmp_path}:{os.environ['PATH']}",
         "SLURM_GPUS_ON_NODE": "8",
         "SLURM_JOB_NUM_NODES": "2",
-        "SLURM_SUBMIT_DIR": str(ROOT),
+        "SLURM_SUBMIT_DIR": str(tmp_path / "repo"),
         "JAXRET_DETERMINISTIC": "1",
     }
     out = subprocess.run(
@@ -49,10 +54,18 @@ def test_gpu_slurm_drives_every_gpu_and_checks_the_count(tmp_path):
     assert "--config=configs/art.py:nq_t0_3b" in args and "--workdir=/runs/my run" in args
     assert "--config.distributed.expected_devices=16" in args
     assert "--config.data.dir=/d ir" in args  # one argument, space and all
+    prepared = re.findall(r"PREPARE<(.*)>", out)
+    assert prepared[:3] == ["-m", "jaxret.cli", "prepare"]
+    assert "--workdir=/runs/my run" in prepared and "--config.data.dir=/d ir" in prepared
+    assert out.index("PREPARE<") < out.index("JAX_LOCAL_DEVICE_IDS=")  # before the job
 
 
 def test_tpu_pod_quotes_arguments_and_detaches(tmp_path):
-    fake(tmp_path, "gcloud", 'printf "%s\\n" "$@" > "$GCLOUD_LOG"\n')
+    fake(
+        tmp_path,
+        "gcloud",
+        'printf "%s\\n" "$@" >> "$GCLOUD_LOG"; echo "--END--" >> "$GCLOUD_LOG"\n',
+    )
     env = {
         **os.environ,
         "PATH": f"{tmp_path}:{os.environ['PATH']}",
@@ -72,7 +85,12 @@ def test_tpu_pod_quotes_arguments_and_detaches(tmp_path):
         check=True,
         capture_output=True,
     )
-    lines = (tmp_path / "gcloud.txt").read_text().splitlines()
+    calls = (tmp_path / "gcloud.txt").read_text().split("--END--\n")[:-1]
+    assert len(calls) == 2  # prepare on worker 0, then train on all
+    first = calls[0].splitlines()
+    assert "--worker=0" in first
+    assert "jaxret.cli prepare" in first[first.index("--command") + 1]
+    lines = calls[1].splitlines()
     assert "--worker=all" in lines
     remote = lines[lines.index("--command") + 1]
     assert "nohup" in remote and "> ~/jaxret-logs/" in remote and remote.rstrip().endswith("&")
