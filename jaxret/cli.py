@@ -3,7 +3,8 @@ convert-megatron.
 
 Every command reads an ml_collections config (`--config=configs/x.py:variant`, default
 configs/retrieval.py) and `--config.a.b=value` overrides; the named flags below are
-shortcuts for the config fields they mention.
+shortcuts for the config fields they mention. An expected failure (bad input, a config or path
+to fix) prints one line and exits 2; `--debug` anywhere on the line shows its traceback.
 """
 
 from __future__ import annotations
@@ -38,14 +39,42 @@ def _cpu_devices_per_core() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n or 1}".strip()
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(
+    kind: type,
+    low: float,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> Any:
+    """An argparse type: a `kind` number in [low, high] ((low, high] with open_low); argparse
+    names the flag in the error ("argument --k: expected an integer ≥ 1, got 0")."""
+    what = "an integer" if kind is int else "a number"
+    bounds = f"> {low}" if open_low else f"≥ {low}"
+    if high is not None:
+        bounds += f" and {'<' if open_high else '≤'} {high}"
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}") from None
+        above = high is not None and (value > high or (open_high and value == high))
+        if value < low or (open_low and value == low) or above:
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text}")
+        return value
+
+    parse.__name__ = f"{what} {bounds}"
+    return parse
+
+
+_positive_int = _number(int, 1)
+
+
+def _weight(text: str) -> str:
+    """--mu: 'auto' or a number ≥ 0."""
+    if text != "auto":
+        _number(float, 0.0)(text)
+    return text
 
 
 def cmd_prepare(cfg: Any, args: argparse.Namespace) -> None:
@@ -66,11 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--model", help="HF folder, hub id, or jaxret export/checkpoint")
         s.add_argument("--pooling", choices=["cls", "mean"])
         s.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
-        s.add_argument("--max-length", type=int, help="passage max length")
-        s.add_argument("--max-query-length", type=int)
+        s.add_argument("--max-length", type=_positive_int, help="passage max length")
+        s.add_argument("--max-query-length", type=_positive_int)
         s.add_argument("--passage-format", choices=["pair", "hf_pair", "join"])
         s.add_argument("--dtype", choices=["float32", "bfloat16"])
-        s.add_argument("--batch-size", type=int)
+        s.add_argument("--batch-size", type=_positive_int)
 
     def data_flags(s: argparse.ArgumentParser) -> None:
         s.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/, qa/)")
@@ -110,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     model_flags(s)
     s.add_argument("--index", required=True)
     s.add_argument("--query", action="append", required=True, help="repeatable")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", type=_positive_int, default=10)
     s.add_argument("--backend", choices=["exact", "scann"], default="exact")
     s.add_argument("--json", action="store_true")
 
@@ -128,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--combine", choices=["concat", "sum"], default="concat")
     v.add_argument(
         "--mu",
+        type=_weight,
         default="auto",
         help="SPAR weight of Λ (or the hybrid's BM25 weight): a number, or 'auto' = tuned on "
         "--tune-split over 0.1..1.0 and reciprocals",
@@ -135,14 +165,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--tune-split", help="split tuning the weight (default: dev)")
     v.add_argument(
         "--hash-split",
-        type=float,
+        type=_number(float, 0.0, 1.0, open_low=True, open_high=True),
         help="for a set with one split: this fraction of its questions (by id hash) is the "
         "dev split, the rest the evaluated split",
     )
-    v.add_argument("--bm25-depth", type=int, default=1000, help="LEDR / hybrid: BM25 depth")
-    v.add_argument("--k", type=int, default=100)
-    v.add_argument("--max-queries", type=int)
-    v.add_argument("--max-docs", type=int)
+    v.add_argument(
+        "--bm25-depth", type=_positive_int, default=1000, help="LEDR / hybrid: BM25 depth"
+    )
+    v.add_argument("--k", type=_positive_int, default=100)
+    v.add_argument("--max-queries", type=_positive_int)
+    v.add_argument("--max-docs", type=_positive_int)
     v.add_argument("--store")
     v.add_argument("--run-out", help="write the run as a TREC run file")
     v.add_argument("--json", action="store_true", help="one JSON object on the last line")
@@ -154,11 +186,13 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--qa", help="QA file (jsonl or DPR csv) instead of DATA/qa/SPLIT.jsonl")
     a.add_argument("--retriever", choices=["dense", "bm25"], default="dense")
     a.add_argument("--vs", default="bm25", help="rbo: the reference ranking (bm25)")
-    a.add_argument("-k", type=int, default=100, help="ranking depth")
-    a.add_argument("--p", type=float, default=0.9, help="RBO persistence")
+    a.add_argument("-k", type=_positive_int, default=100, help="ranking depth")
+    a.add_argument(
+        "--p", type=_number(float, 0.0, 1.0, open_low=True), default=0.9, help="RBO persistence"
+    )
     a.add_argument("--seed", type=int, default=0, help="shuffled: the shuffling seed")
-    a.add_argument("--max-queries", type=int)
-    a.add_argument("--max-docs", type=int)
+    a.add_argument("--max-queries", type=_positive_int)
+    a.add_argument("--max-docs", type=_positive_int)
     a.add_argument("--store")
     a.add_argument("--json", action="store_true", help="one JSON object on the last line")
 
@@ -172,18 +206,24 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--corpus", help="a corpus file instead of DATA's")
     g.add_argument("--out", required=True)
     g.add_argument("--decoding", choices=["nucleus", "beam", "greedy", "top_k"], default="nucleus")
-    g.add_argument("--num-samples", type=int, default=10, help="samples per passage")
-    g.add_argument("--keep", type=int, default=5, help="most likely distinct queries kept")
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--num-beams", type=int, default=5)
-    g.add_argument("--max-length", type=int, default=64, help="generated tokens, EOS included")
-    g.add_argument("--max-input-length", type=int, default=512)
+    g.add_argument("--num-samples", type=_positive_int, default=10, help="samples per passage")
+    g.add_argument(
+        "--keep", type=_positive_int, default=5, help="most likely distinct queries kept"
+    )
+    g.add_argument("--top-p", type=_number(float, 0.0, 1.0, open_low=True), default=0.95)
+    g.add_argument("--top-k", type=_number(int, 0), default=0)
+    g.add_argument("--temperature", type=_number(float, 0.0, open_low=True), default=1.0)
+    g.add_argument("--num-beams", type=_positive_int, default=5)
+    g.add_argument(
+        "--max-length", type=_positive_int, default=64, help="generated tokens, EOS included"
+    )
+    g.add_argument("--max-input-length", type=_positive_int, default=512)
     g.add_argument("--prefix", default="", help="text put before every passage")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--shard-size", type=int, default=1024, help="passages per resumable shard")
+    g.add_argument("--batch-size", type=_positive_int, default=32)
+    g.add_argument(
+        "--shard-size", type=_positive_int, default=1024, help="passages per resumable shard"
+    )
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
     m = sub.add_parser(
@@ -196,7 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--vocab", help="BERT vocab.txt (Megatron's BertWordPieceLowerCase)")
     tok.add_argument("--tokenizer", help="an HF tokenizer folder or hub id instead")
     m.add_argument("--cased", action="store_true", help="with --vocab: do not lowercase")
-    m.add_argument("--num-heads", type=int, help="when the checkpoint stores no args")
+    m.add_argument("--num-heads", type=_positive_int, help="when the checkpoint stores no args")
     m.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects")
 
     for name, text in (("train", "train a retriever (ART)"), ("demo", "the bundled demo")):
@@ -629,6 +669,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxret.configlib import ConfigError, load_config, split_config_args
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # anywhere: show the traceback of an expected failure too
+    argv = [a for a in argv if a != "--debug"]
     _cpu_devices_per_core()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)
@@ -669,8 +711,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result, default=str))
             else:
                 print(json.dumps(result, indent=2, default=str))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"jaxret: error: {e}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as e:
+        # Expected failures (bad input, a config to fix, a path that cannot be read or
+        # written): one line naming what to fix. Anything else keeps its traceback.
+        if debug or (isinstance(e, OSError) and not e.filename):
+            raise
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            print(f"jaxret: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        else:
+            print(f"jaxret: error: {e}", file=sys.stderr)
         return 2
     return 0
 

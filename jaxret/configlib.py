@@ -140,9 +140,11 @@ def split_config_args(argv: list[str]) -> tuple[str | None, list[tuple[str, str]
         if arg == "--config" or arg.startswith("--config="):
             if "=" in arg:
                 spec = arg.split("=", 1)[1]
-            else:
+            elif i + 1 < len(argv):
                 spec = argv[i + 1]
                 next(it, None)
+            else:
+                raise ConfigError("--config needs a value: --config=FILE[:variant]")
         elif arg.startswith("--config."):
             key, eq, value = arg[len("--config.") :].partition("=")
             if not eq:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import sys
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,8 +111,21 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     header)."""
     path = _resolve(path)
     opener = gzip.open if path.suffix == ".gz" else open
+    line_no = 0
     with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+                # A truncated, corrupt or not-gzip `.gz`: name the file and how far it read.
+                raise DataError(
+                    f"{path}:{line_no + 1}: cannot decompress ({type(e).__name__}: {e}); the "
+                    "file is truncated, damaged or not gzip"
+                ) from None
+            line_no += 1
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -154,7 +168,19 @@ def _field(row: dict, key: str, path: Path, line_no: int, kind: type = str) -> A
         value = str(value)  # BEIR ids are sometimes numbers
     if not isinstance(value, kind):
         raise DataError(f"{path}:{line_no}: field {key!r} must be {kind.__name__}")
+    if key in ("_id", "id"):
+        _check_id(value, path, line_no)
     return value
+
+
+def _check_id(value: str, path: Path, line_no: int) -> None:
+    """Ids go into TREC run files (whitespace-separated columns): refuse what they cannot
+    carry, here, rather than write a run that trec_eval or our own reader rejects."""
+    if not value or any(c.isspace() for c in value):
+        raise DataError(
+            f"{path}:{line_no}: id {value!r} is empty or contains whitespace, which a TREC run "
+            "file cannot carry"
+        )
 
 
 def _warn_counts(path: Path, counts: Counter) -> None:
@@ -280,6 +306,9 @@ def read_qrels(
             raise DataError(f"{path}:{line_no}: duplicate judgement ({qid!r}, {did!r})")
         qrels.setdefault(qid, {})[did] = rel
     _warn_counts(path, Counter({f"{k} (dropped)": v for k, v in dropped.items()}))
+    if not qrels:
+        why = "all were dropped" if dropped else "the file is empty or holds only its header"
+        raise DataError(f"{path}: no judgements ({why})")
     return qrels
 
 
@@ -333,6 +362,7 @@ def read_dpr_passages(path: str | Path, on_empty: str = "warn") -> Corpus:
                 f"{path}:{line_no}: expected 3 columns (id, text, title), got {len(cols)}"
             )
         pid, text, title = cols
+        _check_id(pid, path, line_no)
         if pid in seen:
             raise DataError(f"{path}:{line_no}: duplicate id {pid!r} (first on line {seen[pid]})")
         if not text.strip() and not title.strip():

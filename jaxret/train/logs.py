@@ -8,12 +8,16 @@ TensorBoard discard the earlier events at or after that step.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class Logger:
@@ -25,16 +29,33 @@ class Logger:
             return
         if self.path.exists():
             kept = [r for r in self.read() if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, self.path)  # a kill now leaves the old file or the new one
         from tensorboardX import SummaryWriter
 
         purge = resume_step + 1 if resume_step > 0 else None
         self.writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=purge)
 
     def read(self) -> list[dict]:
+        """The rows logged so far. A last line cut short by a kill (no newline, not JSON) is
+        dropped with a warning; a bad line anywhere else is an error naming it."""
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = text.splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) and not text.endswith("\n"):
+                    log.warning("%s:%d: dropped a line cut short by a kill", self.path, i)
+                    continue
+                raise ValueError(f"{self.path}:{i}: not a JSON row of a jaxret log") from None
+        return rows
 
     def write(self, step: int, kind: str, values: dict[str, Any]) -> None:
         if not self.enabled:

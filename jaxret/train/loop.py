@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -160,6 +161,42 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class WorkdirLock:
+    """One run per workdir: an exclusive `flock` on WORKDIR/.jaxret.lock, held by process 0
+    for the run's life. The kernel releases it when its holder dies (SIGKILL included), so a
+    lock is never stale; the file records who holds it, for the refusal message."""
+
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / ".jaxret.lock"
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise ConfigError(
+                f"{self.path.parent} is in use by another jaxret run ({holder}): wait for it, "
+                "stop it, or use another --workdir"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.ctime()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
+
+
 def _check_resume(cfg: Any, recipe: Recipe, meta: dict[str, Any], workdir: Path) -> None:
     current = config_dict(cfg)
     problems = []
@@ -185,6 +222,16 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
     """Trains `recipe` to `recipe.total_steps`, resuming from `workdir` if it holds a run."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    if jax.process_index() == 0:
+        lock.acquire()  # before anything reads or writes checkpoints and logs
+    try:
+        return _run(cfg, recipe, workdir)
+    finally:
+        lock.release()
+
+
+def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
     t = cfg.train
     manager = Manager(workdir / "checkpoints", t.keep_checkpoints)
     # Installed before any long work (the resume's encoding, the first evaluation).

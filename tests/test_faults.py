@@ -1,0 +1,169 @@
+"""Faults and bad input (issue 21): each is refused in one line naming the file, line, flag or
+workdir to fix, and nothing a kill interrupts blocks the next run."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from jaxret import cli
+from jaxret.data.readers import DataError, read_beir_corpus, read_qrels
+
+
+def _beir(tmp_path: Path, data_dir: Path) -> Path:
+    """A copy of the bundled adi set (corpus gzipped) to damage."""
+    folder = tmp_path / "adi"
+    shutil.copytree(data_dir / "adi", folder)
+    return folder
+
+
+def _gz_corpus(folder: Path) -> Path:
+    """The folder's corpus as corpus.jsonl.gz only."""
+    plain = folder / "corpus.jsonl"
+    data = (
+        plain.read_bytes()
+        if plain.exists()
+        else gzip.decompress((folder / "corpus.jsonl.gz").read_bytes())
+    )
+    plain.unlink(missing_ok=True)
+    (folder / "corpus.jsonl.gz").write_bytes(gzip.compress(data))
+    return folder / "corpus.jsonl.gz"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt", "not_gzip"])
+def test_damaged_gzip_names_the_file(tmp_path, data_dir, damage, capsys):
+    """A truncated, corrupt or non-gzip corpus.jsonl.gz is a DataError naming the file and
+    the line reached, and `jaxret eval` prints it in one line with exit 2. Fails if
+    iter_lines stops catching EOFError / zlib.error / BadGzipFile (a raw traceback)."""
+    folder = _beir(tmp_path, data_dir)
+    path = _gz_corpus(folder)
+    raw = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "corrupt":
+        path.write_bytes(raw[:20] + bytes(b ^ 0xFF for b in raw[20:60]) + raw[60:])
+    else:
+        path.write_bytes(b"this is not gzip at all\n" * 10)
+    with pytest.raises(DataError, match=rf"{path.name}:\d+: cannot decompress"):
+        read_beir_corpus(path)
+    code = cli.main(["eval", "--retriever", "bm25", "--data", str(folder)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(path) in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(DataError):  # --debug: the traceback, for a bug report
+        cli.main(["eval", "--retriever", "bm25", "--data", str(folder), "--debug"])
+
+
+@pytest.mark.parametrize("content", ["", "query-id\tcorpus-id\tscore\n"])
+def test_empty_qrels_are_refused(tmp_path, content):
+    """Before issue 21: 'not enough values to unpack' deep in the metrics. Fails if
+    read_qrels returns an empty judgement set."""
+    path = tmp_path / "test.tsv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"{path}: no judgements"):
+        read_qrels(path)
+
+
+@pytest.mark.parametrize("bad_id", ["", "two words", "tab\there"])
+def test_ids_a_trec_run_cannot_carry_are_refused_at_read_time(tmp_path, bad_id):
+    """An empty id or one with whitespace would give a run file that trec_eval (and our own
+    read_run) cannot parse; refused with file:line. Fails without _check_id."""
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"_id": "d1", "title": "", "text": "a"}, {"_id": bad_id, "title": "", "text": "b"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=rf"{path.name}:2: id .* empty or contains whitespace"):
+        read_beir_corpus(path)
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["eval", "--k", "0"], "--k"),
+        (["search", "--index", "x", "--query", "q", "-k", "-3"], "-k"),
+        (["eval", "--max-queries", "0"], "--max-queries"),
+        (["eval", "--max-length", "0"], "--max-length"),
+        (["eval", "--mu", "abc"], "--mu"),
+        (["eval", "--hash-split", "1.5"], "--hash-split"),
+        (["eval", "--batch-size", "-1"], "--batch-size"),
+        (["generate", "--out", "x", "--top-p", "0"], "--top-p"),
+        (["prepare", "--workdir", "x", "--workers", "0"], "--workers"),
+    ],
+)
+def test_number_flags_are_range_checked_naming_the_flag(argv, flag, capsys):
+    """Before issue 21 `--k 0` gave all-zero metrics with exit 0 and `--max-queries 0`
+    evaluated every query. Fails if a flag goes back to type=int."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert f"argument {flag}: expected" in capsys.readouterr().err
+
+
+def test_config_as_the_last_argument_is_a_usage_error(capsys):
+    assert cli.main(["eval", "--config"]) == 2
+    assert "--config needs a value" in capsys.readouterr().err
+
+
+def test_a_torn_last_log_line_is_dropped_and_a_bad_middle_line_named(tmp_path, caplog):
+    """A kill mid-write leaves half a JSON row without a newline: the resume drops it (and
+    keeps the rows up to the restored step, rewritten atomically). Fails if Logger.read
+    parses every line strictly (the resume dies with JSONDecodeError)."""
+    from jaxret.train.logs import Logger
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "kind": "train", "loss": 1.0 / s} for s in (1, 2, 3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4, "kind": "tr')
+    logger = Logger(tmp_path, resume_step=2)
+    logger.close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    assert "cut short by a kill" in caplog.text
+    path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON row"):
+        Logger(tmp_path, resume_step=2)
+
+
+HOLD = """
+import sys, time
+from jaxret.train.loop import WorkdirLock
+lock = WorkdirLock(sys.argv[1])  # kept: a collected lock closes its file
+lock.acquire()
+print("HELD", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_run_per_workdir(tmp_path, tiny_bert):
+    """While a run holds the workdir, `jaxret train` on it refuses at once, naming the holder
+    and touching nothing; once the holder is SIGKILLed the lock is free (the kernel releases
+    a dead process's flock: no stale lock). Fails without WorkdirLock in loop.run (the
+    second run trains into the first one's checkpoints)."""
+    from jaxret.configlib import ConfigError, load_config
+    from jaxret.train.art import train
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(workdir)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "HELD"
+        cfg = load_config("configs/art.py:tiny", [("model.name", str(tiny_bert))])
+        with pytest.raises(ConfigError, match=rf"{workdir} is in use by another jaxret run"):
+            train(cfg, workdir)
+        assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    from jaxret.train.loop import WorkdirLock
+
+    lock = WorkdirLock(workdir)
+    lock.acquire()  # free again after the holder died
+    lock.release()
