@@ -339,6 +339,8 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
     from jaxret.eval.trec import write_run
     from jaxret.lexical.bm25 import BM25Config
 
+    if args.run_out:
+        _writable(args.run_out, "--run-out")
     data, dev = _eval_splits(cfg, args)
     progress = not args.json
     info: dict[str, Any] = {"data": data.name, "split": args.split, "docs": len(data.corpus)}
@@ -475,6 +477,51 @@ def _print_table(result: dict[str, Any]) -> None:
         print(f"  {k:>10}  {result[k]:.4f}")
 
 
+def _writable(path: str | os.PathLike, flag: str) -> Path:
+    """Refuses, before any work, an output path whose folder cannot be written."""
+    import tempfile
+
+    from jaxret.configlib import ConfigError
+
+    path = Path(path).absolute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".jaxret-write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror})") from None
+    if path.exists() and not (path.is_dir() or path.is_symlink()) and flag == "--out":
+        raise ConfigError(f"--out {path}: exists and is not an index folder")
+    return path
+
+
+def _replace_folder(out: Path, build: Any) -> None:
+    """Writes a folder with `build(tmp)` beside `out`, then makes `out` point at it in one
+    atomic rename (`out` is a symlink to a versioned sibling, as `best/` is): a kill at any
+    moment leaves the previous folder in place and readable; it is deleted only after the
+    swap."""
+    import shutil
+    import uuid
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    version = out.with_name(f".{out.name}-{uuid.uuid4().hex[:12]}")
+    build(version)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxret-replace-folder")
+    if jax.process_index() == 0:
+        previous = out.resolve() if out.is_symlink() else None
+        if out.exists() and not out.is_symlink():  # a plain folder: moved aside, then linked
+            previous = out.with_name(f".{out.name}-old-{uuid.uuid4().hex[:12]}")
+            os.rename(out, previous)
+        link = out.with_name(f".{out.name}-link-{uuid.uuid4().hex[:12]}")
+        os.symlink(version.name, link)
+        os.replace(link, out)
+        if previous is not None and previous.exists() and previous != version:
+            shutil.rmtree(previous, ignore_errors=True)
+
+
 def cmd_encode(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
     from jaxret.eval import evaluate as ev
 
@@ -482,6 +529,7 @@ def cmd_encode(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
         raise SystemExit("jaxret encode: give --data DIR or --corpus FILE")
     from jaxret.data.readers import find_corpus, read_corpus
 
+    out = _writable(args.out, "--out")
     corpus_path = Path(args.corpus) if args.corpus else find_corpus(args.data)
     corpus = read_corpus(corpus_path)
     mesh = _mesh(cfg)
@@ -497,14 +545,17 @@ def cmd_encode(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
         cfg.encode.index_dtype,
         args.store,
     )
-    out = Path(args.out)
-    index.save(out)
     source = {
         "corpus": str(corpus_path.absolute()),
         "model": str(cfg.model.name),
         "spec": vars(encoder.spec),
     }
-    (out / "source.json").write_text(json.dumps(source, indent=2))
+
+    def build(folder: Path) -> None:
+        index.save(folder)
+        (folder / "source.json").write_text(json.dumps(source, indent=2))
+
+    _replace_folder(out, build)
     print(f"wrote {index.num_rows} × {index.dim} {cfg.encode.index_dtype} index to {out}")
 
 

@@ -167,3 +167,54 @@ def test_one_run_per_workdir(tmp_path, tiny_bert):
     lock = WorkdirLock(workdir)
     lock.acquire()  # free again after the holder died
     lock.release()
+
+
+def test_encode_replaces_an_index_atomically(tmp_path, tiny_bert, data_dir, monkeypatch, capsys):
+    """`jaxret encode --out` into an existing index: killed while writing the new one, the
+    old index stays searchable; completed, `out` is the new index and the old one is gone.
+    Before issue 21 the old index was deleted first. Fails if _replace_folder writes into
+    `out` directly."""
+    from jaxret.index.sharded import ShardedIndex
+
+    out = tmp_path / "index"
+    args = ["encode", "--model", str(tiny_bert), "--data", str(data_dir / "adi"), "--out", str(out)]
+    assert cli.main([*args, "--max-length", "16"]) == 0
+    first = ShardedIndex.load(out)
+
+    class Killed(BaseException):  # not an Exception: nothing catches it, as with a kill
+        pass
+
+    real_save = ShardedIndex.save
+
+    def save_then_die(self, directory):
+        real_save(self, directory)
+        raise Killed
+
+    monkeypatch.setattr(ShardedIndex, "save", save_then_die)
+    with pytest.raises(Killed):
+        cli.main([*args, "--max-length", "24"])
+    monkeypatch.setattr(ShardedIndex, "save", real_save)
+    kept = ShardedIndex.load(out)
+    assert (kept.rows() == first.rows()).all()
+    assert cli.main(["search", "--index", str(out), "--query", "indexing", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["results"][0]
+    assert cli.main([*args, "--max-length", "24"]) == 0
+    assert not (ShardedIndex.load(out).rows() == first.rows()).all()
+    versions = [p for p in tmp_path.iterdir() if p.name.startswith(".index-")]
+    assert [p.name for p in versions if p.name.startswith(".index-link")] == []
+    assert out.resolve() in versions  # the live version; the old one was deleted after the swap
+    assert len(versions) == 2  # + the killed build's unfinished folder (never linked)
+
+
+def test_unwritable_outputs_fail_before_any_work(tmp_path, tiny_bert, data_dir, capsys):
+    """--out and --run-out under a path that cannot hold a folder are refused in one line
+    before anything is read or encoded. Fails without the _writable checks (a traceback
+    after the whole encode)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    bad = blocker / "sub" / "index"
+    common = ["--model", str(tiny_bert), "--data", str(data_dir / "adi")]
+    assert cli.main(["encode", *common, "--out", str(bad)]) == 2
+    assert f"--out {bad}: cannot write" in capsys.readouterr().err
+    assert cli.main(["eval", "--retriever", "bm25", *common, "--run-out", str(bad)]) == 2
+    assert f"--run-out {bad}: cannot write" in capsys.readouterr().err
