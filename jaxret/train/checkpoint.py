@@ -2,14 +2,23 @@
 parameters), and JSON metadata (the config, data fingerprints, best dev result). The last N are
 kept. The best-by-dev parameters live in `best/`, replaced atomically: they are written to a
 fresh `best-<step>/` and the `best` symlink is then swapped in one rename.
+
+Integrity: once a background save has finished, the size and CRC32 of every file it wrote are
+recorded in the step's `jaxret_checksums.json` ("sealed"). A resume verifies the newest step
+(`newest_good_step`): a step whose files do not match — flipped bytes, a truncated file —
+or that fails to restore is renamed `<step>.damaged-<time>` (set aside, never deleted) and the
+run resumes from the newest good one, saying so.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import time
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +27,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+log = logging.getLogger(__name__)
 BEST = "best"
+CHECKSUMS = "jaxret_checksums.json"
 # Orbax refuses an empty item: a recipe without auxiliary state saves this instead.
 _NO_AUX = {"none": np.zeros((), np.int32)}
 
@@ -36,6 +47,41 @@ def read_best_params(best: str | os.PathLike, like: Any) -> Any:
     return jax.tree.map(np.asarray, restored)
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def file_checksums(folder: Path) -> dict[str, list[int]]:
+    """{relative path: [size, crc32]} of every file under `folder` but the checksum file."""
+    return {
+        str(p.relative_to(folder)): [p.stat().st_size, _crc32(p)]
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != CHECKSUMS
+    }
+
+
+def verify(folder: Path) -> str | None:
+    """None when the step's files match its recorded checksums (or none were recorded: an
+    unsealed step is tried by restoring it); else what differs."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
+    want = json.loads(path.read_text())
+    have = file_checksums(folder)
+    for name, (size, crc) in want.items():
+        if name not in have:
+            return f"{name} is missing"
+        if have[name][0] != size:
+            return f"{name} has {have[name][0]} bytes, {size} were written"
+        if have[name][1] != crc:
+            return f"{name} differs from what was written (crc32)"
+    return None
+
+
 class Manager:
     def __init__(self, directory: Path, keep: int = 3):
         self.directory = Path(directory).absolute()
@@ -48,10 +94,52 @@ class Manager:
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
 
+    def seal(self) -> None:
+        """Records the checksums of every finished step that has none (process 0)."""
+        self._mgr.wait_until_finished()
+        if jax.process_index() != 0:
+            return
+        for step in self._mgr.all_steps():
+            folder = self.directory / str(step)
+            if folder.is_dir() and not (folder / CHECKSUMS).is_file():
+                tmp = folder / f".{CHECKSUMS}.tmp"
+                tmp.write_text(json.dumps(file_checksums(folder)))
+                os.replace(tmp, folder / CHECKSUMS)
+
+    def sealed(self, step: int) -> bool:
+        return (self.directory / str(step) / CHECKSUMS).is_file()
+
+    def set_aside(self, step: int, why: str) -> Path:
+        """Renames a damaged step out of Orbax's sight (never deletes it)."""
+        target = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            os.rename(self.directory / str(step), target)
+            log.warning("checkpoint %d is damaged (%s): set aside as %s", step, why, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"jaxret-set-aside-{step}")
+        self._mgr.reload()
+        return target
+
+    def newest_good_step(self) -> int | None:
+        """The newest step whose files match their checksums; damaged newer ones are set
+        aside. Every process gets process 0's answer."""
+        while True:
+            step = self._mgr.latest_step()
+            if step is None:
+                return None
+            problem = verify(self.directory / str(step)) if jax.process_index() == 0 else None
+            if jax.process_count() > 1:
+                bad = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
+                problem = problem or ("damaged (seen by process 0)" if int(bad) else None)
+            if problem is None:
+                return step
+            self.set_aside(step, problem)
+
     def all_steps(self) -> list[int]:
         return list(self._mgr.all_steps())
 
     def save(self, step: int, state: Any, aux: Any, meta: dict[str, Any]) -> None:
+        self.seal()  # the previous save has finished: record what it wrote
         self._mgr.save(
             step,
             args=ocp.args.Composite(
@@ -102,4 +190,4 @@ class Manager:
         return root / BEST
 
     def wait(self) -> None:
-        self._mgr.wait_until_finished()
+        self.seal()

@@ -246,12 +246,27 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
         "fingerprints": recipe.fingerprints,
     }
     state = recipe.state
-    resumed = manager.latest_step()
+    resumed = manager.newest_good_step()  # verified against its checksums
+    while resumed is not None:
+        # A step that cannot be read (damaged before it was sealed) is set aside like one
+        # whose checksums differ; a changed config is the user's to fix (ConfigError).
+        try:
+            saved = manager.read_meta(resumed)
+            _check_resume(cfg, recipe, saved, workdir)
+            aux_like = recipe.aux() if recipe.aux else None
+            state, aux, saved = manager.restore(resumed, recipe.state, aux_like)
+            break
+        except ConfigError:
+            raise
+        except Exception as e:
+            if manager.sealed(resumed):  # its bytes are as written: not damage, a mismatch
+                raise RuntimeError(
+                    f"checkpoint {resumed} in {workdir} is intact but does not restore into "
+                    f"this run ({type(e).__name__}: {str(e)[:300]})"
+                ) from e
+            manager.set_aside(resumed, f"{type(e).__name__}: {str(e)[:200]}")
+            resumed = manager.newest_good_step()
     if resumed is not None:
-        saved = manager.read_meta(resumed)
-        _check_resume(cfg, recipe, saved, workdir)
-        aux_like = recipe.aux() if recipe.aux else None
-        state, aux, saved = manager.restore(resumed, state, aux_like)
         meta["best"] = saved.get("best")
         if recipe.restore_aux:
             recipe.restore_aux(aux, saved)
