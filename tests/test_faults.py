@@ -252,3 +252,39 @@ def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
     assert "checkpoint 6 is damaged" in caplog.text and "resumed from step 3" in caplog.text
     assert losses() == first  # steps 4-6 retrained from step 3: the same numbers
     assert (tmp_path / "checkpoints" / "6" / "jaxret_checksums.json").is_file()
+
+
+def _kill_during_save_of_6_then_resume(config: str, model: Path, workdir: Path) -> str:
+    import time
+
+    from conftest import train_command
+
+    cmd, env = train_command(config, model, workdir, "--config.train.keep_checkpoints=1")
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt, deadline = workdir / "checkpoints", time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if ckpt.is_dir() and any(
+            p.name.startswith("6.orbax-checkpoint-tmp") for p in ckpt.iterdir()
+        ):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.0005)
+    assert proc.wait() == -signal.SIGKILL, "the save of step 6 was not caught in progress"
+    assert (ckpt / "3").is_dir()  # keep_checkpoints=1: 3 goes only once 6 is complete
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["configs/art.py:tiny", pytest.param("configs/lapradoor.py:tiny", marks=pytest.mark.slow)],
+)
+def test_a_kill_during_a_background_save_keeps_the_previous_checkpoint(tmp_path, tiny_bert, config):
+    """SIGKILL while Orbax writes checkpoint 6 (keep_checkpoints=1): checkpoint 3 survives
+    and the same command resumes from it. Fails if old checkpoints were removed before the
+    new one is complete."""
+    err = _kill_during_save_of_6_then_resume(config, tiny_bert, tmp_path)
+    assert "resumed from step 3" in err
