@@ -718,6 +718,7 @@ def cmd_convert_megatron(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from jaxret.configlib import ConfigError, load_config, split_config_args
+    from jaxret.errors import RunError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # anywhere: show the traceback of an expected failure too
@@ -762,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(result, default=str))
             else:
                 print(json.dumps(result, indent=2, default=str))
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, ValueError, OSError, RunError) as e:
         # Expected failures (bad input, a config to fix, a path that cannot be read or
         # written): one line naming what to fix. Anything else keeps its traceback.
         if debug or (isinstance(e, OSError) and not e.filename):

@@ -288,3 +288,23 @@ def test_a_kill_during_a_background_save_keeps_the_previous_checkpoint(tmp_path,
     new one is complete."""
     err = _kill_during_save_of_6_then_resume(config, tiny_bert, tmp_path)
     assert "resumed from step 3" in err
+
+
+def test_an_expected_run_failure_is_one_line(tmp_path, tiny_bert, capsys):
+    """A job that expected 16 devices but sees 8 stops with one line naming the setting (exit
+    2); --debug shows the traceback. Fails if the CLI stops catching RunError."""
+    from jaxret.errors import RunError
+
+    argv = [
+        "train",
+        "--config=configs/art.py:tiny",
+        f"--config.model.name={tiny_bert}",
+        "--config.distributed.expected_devices=16",
+        "--workdir",
+        str(tmp_path),
+    ]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "distributed.expected_devices=16 but JAX sees 8" in err and "Traceback" not in err
+    with pytest.raises(RunError):
+        cli.main([*argv, "--debug"])

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from jaxret.data.readers import Corpus
 from jaxret.data.tokenization import Truncation
+from jaxret.errors import RunError
 
 # (titles, texts, truncation counter) → arrays [n, L]
 TokenizeFn = Callable[[list[str], list[str], Truncation], dict[str, np.ndarray]]
@@ -303,7 +304,7 @@ def _tokenize_shards(
         failed = [p.exitcode for p in procs if p.exitcode != 0]
         missing = [i for i in todo if not _shard_path(shards, i).is_file()]
         if failed or missing:
-            raise RuntimeError(
+            raise RunError(
                 f"tokenizing {shards}: {len(failed)} worker(s) failed (exit codes {failed}); "
                 f"{len(missing)} of {count} shards missing. Finished shards are kept: run again "
                 "to resume."
@@ -339,7 +340,7 @@ def _assemble(tmp: Path, shards: Path, count: int, n: int, name: str, manifest: 
                 arrays[k][start : start + len(v)] = v
             start += len(shard[keys[0]])
     if start != n:
-        raise RuntimeError(f"{shards}: the shards hold {start} rows, the corpus {n}")
+        raise RunError(f"{shards}: the shards hold {start} rows, the corpus {n}")
     for arr in arrays.values():
         arr.flush()
     max_length = next(iter(arrays.values())).shape[1]

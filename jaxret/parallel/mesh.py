@@ -32,6 +32,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from jaxret.configlib import ConfigError
+from jaxret.errors import RunError
 
 log = logging.getLogger(__name__)
 
@@ -292,14 +293,14 @@ def check_devices(expected: int = 0) -> None:
     log.log(level, "jaxret: %s", device_banner())
     total = jax.device_count()
     if expected and total != int(expected):
-        raise RuntimeError(
+        raise RunError(
             f"distributed.expected_devices={expected} but JAX sees {total} devices "
             f"({device_banner()}). On SLURM with one task per node, set "
             "distributed.local_device_ids (or JAX_LOCAL_DEVICE_IDS) to every GPU of the node."
         )
     per_task = _slurm_gpus_per_task()
     if jax.default_backend() == "gpu" and per_task and jax.local_device_count() < per_task:
-        raise RuntimeError(
+        raise RunError(
             f"SLURM gives this task {per_task} GPUs but JAX drives {jax.local_device_count()}: "
             "set distributed.local_device_ids (or JAX_LOCAL_DEVICE_IDS)"
         )

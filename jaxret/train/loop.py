@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from jaxret.configlib import ConfigError
+from jaxret.errors import RunError
 from jaxret.recipes.state import TrainState, all_finite
 from jaxret.train.checkpoint import Manager
 from jaxret.train.logs import Logger, plot
@@ -260,7 +261,7 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
             raise
         except Exception as e:
             if manager.sealed(resumed):  # its bytes are as written: not damage, a mismatch
-                raise RuntimeError(
+                raise RunError(
                     f"checkpoint {resumed} in {workdir} is intact but does not restore into "
                     f"this run ({type(e).__name__}: {str(e)[:300]})"
                 ) from e
@@ -289,7 +290,7 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
 
     def checkpoint(done: int) -> None:
         if not bool(jax.device_get(all_finite(state.params))):
-            raise RuntimeError(f"step {done}: parameters are not finite; not checkpointing them")
+            raise RunError(f"step {done}: parameters are not finite; not checkpointing them")
         extra = recipe.aux_meta() if recipe.aux_meta else {}
         manager.save(done, state, recipe.aux() if recipe.aux else None, {**meta, **extra})
 
@@ -315,7 +316,7 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
                     in_a_row,
                 )
                 if in_a_row >= max_skips:
-                    raise RuntimeError(
+                    raise RunError(
                         f"{in_a_row} steps in a row had a non-finite loss or gradients (up to "
                         f"step {done}); stopping. The last checkpoint holds finite parameters."
                     )
