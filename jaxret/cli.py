@@ -477,19 +477,20 @@ def _print_table(result: dict[str, Any]) -> None:
         print(f"  {k:>10}  {result[k]:.4f}")
 
 
-def _writable(path: str | os.PathLike, flag: str) -> Path:
-    """Refuses, before any work, an output path whose folder cannot be written."""
+def _writable(path: str | os.PathLike, flag: str, folder: bool = False) -> Path:
+    """Refuses, before any work, an output path (or output `folder`) that cannot be written."""
     import tempfile
 
     from jaxret.configlib import ConfigError
 
     path = Path(path).absolute()
+    where = path if folder else path.parent
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".jaxret-write-test-"):
+        where.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=where, prefix=".jaxret-write-test-"):
             pass
     except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror})") from None
+        raise ConfigError(f"{flag} {path}: cannot write in {where} ({e.strerror})") from None
     if path.exists() and not (path.is_dir() or path.is_symlink()) and flag == "--out":
         raise ConfigError(f"--out {path}: exists and is not an index folder")
     return path
@@ -732,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("train", "demo"):
             from jaxret.train import entry
 
+            _writable(args.workdir, "--workdir", folder=True)
             return entry.main(args.command, spec, overrides, args.workdir)
         if args.command == "convert-megatron":
             cmd_convert_megatron(args)

@@ -218,6 +218,9 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, tiny_bert, data_dir, 
     assert f"--out {bad}: cannot write" in capsys.readouterr().err
     assert cli.main(["eval", "--retriever", "bm25", *common, "--run-out", str(bad)]) == 2
     assert f"--run-out {bad}: cannot write" in capsys.readouterr().err
+    train = ["train", "--config=configs/art.py:tiny", f"--config.model.name={tiny_bert}"]
+    assert cli.main([*train, "--workdir", str(bad)]) == 2
+    assert f"--workdir {bad}: cannot write" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage", ["flipped", "truncated"])
