@@ -239,15 +239,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_process_start_refuses_without_a_store(tiny_bert, workdir, extra):
-    """Both processes of a 2-process run with no token store stop at once, naming
-    `jaxret prepare`: neither tokenizes while the other waits in a device collective. Before
-    issue 19 process 1 waited in a barrier while process 0 tokenized (on GPU: NCCL's
-    10-minute timeout at 21M passages); fails if a missing table is built inline again."""
-    import time
-
+def _two_processes(tiny_bert, workdir, extra):
+    """`jaxret train` as 2 processes × 4 devices on one coordinator: (procs, outputs)."""
     port = _free_port()
-    procs, t0 = [], time.time()
+    procs = []
     for pid in range(2):
         cmd, env = _cli(
             tiny_bert,
@@ -263,7 +258,19 @@ def _two_process_start_refuses_without_a_store(tiny_bert, workdir, extra):
                 cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
         )
-    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    return procs, outs
+
+
+def _two_process_start_refuses_without_a_store(tiny_bert, workdir, extra):
+    """Both processes of a 2-process run with no token store stop at once, naming
+    `jaxret prepare`: neither tokenizes while the other waits in a device collective. Before
+    issue 19 process 1 waited in a barrier while process 0 tokenized (on GPU: NCCL's
+    10-minute timeout at 21M passages); fails if a missing table is built inline again."""
+    import time
+
+    t0 = time.time()
+    procs, outs = _two_processes(tiny_bert, workdir, extra)
     assert [p.returncode for p in procs] == [2, 2], outs
     for out in outs:
         assert "jaxret prepare" in out and "Traceback" not in out, out[-2000:]
@@ -286,24 +293,7 @@ def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
     cmd, env = _cli(tiny_bert, tmp_path / "multi", *extra)
     prepare = [*cmd[:3], "prepare", *cmd[4:], "--workers", "2"]  # the same config, no train
     subprocess.run(prepare, env=env, cwd=ROOT, check=True, capture_output=True)
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        cmd, env = _cli(
-            tiny_bert,
-            tmp_path / "multi",
-            *extra,
-            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-            "--config.distributed.num_processes=2",
-            f"--config.distributed.process_id={pid}",
-            devices=4,
-        )
-        procs.append(
-            subprocess.Popen(
-                cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-            )
-        )
-    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    procs, outs = _two_processes(tiny_bert, tmp_path / "multi", extra)
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     single, multi = train_losses(tmp_path / "single"), train_losses(tmp_path / "multi")
     assert [s for s, _ in multi] == [1, 2, 3]
