@@ -242,7 +242,7 @@ def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
     losses = lambda: [(r["step"], r["loss"]) for r in rows() if r["kind"] == "train"]
     first = losses()
     step6 = tmp_path / "checkpoints" / "6"
-    assert (step6 / "jaxret_checksums.json").is_file()  # sealed when the run ended
+    assert (step6 / "jaxret_checksums.0.json").is_file()  # sealed when the run ended
     victim = max((p for p in step6.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     raw = victim.read_bytes()
     if damage == "flipped":
@@ -254,7 +254,7 @@ def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
     assert (aside / victim.relative_to(step6)).is_file()  # set aside, never deleted
     assert "checkpoint 6 is damaged" in caplog.text and "resumed from step 3" in caplog.text
     assert losses() == first  # steps 4-6 retrained from step 3: the same numbers
-    assert (tmp_path / "checkpoints" / "6" / "jaxret_checksums.json").is_file()
+    assert (tmp_path / "checkpoints" / "6" / "jaxret_checksums.0.json").is_file()
 
 
 def _kill_during_save_of_6_then_resume(config: str, model: Path, workdir: Path) -> str:

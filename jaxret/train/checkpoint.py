@@ -3,11 +3,12 @@ parameters), and JSON metadata (the config, data fingerprints, best dev result).
 kept. The best-by-dev parameters live in `best/`, replaced atomically: they are written to a
 fresh `best-<step>/` and the `best` symlink is then swapped in one rename.
 
-Integrity: once a background save has finished, the size and CRC32 of every file it wrote are
-recorded in the step's `jaxret_checksums.json` ("sealed"). A resume verifies the newest step
-(`newest_good_step`): a step whose files do not match — flipped bytes, a truncated file —
-or that fails to restore is renamed `<step>.damaged-<time>` (set aside, never deleted) and the
-run resumes from the newest good one, saying so.
+Integrity: once a background save has finished, each process records the size and CRC32 of
+every file it wrote in `<step>/jaxret_checksums.<process>.json` ("sealed"). A resume verifies
+the newest step (`newest_good_step`; each process its own files): a step whose files do not
+match — flipped bytes, a truncated file — or that was never sealed and fails to restore is
+renamed `<step>.damaged-<time>` (set aside, never deleted) and the run resumes from the
+newest good one, saying so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -29,7 +31,7 @@ from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 BEST = "best"
-CHECKSUMS = "jaxret_checksums.json"
+CHECKSUMS = "jaxret_checksums"  # <step>/jaxret_checksums.<process>.json
 # Orbax refuses an empty item: a recipe without auxiliary state saves this instead.
 _NO_AUX = {"none": np.zeros((), np.int32)}
 
@@ -55,24 +57,38 @@ def _crc32(path: Path) -> int:
     return crc
 
 
-def file_checksums(folder: Path) -> dict[str, list[int]]:
-    """{relative path: [size, crc32]} of every file under `folder` but the checksum file."""
-    return {
-        str(p.relative_to(folder)): [p.stat().st_size, _crc32(p)]
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != CHECKSUMS
-    }
+def _owner(relative: str) -> int:
+    """The process that wrote a file of a step: Orbax's `ocdbt.process_<i>/` files are
+    process i's, the rest process 0's. Each process seals and verifies its own share, so no
+    process hashes the others' files (at the paper's size a rolling index is 32 GB)."""
+    m = re.search(r"ocdbt\.process_(\d+)", relative)
+    return int(m.group(1)) if m else 0
 
 
-def verify(folder: Path) -> str | None:
-    """None when the step's files match its recorded checksums (or none were recorded: an
-    unsealed step is tried by restoring it); else what differs."""
-    path = folder / CHECKSUMS
-    if not path.is_file():
-        return None
-    want = json.loads(path.read_text())
-    have = file_checksums(folder)
+def file_checksums(folder: Path, mine: Any = lambda owner: True) -> dict[str, list[int]]:
+    """{relative path: [size, crc32]} of the files under `folder` whose owner `mine` accepts
+    (the checksum files themselves excluded)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_file() and not p.name.startswith(CHECKSUMS) and mine(_owner(rel)):
+            out[rel] = [p.stat().st_size, _crc32(p)]
+    return out
+
+
+def verify(folder: Path, process: int = 0, processes: int = 1) -> str | None:
+    """None when this process's share of the step's files (owner mod processes == process)
+    matches the recorded checksums, or none were recorded (an unsealed step is tried by
+    restoring it); else what differs."""
+    want: dict[str, list[int]] = {}
+    for path in folder.glob(f"{CHECKSUMS}*"):
+        if not path.name.endswith(".tmp"):
+            want.update(json.loads(path.read_text()))
+    mine = lambda owner: owner % processes == process
+    have = file_checksums(folder, mine)
     for name, (size, crc) in want.items():
+        if not mine(_owner(name)):
+            continue
         if name not in have:
             return f"{name} is missing"
         if have[name][0] != size:
@@ -95,19 +111,22 @@ class Manager:
         return self._mgr.latest_step()
 
     def seal(self) -> None:
-        """Records the checksums of every finished step that has none (process 0)."""
+        """Records, for every finished step that has none, the checksums of the files this
+        process wrote (`<step>/jaxret_checksums.<process>.json`)."""
         self._mgr.wait_until_finished()
-        if jax.process_index() != 0:
-            return
+        me = jax.process_index()
         for step in self._mgr.all_steps():
             folder = self.directory / str(step)
-            if folder.is_dir() and not (folder / CHECKSUMS).is_file():
-                tmp = folder / f".{CHECKSUMS}.tmp"
-                tmp.write_text(json.dumps(file_checksums(folder)))
-                os.replace(tmp, folder / CHECKSUMS)
+            out = folder / f"{CHECKSUMS}.{me}.json"
+            if folder.is_dir() and not out.is_file():
+                tmp = folder / f"{CHECKSUMS}.{me}.json.tmp"
+                tmp.write_text(json.dumps(file_checksums(folder, lambda owner: owner == me)))
+                os.replace(tmp, out)
 
     def sealed(self, step: int) -> bool:
-        return (self.directory / str(step) / CHECKSUMS).is_file()
+        return any(
+            not p.name.endswith(".tmp") for p in (self.directory / str(step)).glob(f"{CHECKSUMS}*")
+        )
 
     def set_aside(self, step: int, why: str) -> Path:
         """Renames a damaged step out of Orbax's sight (never deletes it)."""
@@ -122,15 +141,16 @@ class Manager:
 
     def newest_good_step(self) -> int | None:
         """The newest step whose files match their checksums; damaged newer ones are set
-        aside. Every process gets process 0's answer."""
+        aside. Every process verifies its own files; they agree before acting."""
         while True:
             step = self._mgr.latest_step()
             if step is None:
                 return None
-            problem = verify(self.directory / str(step)) if jax.process_index() == 0 else None
-            if jax.process_count() > 1:
-                bad = multihost_utils.broadcast_one_to_all(np.int32(problem is not None))
-                problem = problem or ("damaged (seen by process 0)" if int(bad) else None)
+            folder = self.directory / str(step)
+            problem = verify(folder, jax.process_index(), jax.process_count())
+            if jax.process_count() > 1:  # each verified its own share: equal work, then agree
+                bad = multihost_utils.process_allgather(np.int32(problem is not None))
+                problem = problem or ("damaged (seen by another process)" if bad.any() else None)
             if problem is None:
                 return step
             self.set_aside(step, problem)

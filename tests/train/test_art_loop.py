@@ -297,6 +297,12 @@ def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     single, multi = train_losses(tmp_path / "single"), train_losses(tmp_path / "multi")
     assert [s for s, _ in multi] == [1, 2, 3]
+    # Each process sealed the checkpoint files it wrote (no process hashes the others').
+    step = tmp_path / "multi" / "checkpoints" / "3"
+    sealed = {p.name: json.loads(p.read_text()) for p in step.glob("jaxret_checksums.*.json")}
+    assert sorted(sealed) == ["jaxret_checksums.0.json", "jaxret_checksums.1.json"]
+    assert sealed["jaxret_checksums.1.json"]
+    assert all("ocdbt.process_1" in name for name in sealed["jaxret_checksums.1.json"])
     np.testing.assert_allclose(
         [loss for _, loss in multi], [loss for _, loss in single], rtol=1e-5, atol=1e-7
     )
