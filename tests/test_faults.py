@@ -223,7 +223,7 @@ def test_unwritable_outputs_fail_before_any_work(tmp_path, tiny_bert, data_dir, 
     assert f"--workdir {bad}: cannot write" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+@pytest.mark.parametrize("damage", ["flipped", pytest.param("truncated", marks=pytest.mark.slow)])
 def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
     tmp_path, tiny_bert, damage, caplog
 ):

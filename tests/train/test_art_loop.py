@@ -183,7 +183,8 @@ def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
     _assert_same_exports(tmp_path / "a", tmp_path / "b")
 
 
-@pytest.mark.parametrize("program", ["separate", "fused"])
+# `fused` (not the default program) in make test-slow: each SIGKILL test takes ~2 minutes.
+@pytest.mark.parametrize("program", ["separate", pytest.param("fused", marks=pytest.mark.slow)])
 def test_rolling_resume_after_sigkill_is_exact(tiny_bert, tmp_path, program):
     """The index and its staleness record are in the checkpoint: nothing is re-encoded on
     resume and the losses (which read the index) and parameters are bit-identical."""
@@ -289,7 +290,8 @@ def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
     cmd, env = _cli(tiny_bert, tmp_path / "single", *extra)
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
 
-    _two_process_start_refuses_without_a_store(tiny_bert, tmp_path / "multi", extra)
+    if refresh == "sync":  # the refusal does not depend on the refresh mode: checked once
+        _two_process_start_refuses_without_a_store(tiny_bert, tmp_path / "multi", extra)
     cmd, env = _cli(tiny_bert, tmp_path / "multi", *extra)
     prepare = [*cmd[:3], "prepare", *cmd[4:], "--workers", "2"]  # the same config, no train
     subprocess.run(prepare, env=env, cwd=ROOT, check=True, capture_output=True)
@@ -343,7 +345,7 @@ def test_cli_evaluates_a_training_run_and_its_best(tiny_bert, tmp_path, capsys):
     assert (tmp_path / "run" / "best").is_symlink()  # swapped atomically
 
 
-@pytest.mark.parametrize("refresh", ["sync", "rolling"])
+@pytest.mark.parametrize("refresh", ["sync", pytest.param("rolling", marks=pytest.mark.slow)])
 def test_start_and_resume_each_encode_the_corpus_once(tiny_bert, tmp_path, monkeypatch, refresh):
     """Real corpus encodings (calls of the device encoding `refresh_in_slices`) up to the end
     of the first train step: one on a fresh start, one on a sync resume (its checkpoint's
@@ -426,7 +428,7 @@ def test_sigterm_during_a_refresh_stops_it_and_saves(tiny_bert, tmp_path, monkey
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("refresh", ["sync", "rolling"])
+@pytest.mark.parametrize("refresh", [pytest.param("sync", marks=pytest.mark.slow), "rolling"])
 def test_dev_evaluation_reads_the_training_index(tiny_bert, tmp_path, monkeypatch, refresh):
     """eval.index=training (the default): dev evaluations at steps 3 and 6 encode nothing
     (the run's only corpus encoding is the start's) and report the index's age; "fresh"

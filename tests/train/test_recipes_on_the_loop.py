@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import run_killed_and_resumed
 from safetensors.numpy import load_file
 
@@ -38,6 +39,7 @@ def test_spar_tiny_trains_evaluates_and_exports(tiny_bert, tmp_path):
     assert "#s" in first["_id"] and first["passage"] == first["_id"].split("#s")[0]
 
 
+@pytest.mark.slow  # ~2 minutes; LaPraDoR's queue and steps are tested in tests/recipes
 def test_lapradoor_resumes_exactly_after_sigkill(tiny_bert, tmp_path):
     """The cache queue, the phase and both towers come back bit-identical."""
     extra = (
