@@ -54,11 +54,10 @@ def _assert_same_trajectory(a: dict, b: dict) -> None:
         np.testing.assert_allclose(ta[:, 1:], tb[:, 1:], rtol=2e-3, atol=2e-5, err_msg=name)
 
 
-# ART in `make test`; the other methods' runs take minutes and go to `make test-slow`.
-ON_3 = [m if m == "art" else pytest.param(m, marks=pytest.mark.slow) for m in sorted(TINY)]
-
-
-@pytest.mark.parametrize("method", ON_3)
+# Minutes of subprocess runs: `make test-slow`. `make test` keeps the mesh rule's unit tests
+# (tests/parallel/test_mesh.py) and the CLI on 3 and 8 devices below.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(TINY))
 def test_tiny_config_trains_alike_on_3_and_8_devices(method, tiny_bert, tmp_path):
     """Each method's tiny config (global batch 8) on 3 CPU devices — which cannot split it —
     runs on 2 of them and follows the 8-device run step for step.

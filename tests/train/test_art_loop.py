@@ -168,6 +168,8 @@ RESUME_ARGS = (
 )
 
 
+@pytest.mark.slow  # ~2 min; exact sync resume is also checked in-process by
+# test_sigterm_during_a_refresh_stops_it_and_saves and tests/test_faults.py
 def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
     _run_killed_and_resumed(tiny_bert, tmp_path, RESUME_ARGS)
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
@@ -279,7 +281,7 @@ def _two_process_start_refuses_without_a_store(tiny_bert, workdir, extra):
     assert time.time() - t0 < 240
 
 
-@pytest.mark.parametrize("refresh", ["sync", "rolling"])
+@pytest.mark.parametrize("refresh", ["sync", pytest.param("rolling", marks=pytest.mark.slow)])
 def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
     extra = (
         f"--config.art.refresh={refresh}",
