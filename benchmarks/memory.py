@@ -37,14 +37,16 @@ from jaxret.index.sharded import ShardedIndex  # noqa: E402
 from jaxret.models import dual_encoder as de  # noqa: E402
 from jaxret.models.bert import BertConfig  # noqa: E402
 from jaxret.models.hf_bert import abstract_params as bert_params  # noqa: E402
-from jaxret.models.hf_t5 import abstract_params as t5_params  # noqa: E402
 from jaxret.models.t5 import T5Config  # noqa: E402
 from jaxret.parallel import make_mesh  # noqa: E402
 from jaxret.parallel.activations import Activations  # noqa: E402
-from jaxret.parallel.partitioning import param_shardings  # noqa: E402
 from jaxret.recipes import art  # noqa: E402
 from jaxret.recipes import state as train_state  # noqa: E402
-from jaxret.teachers.t5_teacher import T5Teacher, TeacherSpec  # noqa: E402
+from jaxret.teachers.t5_teacher import (  # noqa: E402
+    TeacherSpec,
+    abstract_teacher,
+    compile_scoring,
+)
 from jaxret.train.optim import make_optimizer  # noqa: E402
 
 WIKI_ROWS = 21_015_324
@@ -53,6 +55,50 @@ TEACHERS = {  # config.json fields of the paper's teachers
     "google/t5-xxl-lm-adapt": dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
 }
 GB = 1e9
+
+
+def teacher_config(name, layers=None):
+    t = dict(TEACHERS[name])
+    if layers is not None:
+        t["num_layers"] = layers
+    return T5Config(
+        vocab_size=32128,
+        d_kv=64,
+        num_decoder_layers=t["num_layers"],
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        scale_decoder_outputs=False,
+        **t,
+    )
+
+
+def teacher_table(name, mesh, spec, pairs):
+    """The teacher's scoring pass alone at real widths, 2/4/8 layers per stack: per-device
+    arguments and temporaries for each layout, fp32 and bf16 weights."""
+    print(
+        f"\n{name} widths, scoring {pairs // mesh.size} pairs per device "
+        f"({spec.max_passage_length} + {spec.max_question_length} tokens, chunks of "
+        f"{spec.chunk_pairs}) on {mesh.size} devices; GB per device (memory_analysis):"
+    )
+    print("| layout | weights | layers | arguments | temporaries |")
+    print("|---|---|---|---|---|")
+    layouts = [
+        ("fsdp, layer by layer", "fsdp", None, (8, 1)),
+        ("fsdp, whole model (before)", "fsdp", False, (8, 1)),
+        ("tensor (4 × 2 mesh)", "tensor", None, (4, 2)),
+    ]
+    for label, strategy, layerwise_pass, shape in layouts:
+        m = make_mesh(("data", "model"), shape)
+        for dtype in ("float32", "bfloat16"):
+            for layers in (2, 4, 8):
+                cfg = teacher_config(name, layers)
+                c = compile_scoring(cfg, m, strategy, pairs, spec, dtype, layerwise_pass)
+                mem = c.memory_analysis()
+                print(
+                    f"| {label} | {dtype} | {layers} | {mem.argument_size_in_bytes / GB:.3f} "
+                    f"| {mem.temp_size_in_bytes / GB:.3f} |",
+                    flush=True,
+                )
 
 
 def abstract(tree, shardings):
@@ -67,25 +113,15 @@ def compile_step(cfg, mesh, rows_per_device, batch):
     encoder = de.DualEncoder(bert, spec, Activations.for_strategy(mesh, cfg.mesh.param_sharding))
     towers = ("shared",) if spec.shared else ("query", "passage")
     params = {t: bert_params(bert) for t in towers}
-    t = TEACHERS[cfg.teacher.model]
-    t5 = T5Config(
-        vocab_size=32128,
-        d_kv=64,
-        num_decoder_layers=t["num_layers"],
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        scale_decoder_outputs=False,
-        **t,
-    )
+    t5 = teacher_config(cfg.teacher.model)
     tspec = TeacherSpec(
         max_passage_length=cfg.teacher.max_passage_length,
         max_question_length=cfg.teacher.max_question_length,
         chunk_pairs=cfg.teacher.chunk_pairs,
     )
-    teacher_act = Activations.for_strategy(mesh, cfg.teacher.param_sharding)
-    teacher = T5Teacher(t5, None, None, tspec, cfg.teacher.dtype, act=teacher_act)
-    t_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), t5_params(t5))
-    t_params = abstract(t_params, param_shardings(t_params, mesh, cfg.teacher.param_sharding))
+    teacher, t_params = abstract_teacher(
+        t5, mesh, cfg.teacher.param_sharding, tspec, cfg.teacher.dtype
+    )
 
     optimizer = make_optimizer(cfg.optimizer, 1000)
     state = jax.eval_shape(lambda p: train_state.init_state(p, optimizer, 0), params)
@@ -133,6 +169,7 @@ def main():
     p.add_argument("--variant", default="nq_t0_3b")
     p.add_argument("--rows-per-device", type=int, default=65536)
     p.add_argument("--paper-devices", type=int, default=16)
+    p.add_argument("--teacher-only", action="store_true", help="only the teacher table")
     args = p.parse_args()
     cfg = load_config(f"configs/art.py:{args.variant}")
     mesh = make_mesh(("data", "model"), (-1, 1))
@@ -144,6 +181,23 @@ def main():
         f"({per_device_batch} per device), K={cfg.art.top_k}, "
         f"{args.rows_per_device} rows per device"
     )
+    tspec = TeacherSpec(
+        max_passage_length=cfg.teacher.max_passage_length,
+        max_question_length=cfg.teacher.max_question_length,
+        chunk_pairs=cfg.teacher.chunk_pairs,
+    )
+    if not args.teacher_only:
+        step_table(cfg, mesh, args, batch)
+    teacher_table(cfg.teacher.model, mesh, tspec, batch * cfg.art.top_k)
+    print(
+        "bf16 on XLA:CPU: the CPU compiler multiplies bf16 in fp32 and converts the whole "
+        "stacked bf16 weights to an fp32 copy before the layer loop (a scan over 8 stacked "
+        "[512, 512] bf16 weights shows the same 8 MiB convert), so its bf16 temporaries grow "
+        "with the layers; the fp32 rows are what a compiler with native bf16 dots allocates."
+    )
+
+
+def step_table(cfg, mesh, args, batch):
     compiled, layout, bert, t5 = compile_step(cfg, mesh, args.rows_per_device, batch)
     mem = compiled.memory_analysis()
     args_b, out_b = mem.argument_size_in_bytes, mem.output_size_in_bytes

@@ -60,7 +60,6 @@ def base():
     c.icol = ml_collections.ConfigDict(
         dict(
             switch_every=100,
-            scale=20.0,
             lam=1.0,
             queue_size=100_000,
             ict=True,

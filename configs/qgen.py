@@ -72,8 +72,7 @@ def base():
         dict(
             stage="adapt",  # generator | retriever | adapt
             pairs="qrels",  # retriever pairs: qrels of data.train_dir, or ict on its corpus
-            scale=1.0,  # multiplies the similarity in the softmax (dot product: 1)
-            dropout=True,
+            dropout=True,  # the contrastive loss scores as model.similarity / model.scale do
         )
     )
     # The retriever: BERT-base, [CLS] → dense → tanh (BERT's pooler when projection_dim is
@@ -134,7 +133,8 @@ def base():
         dict(
             decoding="nucleus",  # nucleus | top_k | beam | greedy
             num_samples=10,
-            keep=5,
+            keep=5,  # the 5 most likely of the 10 samples, then duplicates removed (Liang et al.)
+            length_normalized=False,  # rank by the summed log-likelihood, as the paper
             top_p=0.95,
             top_k=0,
             num_beams=5,

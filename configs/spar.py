@@ -67,7 +67,8 @@ def base():
     c.labels = ml_collections.ConfigDict(
         dict(top_k=50, positives=10, negatives=5, bm25_k1=1.2, bm25_b=0.75)
     )
-    c.spar = ml_collections.ConfigDict(dict(scale=1.0, dropout=True, hard_negatives=1))
+    # The contrastive loss scores as model.similarity / model.scale do (one scale per model).
+    c.spar = ml_collections.ConfigDict(dict(dropout=True, hard_negatives=1))
     c.encode = ml_collections.ConfigDict(dict(batch_size=256, chunk_rows=32768))
     c.optimizer = ml_collections.ConfigDict(
         dict(
@@ -124,7 +125,6 @@ def get_config(arg=None):
             dtype="float32",
         )
         c.queries.update(dev=300)
-        c.spar.update(scale=20.0)
         c.optimizer.update(lr=5e-5, warmup_fraction=0.05)
         c.encode.update(batch_size=64, chunk_rows=4096)
         c.train.update(steps=200, batch_size=16, eval_every=100, checkpoint_every=100)

@@ -208,7 +208,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--decoding", choices=["nucleus", "beam", "greedy", "top_k"], default="nucleus")
     g.add_argument("--num-samples", type=_positive_int, default=10, help="samples per passage")
     g.add_argument(
-        "--keep", type=_positive_int, default=5, help="most likely distinct queries kept"
+        "--keep",
+        type=_positive_int,
+        default=5,
+        help="most likely samples kept, then duplicates dropped (the paper: 5 of 10)",
+    )
+    g.add_argument(
+        "--length-normalized",
+        action="store_true",
+        help="rank samples by log-likelihood per token (default: the sum, as the paper)",
     )
     g.add_argument("--top-p", type=_number(float, 0.0, 1.0, open_low=True), default=0.95)
     g.add_argument("--top-k", type=_number(int, 0), default=0)
@@ -695,6 +703,7 @@ def cmd_generate(cfg: Any, args: argparse.Namespace) -> None:
         args.seed,
         args.batch_size,
         args.shard_size,
+        args.length_normalized,
     )
     generator, params, tokenizer, _ = load_generator(args.generator, args.dtype)
     out = synthetic.generate_queries(

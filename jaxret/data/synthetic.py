@@ -3,9 +3,9 @@
 For every passage the generator reads `prefix + (title + " " + text).strip()`, cut to
 `max_input_length` tokens with the tokenizer's own end of sequence, and decodes queries
 (nucleus samples, beams or greedy; `Decoding`). With sampling, `num_return` samples are
-drawn, exact duplicates removed, and the `keep` most likely kept (the paper: 10 samples at
-p = 0.95, keep 5). A query's text is `tokenizer.decode(ids, skip_special_tokens=True)
-.strip()`; empty ones are dropped.
+drawn, the `keep` most likely kept, then exact duplicates removed (the paper: 10 samples at
+p = 0.95, top 5, duplicates removed). A query's text is
+`tokenizer.decode(ids, skip_special_tokens=True).strip()`; empty ones are dropped.
 
 The output is a BEIR folder: `queries.jsonl` (`_id` = "<passage id>#q<rank>", the passage
 and the query's log-likelihood alongside), `qrels/train.tsv` (each query → its passage),
@@ -49,6 +49,8 @@ class GenerationSpec:
     seed: int = 0
     batch_size: int = 32
     shard_size: int = 1024
+    # Rank samples by log-likelihood per token (False: the sum, as the paper's "likelihood").
+    length_normalized: bool = False
 
     def describe(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -79,15 +81,26 @@ def encode_inputs(
     return ids, mask
 
 
-def select(texts: list[str], loglik: np.ndarray, keep: int) -> list[tuple[str, float]]:
-    """Distinct, non-empty texts, the most likely first (ties: first generated), at most
-    `keep`."""
-    best: dict[str, float] = {}
-    for text, ll in zip(texts, loglik.tolist()):
-        if text and (text not in best or ll > best[text]):
-            best[text] = ll
-    order = sorted(best.items(), key=lambda kv: -kv[1])  # stable: generation order on ties
-    return order[:keep]
+def select(
+    texts: list[str],
+    loglik: np.ndarray,
+    keep: int,
+    lengths: np.ndarray | None = None,
+) -> list[tuple[str, float]]:
+    """The paper's selection (Liang et al. §4: "10 independent samples, selecting the top 5
+    queries based on the likelihood scores. After removing duplicate queries ..."): the `keep`
+    most likely samples (ties: first generated), then duplicates and empty texts dropped, so
+    fewer than `keep` may remain. With `lengths` (tokens per sample), ranked by likelihood per
+    token instead. Returns (text, log-likelihood) pairs, the raw sum either way."""
+    score = loglik if lengths is None else loglik / np.maximum(lengths, 1)
+    ranked = sorted(range(len(texts)), key=lambda i: -score[i])[:keep]  # stable on ties
+    out: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for i in ranked:
+        if texts[i] and texts[i] not in seen:
+            seen.add(texts[i])
+            out.append((texts[i], float(loglik[i])))
+    return out
 
 
 def _shard_path(out: Path, shard: int) -> Path:
@@ -131,13 +144,10 @@ def _generate_shard(
         )
         seqs, loglik = np.asarray(seqs), np.asarray(loglik)
         for i, r in enumerate(real):
-            texts = [
-                tokenizer.decode(
-                    _until_eos(seq, cfg.eos_token_id), skip_special_tokens=True
-                ).strip()
-                for seq in seqs[i]
-            ]
-            for rank, (text, ll) in enumerate(select(texts, loglik[i], spec.keep)):
+            tokens = [_until_eos(seq, cfg.eos_token_id) for seq in seqs[i]]
+            texts = [tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
+            lengths = np.array([len(t) for t in tokens]) if spec.length_normalized else None
+            for rank, (text, ll) in enumerate(select(texts, loglik[i], spec.keep, lengths)):
                 doc = corpus.ids[r]
                 row = {
                     "_id": f"{doc}#q{rank}",

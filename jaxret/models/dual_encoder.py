@@ -138,10 +138,15 @@ class DualEncoder:
             out = out / jnp.maximum(jnp.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
         return out
 
+    @property
+    def logit_scale(self) -> float:
+        """What `score` multiplies q·p by: `spec.scale` for cosine, 1 for the dot product."""
+        return float(self.spec.scale) if self.spec.similarity == "cosine" else 1.0
+
     def score(self, q: jax.Array, p: jax.Array) -> jax.Array:
         """q [B, d] × p [N, d] → [B, N]; with cosine similarity both are unit vectors already."""
         s = jnp.einsum("bd,nd->bn", q, p, preferred_element_type=jnp.float32)
-        return s * self.spec.scale if self.spec.similarity == "cosine" else s
+        return s * self.logit_scale if self.logit_scale != 1.0 else s
 
 
 def export_folder(model: str | os.PathLike) -> Path | None:

@@ -38,6 +38,12 @@ class ContrastiveConfig:
     dropout: bool = True
     mask_duplicates: bool = True  # candidates equal to the query's own positive do not compete
 
+    @classmethod
+    def for_encoder(cls, encoder: DualEncoder, **kwargs: Any) -> ContrastiveConfig:
+        """Trains on the similarity the encoder is evaluated with: `model.scale` × cosine,
+        or the plain dot product (one scale per model, never a second knob to keep equal)."""
+        return cls(scale=encoder.logit_scale, **kwargs)
+
 
 def not_own_positive(rows: jax.Array, batch_size: int) -> jax.Array:
     """valid [B, M]: candidate m may compete for query i unless it is passage `rows[i]` (the

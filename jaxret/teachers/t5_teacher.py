@@ -24,6 +24,7 @@ from jaxret.data.tokenization import Truncation
 from jaxret.models.hf_t5 import load_t5, load_t5_sharded
 from jaxret.models.t5 import T5, T5Config, shift_right
 from jaxret.parallel.activations import Activations, map_rows, pad_rows
+from jaxret.teachers import layerwise
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 log = logging.getLogger(__name__)
@@ -162,16 +163,22 @@ def pair_scores(
     chunk: int = 0,
 ) -> jax.Array:
     """[B, K] mean (or sum) question log-likelihood given each passage. Jittable."""
+    logprobs = functools.partial(token_logprobs, model, params, chunk=chunk)
+    return reduce_pairs(logprobs, passage_ids, passage_mask, labels, label_mask, reduction)
+
+
+def reduce_pairs(
+    logprobs: Any,  # (ids [N, Lp], mask [N, Lp], labels [N, Lq]) -> [N, Lq] fp32
+    passage_ids: jax.Array,  # [B, K, Lp]
+    passage_mask: jax.Array,  # [B, K, Lp]
+    labels: jax.Array,  # [B, Lq]
+    label_mask: jax.Array,  # [B, Lq]
+    reduction: str = "mean",
+) -> jax.Array:
+    """[B, K] scores: every question against each of its K passages, reduced over tokens."""
     b, k, lp = passage_ids.shape
     rep = lambda x: jnp.repeat(x, k, axis=0)  # [B*K, Lq]: question b for each of its K passages
-    logp = token_logprobs(
-        model,
-        params,
-        passage_ids.reshape(b * k, lp),
-        passage_mask.reshape(b * k, lp),
-        rep(labels),
-        chunk,
-    )
+    logp = logprobs(passage_ids.reshape(b * k, lp), passage_mask.reshape(b * k, lp), rep(labels))
     m = rep(label_mask).astype(jnp.float32)
     total = (logp * m).sum(-1)
     if reduction == "sum":
@@ -192,6 +199,9 @@ class T5Teacher:
     dtype: str = "bfloat16"
     act: Activations | None = None  # activation sharding when run inside a sharded step
     remat: bool = False
+    # How `params` are sharded over `act.mesh`. Under fsdp / fsdp_tensor the teacher runs
+    # layer by layer (teachers.layerwise) and `params` hold each stack's layers stacked.
+    param_sharding: str = "replicated"
     # What `score` has cut so far, reported once per kind (passages / questions).
     truncation: dict[str, Truncation] = dataclasses.field(default_factory=dict, repr=False)
     _reported: set[str] = dataclasses.field(default_factory=set, repr=False)
@@ -215,18 +225,39 @@ class T5Teacher:
         act = None
         if mesh is None:
             cfg, params, folder = load_t5(path_or_hub_id, dtype=dtype)
+            param_sharding = "replicated"
         else:
             cfg, params, folder = load_t5_sharded(path_or_hub_id, dtype, mesh, param_sharding)
             act = Activations.for_strategy(mesh, param_sharding)
+            if layerwise.uses_layerwise(param_sharding):
+                params = layerwise.place_stacked(params, cfg, mesh, param_sharding)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return cls(cfg, params, tokenizer, spec or TeacherSpec(), dtype, act=act)
+        spec = spec or TeacherSpec()
+        return cls(cfg, params, tokenizer, spec, dtype, act=act, param_sharding=param_sharding)
+
+    @property
+    def layerwise(self) -> bool:
+        """Runs one gathered layer at a time over all pairs (FSDP on a mesh)."""
+        return (
+            self.act is not None
+            and bool(self.act.batch)
+            and layerwise.uses_layerwise(self.param_sharding)
+        )
 
     @property
     def model(self) -> T5:
         return T5(self.config, dtype=_DTYPES[self.dtype], remat=self.remat, act=self.act)
 
-    def with_activations(self, act: Activations | None) -> T5Teacher:
-        return dataclasses.replace(self, act=act)
+    def on_mesh(self, mesh: Any, param_sharding: str) -> T5Teacher:
+        """This host-loaded teacher with its params placed on `mesh` by `param_sharding`
+        (stacked by layer under FSDP) and its activations constrained for that mesh."""
+        from jaxret.parallel.partitioning import param_shardings
+
+        params = jax.device_put(self.params, param_shardings(self.params, mesh, param_sharding))
+        if layerwise.uses_layerwise(param_sharding):
+            params = layerwise.place_stacked(params, self.config, mesh, param_sharding)
+        act = Activations.for_strategy(mesh, param_sharding)
+        return dataclasses.replace(self, params=params, act=act, param_sharding=param_sharding)
 
     def score_tokens(
         self,
@@ -238,15 +269,22 @@ class T5Teacher:
     ) -> jax.Array:
         """[B, K] scores from token arrays; call inside a jitted step (no gradient flows)."""
         params = jax.lax.stop_gradient(params)
-        return pair_scores(
-            self.model,
-            params,
-            passage_ids,
-            passage_mask,
-            labels,
-            label_mask,
-            self.spec.reduction,
-            self.spec.chunk_pairs,
+        if self.layerwise:
+            logprobs = functools.partial(
+                layerwise.token_logprobs,
+                self.config,
+                _DTYPES[self.dtype],
+                self.act,
+                self.param_sharding,
+                params,
+                chunk=self.spec.chunk_pairs,
+            )
+        else:
+            logprobs = functools.partial(
+                token_logprobs, self.model, params, chunk=self.spec.chunk_pairs
+            )
+        return reduce_pairs(
+            logprobs, passage_ids, passage_mask, labels, label_mask, self.spec.reduction
         )
 
     def score(self, questions: list[str], passages: list[list[dict]]) -> np.ndarray:
@@ -295,14 +333,73 @@ class T5Teacher:
 
 
 def _jit_score(teacher: T5Teacher) -> Any:
-    return _cached_jit(teacher.config, teacher.dtype, teacher.spec)
+    return _cached_jit(
+        teacher.config, teacher.dtype, teacher.spec, teacher.act, teacher.param_sharding
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_jit(config: T5Config, dtype: str, spec: TeacherSpec) -> Any:
-    model = T5(config, dtype=_DTYPES[dtype])
-    return jax.jit(
-        lambda params, pi, pm, lab, lm: pair_scores(
-            model, params, pi, pm, lab, lm, spec.reduction, spec.chunk_pairs
-        )
+def _cached_jit(
+    config: T5Config, dtype: str, spec: TeacherSpec, act: Activations | None, sharding: str
+) -> Any:
+    teacher = T5Teacher(config, None, None, spec, dtype, act=act, param_sharding=sharding)
+    return jax.jit(teacher.score_tokens)
+
+
+def abstract_teacher(
+    config: T5Config,
+    mesh: Any,
+    param_sharding: str,
+    spec: TeacherSpec,
+    dtype: str = "bfloat16",
+    layerwise_pass: bool | None = None,
+) -> tuple[T5Teacher, Any]:
+    """(teacher, its params as sharded ShapeDtypeStructs in `dtype`) on `mesh`, nothing
+    loaded: for compiling at real widths (capacity planning, `benchmarks/memory.py`).
+    `layerwise_pass=False` keeps FSDP params unstacked and runs the whole-model pass (the
+    comparison the memory benchmark prints); default: layer by layer exactly under FSDP."""
+    from jaxret.models.hf_t5 import abstract_params
+    from jaxret.parallel.partitioning import param_shardings
+
+    if layerwise_pass is None:
+        layerwise_pass = layerwise.uses_layerwise(param_sharding)
+    params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, _DTYPES[dtype]), abstract_params(config)
     )
+    if layerwise_pass:
+        params = layerwise.stack_layers(params, config)
+        shardings = layerwise.stacked_shardings(params, mesh, param_sharding)
+    else:
+        shardings = param_shardings(params, mesh, param_sharding)
+    act = Activations.for_strategy(mesh, param_sharding)
+    # The unstacked pass is the module's: labelled "replicated" so that `layerwise` is off.
+    label = param_sharding if layerwise_pass else "replicated"
+    teacher = T5Teacher(config, None, None, spec, dtype, act, param_sharding=label)
+    if teacher.layerwise != layerwise_pass:
+        raise ValueError(f"param sharding {param_sharding!r} has no layer-by-layer pass")
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings
+    )
+    return teacher, params
+
+
+def compile_scoring(
+    config: T5Config,
+    mesh: Any,
+    param_sharding: str,
+    pairs: int,
+    spec: TeacherSpec,
+    dtype: str = "bfloat16",
+    layerwise_pass: bool | None = None,
+) -> Any:
+    """Compiles (never runs) the scores of `pairs` passage–question pairs on `mesh` from
+    abstract inputs (`abstract_teacher`): what one device holds and does."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    teacher, params = abstract_teacher(config, mesh, param_sharding, spec, dtype, layerwise_pass)
+    batch_axes = teacher.act.batch
+    batch = NamedSharding(mesh, PartitionSpec(batch_axes if batch_axes else None))
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch)
+    lp, lq = spec.max_passage_length, spec.max_question_length
+    args = (i32(pairs, 1, lp), i32(pairs, 1, lp), i32(pairs, lq), i32(pairs, lq))
+    return jax.jit(teacher.score_tokens).lower(params, *args).compile()

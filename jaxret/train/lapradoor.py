@@ -64,7 +64,6 @@ class LapradoorRun:
                 "data.dirs is empty: the corpora (comma-separated folders) to pretrain on"
             )
         self.cfg = cfg
-        self.icol = icol_config(cfg)
         self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
         self.eval_sets = [ev.load_eval_data(d, cfg.data.eval_split) for d in dirs]
         self.corpus = join_corpora([e.corpus for e in self.eval_sets])
@@ -73,6 +72,8 @@ class LapradoorRun:
         self.encoder = encoder.with_activations(
             Activations.for_strategy(mesh, cfg.mesh.param_sharding)
         )
+        # ICoL's similarity is the model's (model.scale × cosine), as evaluation scores it.
+        self.icol = dataclasses.replace(icol_config(cfg), scale=self.encoder.logit_scale)
         self.tokenizer = load_tokenizer(tok_folder)
         self.split = sent.splitter(cfg.data.splitter, "en")
         counts = [len(self.split(t)) for t in self.corpus.texts]

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,10 @@ class Logger:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            # "time": when the row was written (unix seconds), so that the gaps between steps
+            # show every stall, evaluations and checkpoints included.
+            row = {"step": step, "kind": kind, "time": round(time.time(), 3), **values}
+            f.write(json.dumps(row) + "\n")
         for k, v in values.items():
             if isinstance(v, int | float) and math.isfinite(v):
                 # TensorBoard tags allow [A-Za-z0-9_./-]: "ndcg@10" → "ndcg_at_10".

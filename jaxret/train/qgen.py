@@ -170,6 +170,7 @@ def generation_spec(cfg: Any) -> synthetic.GenerationSpec:
         cfg.seed,
         g.batch_size,
         g.shard_size,
+        g.get("length_normalized", False),
     )
 
 
@@ -373,7 +374,7 @@ class RetrieverRun:
         self.total, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
         self.state, self.shardings = start.state, start.shardings
         self.initial_params = params
-        ccfg = contrastive.ContrastiveConfig(scale=cfg.qgen.scale, dropout=cfg.qgen.dropout)
+        ccfg = contrastive.ContrastiveConfig.for_encoder(self.encoder, dropout=cfg.qgen.dropout)
         batch_sh = NamedSharding(mesh, DATA)
         in_shardings = (
             self.shardings,

@@ -109,7 +109,7 @@ class SparRun:
         self.total, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
         self.state, self.shardings = start.state, start.shardings
         self.initial_params = params
-        ccfg = contrastive.ContrastiveConfig(scale=cfg.spar.scale, dropout=cfg.spar.dropout)
+        ccfg = contrastive.ContrastiveConfig.for_encoder(self.encoder, dropout=cfg.spar.dropout)
         batch_sh = NamedSharding(mesh, DATA)
         example = self.batch_at(0)
         in_shardings = (

@@ -22,12 +22,27 @@ ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "data"
 
 
-def test_select_dedupes_orders_by_likelihood_and_drops_empty():
+def test_select_takes_the_top_k_then_drops_duplicates_as_the_paper():
+    """Liang et al.: the top 5 of 10 samples by likelihood, then duplicates removed (so fewer
+    than 5 may remain). Fails if duplicates are removed before the top-k is taken (the
+    earlier order: "a" -2 would then fill the slot its better copy left, and "c" enter)."""
     texts = ["a", "b", "a", "", "c", "d"]
-    loglik = np.array([-3.0, -1.0, -2.0, 0.0, -1.0, -9.0])
-    # "a" keeps its best copy (-2); "b" and "c" tie at -1: generation order decides.
-    assert synthetic.select(texts, loglik, 3) == [("b", -1.0), ("c", -1.0), ("a", -2.0)]
+    loglik = np.array([-1.5, -1.0, -1.2, 0.0, -3.0, -9.0])
+    # top 4 by likelihood: "" 0.0, "b" -1.0, "a" -1.2, "a" -1.5; then "" and the copy go.
+    assert synthetic.select(texts, loglik, 4) == [("b", -1.0), ("a", -1.2)]
+    # ties keep generation order; everything kept when keep covers all samples
+    tied = synthetic.select(["x", "y", "x"], np.array([-1.0, -1.0, -1.0]), 3)
+    assert tied == [("x", -1.0), ("y", -1.0)]
     assert synthetic.select(texts, loglik, 10)[-1] == ("d", -9.0)
+
+
+def test_select_length_normalized_ranks_per_token():
+    """A long query with a lower sum but a higher per-token log-likelihood wins with
+    `lengths`; the sums are what is returned. Fails if the ranking ignores `lengths`."""
+    texts, loglik = ["short", "a much longer query"], np.array([-2.0, -4.0])
+    assert synthetic.select(texts, loglik, 1) == [("short", -2.0)]
+    per_token = synthetic.select(texts, loglik, 1, lengths=np.array([2, 8]))
+    assert per_token == [("a much longer query", -4.0)]
 
 
 def test_inputs_are_title_space_text_cut_with_eos(tiny_generator):

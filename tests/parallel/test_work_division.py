@@ -51,7 +51,12 @@ def compile_step(parts, mesh, student, teacher_strategy, chunk, sharded_teacher=
     tspec = TeacherSpec(max_passage_length=LT, max_question_length=LQ, chunk_pairs=chunk)
     teacher = T5Teacher.from_pretrained(t5, "float32", tspec)
     if sharded_teacher:
-        teacher = teacher.with_activations(Activations.for_strategy(mesh, teacher_strategy))
+        teacher = teacher.on_mesh(mesh, teacher_strategy)
+        t_params = teacher.params
+    else:
+        t_params = jax.device_put(
+            teacher.params, param_shardings(teacher.params, mesh, teacher_strategy)
+        )
     emb = np.random.RandomState(0).randn(len(corpus), enc.dim).astype(np.float32)
     index = ShardedIndex.from_embeddings(emb, mesh, jnp.float32, chunk_rows=128)
     pad = lambda v: np.pad(v, ((0, index.layout.padded_rows - len(v)), (0, 0)))
@@ -64,9 +69,6 @@ def compile_step(parts, mesh, student, teacher_strategy, chunk, sharded_teacher=
     }
     target = tt.tokenize_questions(teacher.tokenizer, data.query_texts[:B], tspec)
     batch = global_batch({"query": q_tokens, "target": target}, mesh)
-    t_params = jax.device_put(
-        teacher.params, param_shardings(teacher.params, mesh, teacher_strategy)
-    )
     opt_cfg = ml_collections.ConfigDict(
         dict(
             name="adamw",

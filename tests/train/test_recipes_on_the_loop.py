@@ -57,3 +57,47 @@ def test_lapradoor_resumes_exactly_after_sigkill(tiny_bert, tmp_path):
     b = load_file(str(tmp_path / "b" / "export" / "encoder" / "model.safetensors"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+
+
+@pytest.mark.parametrize(
+    "config,module,runner",
+    [
+        ("configs/spar.py:tiny", "spar", "SparRun"),
+        ("configs/qgen.py:tiny", "qgen", "RetrieverRun"),
+        ("configs/lapradoor.py:tiny", "lapradoor", "LapradoorRun"),
+    ],
+)
+def test_training_scores_with_the_models_similarity_scale(
+    tiny_bert, data_dir, tmp_path, monkeypatch, config, module, runner
+):
+    """One scale per model: a cosine model with model.scale 7 trains its contrastive loss on
+    7 · cos, the similarity evaluation ranks with (issue 20: the QGen demo trained cosine at
+    scale 1 while evaluating at 20). Fails if a runner builds its step config without the
+    model's scale (e.g. `ContrastiveConfig(dropout=...)`: scale 1)."""
+    import importlib
+
+    from jaxret.recipes import contrastive
+
+    seen = []
+    original = contrastive.make_train_step
+    monkeypatch.setattr(
+        contrastive,
+        "make_train_step",
+        lambda encoder, optimizer, cfg, *a, **k: (
+            seen.append(cfg.scale) or original(encoder, optimizer, cfg, *a, **k)
+        ),
+    )
+    overrides = [
+        ("model.name", str(tiny_bert)),
+        ("model.similarity", "cosine"),
+        ("model.normalize", "true"),
+        ("model.scale", "7.0"),
+    ]
+    if module == "qgen":  # ICT pairs of a bundled corpus: no generation needed
+        overrides += [("qgen.stage", "retriever"), ("qgen.pairs", "ict")]
+        overrides.append(("data.train_dir", str(data_dir / "adi")))
+    cfg = load_config(config, overrides)
+    run = getattr(importlib.import_module(f"jaxret.train.{module}"), runner)(cfg, tmp_path)
+    if module == "lapradoor":
+        seen.append(run.icol.scale)
+    assert seen == [7.0]

@@ -1,0 +1,379 @@
+"""ART's whole system at the paper's ratios, on CPU: what a pod run would meet, measured.
+
+    python benchmarks/rehearsal.py [--passages 2000000] [--steps 1100] [--processes 4]
+        [--devices 2] [--workdir /tmp/jaxret-rehearsal]
+
+The paper's NQ run: 21M passages on 16 devices, 64 questions × K 32 (4 per device), a
+re-index every 500 steps. Here: `--passages` synthetic short passages on `--processes` ×
+`--devices` fake CPU devices (jax.distributed on 127.0.0.1), 4 questions per device × K 32,
+refresh_every 500, a 2-layer BERT of width 64 and a 2-layer T5 teacher run layer by layer
+(FSDP). Every phase runs the real code paths through the CLI:
+
+  1. `jaxret prepare` with 1 and 2 workers (store build time, passages/s);
+  2. training with sync refresh, `--steps` steps, dev evaluation and checkpoints every 250;
+  3. training with rolling refresh: SIGTERM to every process at step ~steps−100 (as SLURM
+     does), the time until the processes have saved and exited, and the resume to the end.
+
+Per-step times come from metrics.jsonl: `wall_seconds` (the step and its refresh work) and the
+gaps between consecutive steps' rows (everything in between: evaluations, checkpoints). Peak
+RSS is each process's VmHWM, polled from /proc. One markdown table is printed; the README's
+scaling section gives it with the extrapolation to the paper's sizes.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny-model builders (PyTorch-saved)
+
+
+def write_data(folder: Path, passages: int, seed: int = 0) -> None:
+    """A BEIR folder: `passages` passages of 12–20 words drawn from MiniLM's vocabulary, train
+    questions (8 words of a passage), dev and test questions with qrels to their passage."""
+    from conftest import minilm_path
+
+    vocab = [
+        w
+        for w in (minilm_path() / "vocab.txt").read_text().split("\n")
+        if w.isalpha() and w.isascii() and len(w) > 2
+    ][:20000]
+    words = np.array(vocab)
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lengths = rng.integers(12, 21, passages)
+    with open(folder / "corpus.jsonl", "w") as f:
+        for start in range(0, passages, 100_000):
+            block = rng.integers(0, len(words), (min(100_000, passages - start), 20))
+            for i, row in enumerate(block, start):
+                text = " ".join(words[row[: lengths[i]]])
+                f.write(json.dumps({"_id": f"p{i}", "title": f"t{i % 997}", "text": text}) + "\n")
+
+    def question(i: int) -> str:  # words of passage i, re-drawn with the same seed stream
+        r = np.random.default_rng([seed, i])
+        return " ".join(r.choice(words, 8))
+
+    train = rng.choice(passages, 20_000, replace=False)
+    with open(folder / "train_questions.jsonl", "w") as f:
+        for j, i in enumerate(train):
+            f.write(json.dumps({"_id": f"train-{j}", "text": question(int(i))}) + "\n")
+    (folder / "qrels").mkdir(exist_ok=True)
+    with open(folder / "queries.jsonl", "w") as q:
+        for split, offset in (("dev", 0), ("test", 1)):
+            rows = rng.choice(passages, 200, replace=False)
+            with open(folder / "qrels" / f"{split}.tsv", "w") as f:
+                f.write("query-id\tcorpus-id\tscore\n")
+                for j, i in enumerate(rows):
+                    qid = f"{split}-{j}"
+                    q.write(json.dumps({"_id": qid, "text": question(int(i) + offset)}) + "\n")
+                    f.write(f"{qid}\tp{i}\t1\n")
+
+
+def models(folder: Path) -> tuple[Path, Path]:
+    from conftest import T5_TEXTS, save_tiny_bert, save_tiny_t5
+
+    bert = folder / "bert"
+    t5 = folder / "t5"
+    if not (bert / "config.json").exists():
+        save_tiny_bert(bert, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    if not (t5 / "config.json").exists():
+        save_tiny_t5(t5, T5_TEXTS, gated=True)
+    return bert, t5
+
+
+def overrides(data: Path, bert: Path, t5: Path, store: Path, args, refresh: str) -> list[str]:
+    devices = args.processes * args.devices
+    every = 250
+    return [
+        "--config=configs/art.py:tiny",
+        f"--config.model.name={bert}",
+        "--config.data.protocol=files",
+        f"--config.data.dir={data}",
+        f"--config.data.train_questions={data / 'train_questions.jsonl'}",
+        "--config.data.max_docs=0",
+        "--config.data.max_eval_questions=200",
+        f"--config.data.store={store}",
+        "--config.model.max_passage_length=32",
+        "--config.art.top_k=32",
+        f"--config.art.refresh={refresh}",
+        "--config.teacher.kind=t5",
+        f"--config.teacher.model={t5}",
+        "--config.teacher.dtype=float32",
+        "--config.teacher.param_sharding=fsdp",
+        "--config.teacher.max_passage_length=48",
+        "--config.teacher.max_question_length=16",
+        "--config.teacher.chunk_pairs=32",
+        "--config.encode.device_batch=512",
+        "--config.encode.chunk_rows=32768",
+        f"--config.train.batch_size={4 * devices}",
+        f"--config.train.steps={args.steps}",
+        "--config.train.refresh_every=500",
+        f"--config.train.eval_every={every}",
+        f"--config.train.checkpoint_every={every}",
+        "--config.train.keep_checkpoints=2",
+        "--config.eval.test_baseline=false",
+        "--config.eval.metric=ndcg@10",
+    ]
+
+
+def env(devices: int) -> dict[str, str]:
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def jaxret(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "jaxret.cli", *argv]
+
+
+def prepare(flags: list[str], workdir: Path, workers: int, devices: int) -> float:
+    t0 = time.perf_counter()
+    cmd = jaxret("prepare", *flags, "--workdir", str(workdir), "--workers", str(workers))
+    subprocess.run(cmd, env=env(devices), cwd=ROOT, check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def peak_rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Job:
+    """`--processes` training processes of one run, watched: peak RSS per process, and an
+    optional SIGTERM to all of them once metrics.jsonl reaches `term_at`."""
+
+    def __init__(self, flags: list[str], workdir: Path, args, log: Path):
+        port = free_port()
+        self.workdir, self.start = workdir, time.time()
+        self.procs = []
+        for pid in range(args.processes):
+            dist = [
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                f"--config.distributed.num_processes={args.processes}",
+                f"--config.distributed.process_id={pid}",
+            ]
+            cmd = jaxret("train", *flags, *dist, "--workdir", str(workdir))
+            out = open(log.with_suffix(f".{pid}.log"), "a")
+            self.procs.append(
+                subprocess.Popen(cmd, env=env(args.devices), cwd=ROOT, stdout=out, stderr=out)
+            )
+        self.rss = [0] * len(self.procs)
+
+    def last_step(self) -> int:
+        path = self.workdir / "metrics.jsonl"
+        if not path.exists():
+            return 0
+        lines = path.read_text().splitlines()
+        steps = [json.loads(x)["step"] for x in lines[-5:] if '"train"' in x]
+        return max(steps, default=0)
+
+    def wait(self, term_at: int | None = None) -> float | None:
+        """→ seconds from SIGTERM to every process exiting (None without a SIGTERM)."""
+        termed = None
+        while any(p.poll() is None for p in self.procs):
+            self.rss = [max(r, peak_rss(p.pid)) for r, p in zip(self.rss, self.procs)]
+            if term_at is not None and termed is None and self.last_step() >= term_at:
+                termed = time.time()
+                for p in self.procs:
+                    p.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+        codes = [p.returncode for p in self.procs]
+        if any(codes):
+            raise SystemExit(f"{self.workdir}: exit codes {codes}; see the .log files beside it")
+        return None if termed is None else time.time() - termed
+
+
+def rows(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_stats(workdir: Path, first: int = 2) -> dict[str, float]:
+    """Step times after the first `first` steps (compilation): wall_seconds and the gaps
+    between consecutive train rows (evaluations and checkpoints included)."""
+    r = rows(workdir)
+    train = [x for x in r if x["kind"] == "train" and x["step"] > first]
+    wall = np.array([x["wall_seconds"] for x in train])
+    times = {x["step"]: x["time"] for x in r if x["kind"] == "train"}
+    gaps = np.array([times[s] - times[s - 1] for s in sorted(times) if s - 1 in times])
+    gaps = gaps[first:] if len(gaps) > first else gaps
+    return {
+        "p50": float(np.median(wall)),
+        "p99": float(np.percentile(wall, 99)),
+        "max": float(wall.max()),
+        "gap_p50": float(np.median(gaps)),
+        "gap_max": float(gaps.max()),
+        "gap_max_step": int(sorted(times)[1:][int(np.argmax(gaps))] if len(gaps) else 0),
+        "total": float(max(times.values()) - min(times.values())),
+    }
+
+
+def dev_cost(workdir: Path) -> float:
+    """Median seconds of a dev evaluation: its row's time minus the train row before it."""
+    r = rows(workdir)
+    out = []
+    for a, b in zip(r, r[1:]):
+        if b["kind"] == "dev" and a["kind"] == "train" and a["step"] == b["step"]:
+            out.append(b["time"] - a["time"])
+    return float(np.median(out)) if out else float("nan")
+
+
+def size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--passages", type=int, default=2_000_000)
+    p.add_argument("--steps", type=int, default=1100)
+    p.add_argument("--processes", type=int, default=4)
+    p.add_argument("--devices", type=int, default=2, help="fake CPU devices per process")
+    p.add_argument("--prepare-rate-passages", type=int, default=200_000)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/jaxret-rehearsal"))
+    args = p.parse_args()
+    w = args.workdir
+    w.mkdir(parents=True, exist_ok=True)
+    data = w / f"data-{args.passages}"
+    if not (data / "qrels" / "test.tsv").exists():
+        t0 = time.perf_counter()
+        write_data(data, args.passages)
+        print(f"data: {args.passages:,} passages written in {time.perf_counter() - t0:.0f} s")
+    bert, t5 = models(w / "models")
+    table: list[tuple[str, str]] = []
+
+    # 1. The store, before any training process starts.
+    small = w / f"data-{args.prepare_rate_passages}"
+    if not (small / "qrels" / "test.tsv").exists():
+        write_data(small, args.prepare_rate_passages)
+    for workers in (1, 2):
+        store = w / f"store-rate-{workers}"
+        shutil.rmtree(store, ignore_errors=True)
+        flags = overrides(small, bert, t5, store, args, "sync")
+        seconds = prepare(flags, w / "prep", workers, args.devices)
+        table.append(
+            (
+                f"prepare, {workers} worker(s), {args.prepare_rate_passages:,} passages",
+                f"{seconds:.0f} s, {args.prepare_rate_passages / seconds:,.0f} passages/s",
+            )
+        )
+        print(table[-1], flush=True)
+    store = w / "store"
+    if not (store / "complete").exists():
+        seconds = prepare(overrides(data, bert, t5, store, args, "sync"), w / "prep", 2, 2)
+        table.append(
+            (
+                f"prepare, 2 workers, {args.passages:,} passages",
+                f"{seconds:.0f} s, {args.passages / seconds:,.0f} passages/s",
+            )
+        )
+        (store / "complete").write_text("")
+        print(table[-1], flush=True)
+
+    # 2. Sync refresh, the paper's.
+    results = {}
+    for refresh in ("sync", "rolling"):
+        run = w / f"train-{refresh}"
+        shutil.rmtree(run, ignore_errors=True)
+        flags = overrides(data, bert, t5, store, args, refresh)
+        job = Job(flags, run, args, w / f"{refresh}")
+        term = None
+        if refresh == "rolling":
+            term = job.wait(term_at=args.steps - 100)
+            stopped = job.last_step()
+            ckpts = sorted(int(c.name) for c in (run / "checkpoints").iterdir() if c.name.isdigit())
+            table.append(
+                (
+                    "rolling: SIGTERM → saved and exited",
+                    f"{term:.1f} s (signal at step ≥ {args.steps - 100}, saved step {ckpts[-1]})",
+                )
+            )
+            assert ckpts[-1] == stopped, (ckpts, stopped)
+            t0 = time.time()
+            job = Job(flags, run, args, w / f"{refresh}")
+            while job.last_step() <= stopped and all(p.poll() is None for p in job.procs):
+                time.sleep(0.2)
+            table.append(("rolling: resume to the next step", f"{time.time() - t0:.1f} s"))
+            rss_before = job.rss
+            job.wait()
+            job.rss = [max(a, b) for a, b in zip(job.rss, rss_before)]
+        else:
+            first = time.time()
+            while job.last_step() < 1 and all(p.poll() is None for p in job.procs):
+                time.sleep(0.2)
+            table.append(
+                ("sync: start to first step (all processes)", f"{time.time() - first:.1f} s")
+            )
+            job.wait()
+        s = step_stats(run)
+        results[refresh] = s
+        table.append(
+            (
+                f"{refresh}: step wall p50 / p99 / max",
+                f"{s['p50']:.3f} / {s['p99']:.3f} / {s['max']:.3f} s",
+            )
+        )
+        table.append(
+            (
+                f"{refresh}: step-to-step gap p50 / max (evals, checkpoints in)",
+                f"{s['gap_p50']:.3f} / {s['gap_max']:.3f} s (max at step {s['gap_max_step']}; "
+                f"{s['gap_max'] / s['gap_p50']:.2f}× p50)",
+            )
+        )
+        table.append((f"{refresh}: dev evaluation", f"{dev_cost(run):.1f} s"))
+        table.append((f"{refresh}: whole run", f"{s['total'] / 60:.1f} min"))
+        ckpt = max(
+            (c for c in (run / "checkpoints").iterdir() if c.name.isdigit()),
+            key=lambda c: int(c.name),
+        )
+        table.append((f"{refresh}: checkpoint size", f"{size(ckpt) / 1e6:.0f} MB"))
+        table.append(
+            (
+                f"{refresh}: peak RSS per process",
+                " / ".join(f"{r / 1e9:.2f}" for r in job.rss) + " GB",
+            )
+        )
+        print("\n".join(f"{a}: {b}" for a, b in table[-6:]), flush=True)
+    sync_refresh = [
+        x["wall_seconds"]
+        for x in rows(w / "train-sync")
+        if x["kind"] == "train" and x["step"] % 500 == 0
+    ]
+    table.append(("sync: refresh steps (every 500)", ", ".join(f"{x:.1f} s" for x in sync_refresh)))
+    tokens = size(store)
+    table.append(("store on disk (both token tables)", f"{tokens / 1e9:.2f} GB"))
+
+    print(
+        f"\n{args.processes} processes × {args.devices} CPU devices, {args.passages:,} "
+        f"passages, {args.steps} steps, refresh_every 500, 4 questions × K 32 per device "
+        f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)\n"
+    )
+    print("| measured | value |\n|---|---|")
+    for k, v in table:
+        print(f"| {k} | {v} |")
+
+
+if __name__ == "__main__":
+    main()
