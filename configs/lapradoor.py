@@ -50,8 +50,13 @@ def base():
     c.distributed = distributed_config()
     c.data = ml_collections.ConfigDict(
         dict(
-            dirs="",  # comma-separated BEIR folders: their corpora are pretrained on
-            eval_split="test",  # their queries, reported before / after at the end
+            # comma-separated corpora to pretrain on: data folders or corpus files (C4,
+            # Wikipedia: corpus.jsonl / psgs_w100.tsv, no queries needed)
+            dirs="",
+            # comma-separated BEIR folders evaluated before / after at the end (their
+            # `eval_split` queries and qrels); "" = none
+            eval_dirs="",
+            eval_split="test",
             max_eval_queries=0,
             splitter="sentencex",
             ict_remove_prob=1.0,  # LaPraDoR removes the query sentence from its document
@@ -94,7 +99,9 @@ def base():
             allow_config_change=False,
         )
     )
-    c.eval = ml_collections.ConfigDict(dict(test_at_end=True, bm25_depth=1000))
+    # Queries and documents encoded up to 350 tokens for evaluation, as the authors' code
+    # (JetRunner/LaPraDoR code/laprador.py:17-18); 0 = the training lengths.
+    c.eval = ml_collections.ConfigDict(dict(test_at_end=True, bm25_depth=1000, max_length=350))
     return c
 
 
@@ -107,7 +114,8 @@ def get_config(arg=None):
         c.train.steps = 100_000
     elif variant == "demo":
         data = ROOT / "data"
-        c.data.update(dirs=",".join(str(data / n) for n in ("medline", "cranfield", "cisi")))
+        sets = ",".join(str(data / n) for n in ("medline", "cranfield", "cisi"))
+        c.data.update(dirs=sets, eval_dirs=sets)
         c.model.update(
             name=minilm_path(), max_query_length=32, max_passage_length=128, dtype="float32"
         )
@@ -115,8 +123,10 @@ def get_config(arg=None):
         c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
         c.encode.update(batch_size=64)
         c.train.update(steps=200, batch_size=16, checkpoint_every=100)
+        c.eval.max_length = 0  # the training lengths (128): the demo's CPU budget
     elif variant == "tiny":
-        c.data.update(dirs=str(ROOT / "data" / "adi"), max_eval_queries=10)
+        adi = str(ROOT / "data" / "adi")
+        c.data.update(dirs=adi, eval_dirs=adi, max_eval_queries=10)
         c.model.update(name="", max_query_length=16, max_passage_length=32, dtype="float32")
         c.icol.update(switch_every=2, queue_size=64)
         c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
@@ -124,6 +134,7 @@ def get_config(arg=None):
         c.train.update(
             steps=6, batch_size=8, checkpoint_every=3, keep_checkpoints=2, progress=False
         )
+        c.eval.max_length = 0
     else:
         raise ValueError(f"unknown variant {variant!r}; known: c4, wiki, demo, tiny")
     return c

@@ -48,7 +48,9 @@ def base():
     c.distributed = distributed_config()
     c.data = ml_collections.ConfigDict(
         dict(
-            dir="",  # the corpus whose sentences train Λ (+ optional evaluation questions)
+            # the corpus whose sentences train Λ: a data folder or a corpus file (no queries
+            # needed); a folder's `eval_split` questions, if any, compare before / after
+            dir="",
             eval_split="test",  # questions of `dir` for the final before/after comparison
             max_eval_queries=0,
             store="",  # token tables, sampled sentences, BM25 labels (default WORKDIR/store)

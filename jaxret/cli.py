@@ -342,6 +342,8 @@ def _eval_splits(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
+    import dataclasses
+
     from jaxret.eval import evaluate as ev
     from jaxret.eval import hybrid
     from jaxret.eval.trec import write_run
@@ -363,6 +365,13 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
             raise SystemExit(f"jaxret eval: --model is required for the {args.retriever} retriever")
         mesh = _mesh(cfg)
         encoder, params, tokenizer = load_model(cfg, explicit)
+        if args.retriever == "ledr":  # the authors' evaluation lengths, unless given
+            n = min(hybrid.LEDR_MAX_LENGTH, encoder.bert.max_position_embeddings)
+            lengths = {f: n for f in ("max_query_length", "max_passage_length")}
+            lengths = {f: v for f, v in lengths.items() if f not in explicit}
+            encoder = dataclasses.replace(
+                encoder, spec=dataclasses.replace(encoder.spec, **lengths)
+            )
         model = (encoder, _place_params(cfg, params, mesh), tokenizer)
         bs = cfg.encode.batch_size
         info["retriever"] = {"model": cfg.model.name, **vars(encoder.spec)}

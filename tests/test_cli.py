@@ -204,3 +204,28 @@ def test_cli_errors_name_the_problem(capsys, tiny_bert):
     assert "model.poolin" in capsys.readouterr().err
     assert cli.main(["train", "--config=configs/art.py:tiny", "--workdir", "/tmp/never"]) == 2
     assert "model.name is empty" in capsys.readouterr().err
+
+
+def test_ledr_evaluates_at_the_authors_lengths(capsys, minilm, tiny_bert, data_dir, tmp_path):
+    """`--retriever ledr` encodes queries and documents up to 350 tokens (LaPraDoR's
+    evaluation code) unless a length is given, capped at the model's position table (tiny
+    BERT: 128). Fails if ledr keeps the model's own lengths (MiniLM's default 64 / 256 here)."""
+    base = ["eval", "--data", data_dir / "adi", "--retriever", "ledr", "--bm25-depth", 20]
+    base += ["--max-queries", 5, "--store", tmp_path, "--json", "--model"]
+    spec = lambda out: json.loads(out.strip().splitlines()[-1])["retriever"]["ledr"]
+    minilm_spec = spec(run_cli(capsys, *base, minilm, "--pooling", "mean"))
+    assert (minilm_spec["max_query_length"], minilm_spec["max_passage_length"]) == (350, 350)
+    tiny = spec(run_cli(capsys, *base, tiny_bert))
+    assert (tiny["max_query_length"], tiny["max_passage_length"]) == (128, 128)
+
+
+def test_lengths_beyond_the_position_table_are_cut_or_refused(tiny_bert, caplog):
+    """Tiny BERT has 128 positions; XLA would clamp position 200 silently. Loading cuts the
+    length to 128 with a warning; a DualEncoder built with a longer one is refused. Fails
+    without `fit_positions` (the spec keeps 200) or the check in DualEncoder.__post_init__."""
+    from jaxret.models import dual_encoder as de
+
+    encoder, _, _ = de.from_pretrained(tiny_bert, de.EncoderSpec(max_query_length=200))
+    assert encoder.spec.max_query_length == 128 and "using 128" in caplog.text
+    with pytest.raises(ValueError, match="max_query_length=200 exceeds the model's 128"):
+        de.DualEncoder(encoder.bert, de.EncoderSpec(max_query_length=200))

@@ -342,6 +342,29 @@ def find_corpus(folder: str | Path) -> Path:
     raise DataError(f"{folder}: no corpus file (looked for {', '.join(CORPUS_NAMES)}[.gz])")
 
 
+def read_training_corpus(source: str | Path) -> Corpus:
+    """A corpus to train on, queries or not (C4, Wikipedia, any BEIR corpus): a data folder
+    (its corpus file, `find_corpus`) or a corpus file itself."""
+    path = Path(source)
+    if path.is_dir():
+        path = find_corpus(path)
+    elif not path.is_file():
+        raise DataError(f"{source}: no such corpus folder or file")
+    return read_corpus(path)
+
+
+def join_corpora(corpora: list[Corpus]) -> Corpus:
+    """One corpus of several; ids prefixed "<i>:" when there is more than one (ids of
+    different corpora may collide)."""
+    ids, titles, texts = [], [], []
+    for i, c in enumerate(corpora):
+        prefix = f"{i}:" if len(corpora) > 1 else ""
+        ids += [prefix + x for x in c.ids]
+        titles += c.titles
+        texts += c.texts
+    return Corpus(ids, titles, texts)
+
+
 def read_corpus(path: str | Path, on_empty: str = "warn") -> Corpus:
     """A BEIR `corpus.jsonl[.gz]` or a DPR `psgs_w100.tsv[.gz]`, by the file name."""
     path = Path(path)

@@ -24,6 +24,9 @@ from jaxret.index.sharded import ShardedIndex, process_row_range
 from jaxret.lexical.bm25 import BM25
 
 Combine = Literal["concat", "sum"]
+# LaPraDoR's evaluation encodes queries and documents up to 350 tokens each
+# (JetRunner/LaPraDoR code/laprador.py:17-18: q_model / doc_model.max_seq_length = 350).
+LEDR_MAX_LENGTH = 350
 MU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11)) + tuple(
     round(1 / (0.1 * i), 4) for i in range(1, 10)
 )

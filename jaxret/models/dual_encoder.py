@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +28,8 @@ from jaxret.parallel.activations import Activations
 Tower = Literal["query", "passage"]
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SPEC_FILE = "jaxret.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,17 @@ class DualEncoder:
     bert: BertConfig
     spec: EncoderSpec
     act: Activations | None = None  # activation sharding inside the towers
+
+    def __post_init__(self) -> None:
+        # Longer inputs would index past the position table, which XLA clamps: silently
+        # wrong embeddings, never an error.
+        positions = self.bert.max_position_embeddings
+        for field in ("max_query_length", "max_passage_length"):
+            if getattr(self.spec, field) > positions:
+                raise ValueError(
+                    f"model.{field}={getattr(self.spec, field)} exceeds the model's "
+                    f"{positions} positions; set --config.model.{field}={positions} or less"
+                )
 
     def with_activations(self, act: Activations | None) -> DualEncoder:
         return dataclasses.replace(self, act=act)
@@ -199,6 +213,18 @@ def _load_head(folder: Path) -> dict | None:
     return load_file(folder / HEAD_FILE) if (folder / HEAD_FILE).is_file() else None
 
 
+def fit_positions(spec: EncoderSpec, bert: BertConfig) -> EncoderSpec:
+    """`spec` with lengths beyond the model's position table cut to it, with a warning (as
+    sentence-transformers caps max_seq_length): longer inputs cannot be encoded."""
+    n = bert.max_position_embeddings
+    over = {f: n for f in ("max_query_length", "max_passage_length") if getattr(spec, f) > n}
+    for field in over:
+        log.warning(
+            "model.%s=%d > the model's %d positions: using %d", field, getattr(spec, field), n, n
+        )
+    return dataclasses.replace(spec, **over) if over else spec
+
+
 def from_pretrained(
     model: str | os.PathLike,
     spec: EncoderSpec | None = None,
@@ -229,7 +255,7 @@ def from_pretrained(
         loaded = {t: hf_bert.load_bert(folder / sub) for t, sub in towers.items()}
         cfg = next(iter(loaded.values()))[0]
         params = {t: p for t, (_, p, _) in loaded.items()}
-        encoder = DualEncoder(cfg, spec)
+        encoder = DualEncoder(cfg, fit_positions(spec, cfg))
         for t, sub in towers.items():
             head = _load_head(folder / sub)
             if encoder.separate_head and head is None:
@@ -251,7 +277,7 @@ def from_pretrained(
         ):
             raise ValueError("query and passage checkpoints must share one BERT architecture")
         params["passage"] = p_params
-    encoder = DualEncoder(dataclasses.replace(cfg, add_pooler=False), spec)
+    encoder = DualEncoder(dataclasses.replace(cfg, add_pooler=False), fit_positions(spec, cfg))
     if encoder.separate_head:
         params = {
             t: {

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
-from jaxret.data.readers import Corpus
+from jaxret.data.readers import join_corpora, read_training_corpus
 from jaxret.data.tokenization import load_tokenizer, tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.eval import hybrid
@@ -44,16 +44,6 @@ def icol_config(cfg: Any) -> icol.IcolConfig:
     return icol.IcolConfig(**{k: v for k, v in dict(cfg.icol).items() if k in names})
 
 
-def join_corpora(corpora: list[Corpus]) -> Corpus:
-    ids, titles, texts = [], [], []
-    for i, c in enumerate(corpora):
-        prefix = f"{i}:" if len(corpora) > 1 else ""
-        ids += [prefix + x for x in c.ids]
-        titles += c.titles
-        texts += c.texts
-    return Corpus(ids, titles, texts)
-
-
 class LapradoorRun:
     def __init__(self, cfg: Any, workdir: Path):
         if not cfg.model.name:
@@ -61,12 +51,15 @@ class LapradoorRun:
         dirs = [d for d in cfg.data.dirs.split(",") if d]
         if not dirs:
             raise ConfigError(
-                "data.dirs is empty: the corpora (comma-separated folders) to pretrain on"
+                "data.dirs is empty: the corpora to pretrain on (comma-separated data folders "
+                "or corpus files; no queries needed)"
             )
         self.cfg = cfg
         self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
-        self.eval_sets = [ev.load_eval_data(d, cfg.data.eval_split) for d in dirs]
-        self.corpus = join_corpora([e.corpus for e in self.eval_sets])
+        # Pretraining reads corpora only; the evaluation sets are their own folders.
+        self.corpus = join_corpora([read_training_corpus(d) for d in dirs])
+        eval_dirs = [d for d in cfg.data.get("eval_dirs", "").split(",") if d]
+        self.eval_sets = [ev.load_eval_data(d, cfg.data.eval_split) for d in eval_dirs]
         spec = dataclasses.replace(de.EncoderSpec.from_config(cfg.model), shared=False)
         encoder, params, tok_folder = de.from_pretrained(cfg.model.name, spec)
         self.encoder = encoder.with_activations(
@@ -139,6 +132,11 @@ class LapradoorRun:
             encoder = dataclasses.replace(
                 encoder, spec=dataclasses.replace(encoder.spec, shared=True)
             )
+        n = self.cfg.eval.get("max_length", 0)
+        if n:  # LaPraDoR's evaluation lengths (hybrid.LEDR_MAX_LENGTH), within the positions
+            n = min(n, encoder.bert.max_position_embeddings)
+            spec = dataclasses.replace(encoder.spec, max_query_length=n, max_passage_length=n)
+            encoder = dataclasses.replace(encoder, spec=spec)
         model = (encoder, params, self.tokenizer)
         for data in self.eval_sets:
             data = ev.subsample(data, self.cfg.data.max_eval_queries or None, None, self.cfg.seed)
@@ -165,6 +163,9 @@ class LapradoorRun:
 
     def finish(self, state: Any) -> dict[str, Any]:
         if not self.cfg.eval.test_at_end:
+            return {}
+        if not self.eval_sets:
+            log.info("no data.eval_dirs: nothing to evaluate before / after")
             return {}
         before = self._evaluate(
             self.final_towers(place(self.initial_params, self.shardings.params))

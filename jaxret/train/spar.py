@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
-from jaxret.data.readers import DataError
+from jaxret.data.readers import DataError, read_training_corpus
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import analysis
 from jaxret.eval import evaluate as ev
@@ -61,7 +61,8 @@ class SparRun:
             raise ConfigError("data.dir is empty: the corpus whose sentences train Λ")
         self.cfg = cfg
         self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
-        self.corpus = corpus = ev.load_eval_data(cfg.data.dir, cfg.data.eval_split).corpus
+        # Λ trains on the corpus alone; its queries, if any, only evaluate (`_eval_data`).
+        self.corpus = corpus = read_training_corpus(cfg.data.dir)
         self.eval_data = self._eval_data()
         spec = de.EncoderSpec.from_config(cfg.model)
         encoder, params, tok_folder = de.from_pretrained(
@@ -125,7 +126,8 @@ class SparRun:
         cfg = self.cfg
         try:
             data = ev.load_eval_data(cfg.data.dir, cfg.data.eval_split, corpus=self.corpus)
-        except DataError:
+        except DataError as e:  # a bare corpus: Λ trains all the same
+            log.info("no before / after evaluation on %s: %s", cfg.data.dir, e)
             return None
         return ev.subsample(data, cfg.data.max_eval_queries or None, None, cfg.seed)
 

@@ -101,3 +101,55 @@ def test_training_scores_with_the_models_similarity_scale(
     if module == "lapradoor":
         seen.append(run.icol.scale)
     assert seen == [7.0]
+
+
+def _bare_corpus_config(module, tiny_bert, data_dir, tmp_path, as_file):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (source,) = (data_dir / "adi").glob("corpus.jsonl*")
+    shutil.copy(source, bare / source.name)
+    key = "data.dirs" if module == "lapradoor" else "data.dir"
+    overrides = [
+        ("model.name", str(tiny_bert)),
+        (key, str(bare / source.name) if as_file else str(bare)),
+        ("train.steps", "2"),
+    ]
+    if module == "lapradoor":
+        overrides.append(("data.eval_dirs", ""))
+    return load_config(f"configs/{module}.py:tiny", overrides)
+
+
+@pytest.mark.parametrize(
+    "module,runner,as_file",
+    [
+        ("lapradoor", "LapradoorRun", False),
+        ("lapradoor", "LapradoorRun", True),
+        ("spar", "SparRun", False),
+        ("spar", "SparRun", True),
+    ],
+)
+def test_a_bare_corpus_is_enough_to_train(tiny_bert, data_dir, tmp_path, module, runner, as_file):
+    """A corpus with no queries or qrels (C4, Wikipedia) sets up a run: a folder holding only
+    corpus.jsonl.gz, or the corpus file itself. Fails if a runner loads its training corpus
+    as an evaluation set again (`load_eval_data` raises on a folder without queries.jsonl,
+    and on a file)."""
+    import importlib
+
+    cfg = _bare_corpus_config(module, tiny_bert, data_dir, tmp_path, as_file)
+    run = getattr(importlib.import_module(f"jaxret.train.{module}"), runner)(cfg, tmp_path / "r")
+    assert len(run.corpus) == 82  # adi's documents
+    assert not (run.eval_sets if module == "lapradoor" else run.eval_data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", ["lapradoor", "spar"])
+def test_pretraining_on_a_bare_corpus_end_to_end(tiny_bert, data_dir, tmp_path, module):
+    """The same, trained two steps and exported through the loop."""
+    import importlib
+
+    cfg = _bare_corpus_config(module, tiny_bert, data_dir, tmp_path, as_file=False)
+    importlib.import_module(f"jaxret.train.{module}").train(cfg, tmp_path / "run")
+    assert [r["step"] for r in rows(tmp_path / "run", "train")] == [1, 2]
+    assert (tmp_path / "run" / "export" / "jaxret.json").exists()
