@@ -172,6 +172,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--bm25-depth", type=_positive_int, default=1000, help="LEDR / hybrid: BM25 depth"
     )
+    v.add_argument(
+        "--bm25-analyzer",
+        choices=["none", "english"],
+        help="none: lowercase word tokens; english: Lucene's English analyzer (stop words, "
+        "Porter stems) as Pyserini and Elasticsearch. Default: english for ledr (BEIR's ES "
+        "BM25, as LaPraDoR), none otherwise",
+    )
+    v.add_argument("--bm25-k1", type=_number(float, 0.0), help="default 1.2")
+    v.add_argument("--bm25-b", type=_number(float, 0.0, 1.0), help="default 0.75")
     v.add_argument("--k", type=_positive_int, default=100)
     v.add_argument("--max-queries", type=_positive_int)
     v.add_argument("--max-docs", type=_positive_int)
@@ -357,8 +366,13 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
     if args.hash_split:
         info["hash_split"] = {"dev_fraction": args.hash_split, "dev_queries": len(dev.query_ids)}
     weight = None if args.mu == "auto" else float(args.mu)
+    bm25_config = BM25Config(
+        k1=1.2 if args.bm25_k1 is None else args.bm25_k1,
+        b=0.75 if args.bm25_b is None else args.bm25_b,
+        analyzer=args.bm25_analyzer or ("english" if args.retriever == "ledr" else "none"),
+    )
     if args.retriever == "bm25":
-        scores, rows, desc = ev.bm25_search(data, args.k, BM25Config(), progress)
+        scores, rows, desc = ev.bm25_search(data, args.k, bm25_config, progress)
         info["retriever"] = desc
     else:
         if not cfg.model.name:
@@ -390,13 +404,22 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
             info["mu"] = extra["mu"]
         elif args.retriever == "hybrid":
             scores, rows, extra = hybrid.hybrid_retrieval(
-                model, data, dev, mesh, weight, args.k, args.bm25_depth, bs, args.store
+                model,
+                data,
+                dev,
+                mesh,
+                weight,
+                args.k,
+                args.bm25_depth,
+                bs,
+                args.store,
+                bm25_config=bm25_config,
             )
             info["retriever"] = {"hybrid": info["retriever"], **extra}
             info["mu"] = extra["weight"]
         elif args.retriever == "ledr":
             scores, rows, extra = hybrid.ledr_retrieval(
-                model, data, mesh, args.bm25_depth, args.k, bs, args.store
+                model, data, mesh, args.bm25_depth, args.k, bs, args.store, bm25_config
             )
             info["retriever"] = {"ledr": info["retriever"], **extra}
         else:

@@ -21,12 +21,17 @@ from jaxret.eval import evaluate as ev
 from jaxret.index.encode import encode_rows, passage_table
 from jaxret.index.mips import RowLayout
 from jaxret.index.sharded import ShardedIndex, process_row_range
-from jaxret.lexical.bm25 import BM25
+from jaxret.lexical.bm25 import BM25, BM25Config
 
 Combine = Literal["concat", "sum"]
 # LaPraDoR's evaluation encodes queries and documents up to 350 tokens each
 # (JetRunner/LaPraDoR code/laprador.py:17-18: q_model / doc_model.max_seq_length = 350).
 LEDR_MAX_LENGTH = 350
+# LEDR's BM25 is BEIR's: Elasticsearch's defaults (k1 1.2, b 0.75) and its "english" analyzer
+# (beir-cellar/beir beir/retrieval/search/lexical/elastic_search.py:109-110 analyzes title and
+# text with the language analyzer; :169-173 queries them as best_fields, tie_breaker 0.5).
+# Here title and text are one field: the one difference, stated in `describe()`.
+LEDR_BM25 = BM25Config(k1=1.2, b=0.75, analyzer="english")
 MU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11)) + tuple(
     round(1 / (0.1 * i), 4) for i in range(1, 10)
 )
@@ -268,10 +273,11 @@ def hybrid_retrieval(
     batch_size: int = 128,
     store: str | os.PathLike | None = None,
     grid: Sequence[float] = MU_GRID,
+    bm25_config: BM25Config | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """norm(dense) + w · norm(BM25) over each list's top `depth`, w fixed or tuned on dev."""
     encoder, params, tokenizer = model
-    bm25 = BM25(test.corpus, show_progress=False)
+    bm25 = BM25(test.corpus, bm25_config, show_progress=False)
     depth = min(depth, len(test.corpus))
     index = ev.dense_index(
         encoder, params, tokenizer, test.corpus, mesh, batch_size, store=store, progress=False
@@ -299,10 +305,12 @@ def ledr_retrieval(
     k: int = 100,
     batch_size: int = 128,
     store: str | os.PathLike | None = None,
+    bm25_config: BM25Config | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """LEDR with any dense model: its vectors (cosine), BM25 to `depth`."""
+    """LEDR with any dense model: its vectors (cosine), BM25 to `depth` (default: BEIR's
+    Elasticsearch BM25, `LEDR_BM25`)."""
     encoder, params, tokenizer = model
-    bm25 = BM25(test.corpus, show_progress=False)
+    bm25 = BM25(test.corpus, bm25_config or LEDR_BM25, show_progress=False)
     index = ev.dense_index(
         encoder, params, tokenizer, test.corpus, mesh, batch_size, store=store, progress=False
     )

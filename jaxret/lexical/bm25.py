@@ -1,6 +1,14 @@
 """BM25 through `bm25s`: corpus retrieval and pair scoring (LEDR, the SPAR teacher, ART's
-bm25 teacher). Tokenization is explicit and recorded: lowercase, a regex for tokens, no
-stemming or stopwords unless configured.
+bm25 teacher). Tokenization is explicit and recorded in `describe()`:
+
+  analyzer "none"     lowercase, every alphanumeric run a token (no stemming, no stop words)
+  analyzer "english"  Lucene's EnglishAnalyzer, which Pyserini (SPAR's BM25 teacher) and
+                      Elasticsearch's "english" analyzer (BEIR's BM25, LaPraDoR's LEDR) use:
+                      tokens with inner apostrophes kept, possessive 's removed, lowercase,
+                      Lucene's 33 English stop words removed, Porter stemming (PyStemmer's
+                      "porter", the original algorithm Lucene's PorterStemFilter implements).
+                      The difference that remains: Lucene's StandardTokenizer follows
+                      Unicode word breaks (UAX #29), here a regex.
 """
 
 from __future__ import annotations
@@ -15,6 +23,14 @@ from tqdm.auto import tqdm
 
 from jaxret.data.readers import Corpus
 
+# Lucene's EnglishAnalyzer.ENGLISH_STOP_WORDS_SET (= the classic StopAnalyzer set).
+LUCENE_ENGLISH_STOP_WORDS = frozenset(
+    "a an and are as at be but by for if in into is it no not of on or such that the their "
+    "then there these they this to was will with".split()
+)
+ANALYZERS = ("none", "english")
+_ENGLISH_TOKEN = r"(?u)\b\w+(?:['’]\w+)*\b"  # "don't" and "o'neill" stay whole
+
 
 @dataclasses.dataclass(frozen=True)
 class BM25Config:
@@ -24,6 +40,28 @@ class BM25Config:
     token_pattern: str = r"(?u)\b\w+\b"  # every alphanumeric run, single characters included
     lowercase: bool = True
     use_title: bool = True  # index title + " " + text
+    analyzer: str = "none"  # none | english (see the module docstring)
+
+    def __post_init__(self) -> None:
+        if self.analyzer not in ANALYZERS:
+            raise ValueError(f"bm25 analyzer {self.analyzer!r}; expected one of {ANALYZERS}")
+
+
+def english_analyzer() -> Any:
+    """text → tokens as Lucene's EnglishAnalyzer (up to the tokenizer, see above)."""
+    import Stemmer
+
+    stem = Stemmer.Stemmer("porter").stemWords
+    pattern = re.compile(_ENGLISH_TOKEN)
+
+    def analyze(text: str) -> list[str]:
+        tokens = pattern.findall(text)
+        # EnglishPossessiveFilter runs before lowercasing: trailing 's / ’s / 'S.
+        tokens = [t[:-2] if t[-2:] in ("'s", "’s", "'S", "’S") else t for t in tokens]
+        tokens = [t.lower() for t in tokens]
+        return stem([t for t in tokens if t not in LUCENE_ENGLISH_STOP_WORDS])
+
+    return analyze
 
 
 class BM25:
@@ -36,6 +74,7 @@ class BM25:
         self.config = config
         self.corpus = corpus
         self._pattern = re.compile(config.token_pattern)
+        self._english = english_analyzer() if config.analyzer == "english" else None
         docs = [f"{t} {x}" if config.use_title else x for t, x in zip(corpus.titles, corpus.texts)]
         tokens = [
             self.tokenize(d) for d in tqdm(docs, desc="bm25 tokenize", disable=not show_progress)
@@ -44,11 +83,14 @@ class BM25:
         self._bm25.index(tokens, show_progress=False)
 
     def tokenize(self, text: str) -> list[str]:
+        if self._english is not None:
+            return self._english(text)
         return self._pattern.findall(text.lower() if self.config.lowercase else text)
 
     def describe(self) -> dict[str, Any]:
         """What produced the scores, for run files and result JSON."""
-        return {"retriever": "bm25 (bm25s)", **dataclasses.asdict(self.config)}
+        fields = "title + text, one field" if self.config.use_title else "text"
+        return {"retriever": "bm25 (bm25s)", **dataclasses.asdict(self.config), "fields": fields}
 
     def retrieve(
         self, queries: Sequence[str], k: int, show_progress: bool = False

@@ -83,7 +83,11 @@ class SparRun:
         self.qspec = qspec = query_spec(cfg)
         queries, path = sent.load_or_sample(corpus, qspec, store)
         log.info("training queries: %s (%s)", sent.describe(queries, corpus), path)
-        bm25_cfg = BM25Config(k1=cfg.labels.bm25_k1, b=cfg.labels.bm25_b)
+        bm25_cfg = BM25Config(
+            k1=cfg.labels.bm25_k1,
+            b=cfg.labels.bm25_b,
+            analyzer=cfg.labels.get("bm25_analyzer", "none"),
+        )
         self.bm25 = BM25(corpus, bm25_cfg, show_progress=False)
         lspec = LabelSpec(cfg.labels.top_k, cfg.labels.positives, cfg.labels.negatives)
         labels = cached_labels(store, self.bm25, corpus.content_hash(), queries.texts, lspec)

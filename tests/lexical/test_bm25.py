@@ -60,3 +60,35 @@ def test_pair_scores_equal_retrieval_scores(data_dir):
     pairs = bm25.score_pairs(data.query_texts[:5], np.where(rows >= 0, rows, 0))
     np.testing.assert_allclose(pairs[rows >= 0], scores[rows >= 0], rtol=1e-5)
     assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_english_analyzer_as_lucene():
+    """Tokens as Lucene's EnglishAnalyzer gives them (StandardTokenizer, possessive filter,
+    lowercase, the 33 stop words, PorterStemFilter), written out by hand from Lucene's
+    documented behaviour. Fails without stemming ("bowling" stays), without stop words
+    ("the", "of", "is", "in" stay) or without the possessive filter ("fame'" / "fame's")."""
+    from jaxret.lexical.bm25 import english_analyzer
+
+    analyze = english_analyzer()
+    text = "The Bowling Hall of Fame's location is in Arlington, Texas"
+    assert analyze(text) == ["bowl", "hall", "fame", "locat", "arlington", "texa"]
+    assert analyze("Running DOGS don't generalize") == ["run", "dog", "don't", "gener"]
+    assert analyze("") == []
+
+
+def test_english_analyzer_changes_the_index_and_is_recorded(data_dir):
+    """A query matches a stemmed form only with the English analyzer, and `describe()` (part
+    of the SPAR label cache key) records the analyzer."""
+    from jaxret.eval.evaluate import load_eval_data
+    from jaxret.lexical.bm25 import BM25, BM25Config
+
+    corpus = load_eval_data(data_dir / "adi").corpus
+    plain = BM25(corpus, BM25Config(), show_progress=False)
+    english = BM25(corpus, BM25Config(analyzer="english"), show_progress=False)
+    # "retrieving" appears in adi only inflected otherwise ("retrieval", "retrieve", ...).
+    _, rows_plain = plain.retrieve(["retrievings"], 5)
+    _, rows_english = english.retrieve(["retrievings"], 5)
+    assert (rows_plain == -1).all() and (rows_english >= 0).all()
+    assert english.describe()["analyzer"] == "english" != plain.describe()["analyzer"]
+    with pytest.raises(ValueError, match="bm25 analyzer 'snowball'"):
+        BM25Config(analyzer="snowball")
