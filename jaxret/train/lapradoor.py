@@ -151,8 +151,11 @@ class LapradoorRun:
                 progress=False,
             )
             dense = ev.compute_metrics(data, scores, rows)
+            bm25 = dataclasses.replace(
+                hybrid.LEDR_BM25, analyzer=self.cfg.eval.get("bm25_analyzer", "english")
+            )
             l_scores, l_rows, _ = hybrid.ledr_retrieval(
-                model, data, self.mesh, self.cfg.eval.bm25_depth
+                model, data, self.mesh, self.cfg.eval.bm25_depth, bm25_config=bm25
             )
             led = ev.compute_metrics(data, l_scores, l_rows)
             out[data.name] = {
