@@ -100,7 +100,7 @@ def compile_step(parts, mesh, student, teacher_strategy, chunk, sharded_teacher=
 
 CASES = [
     # (teacher sharding, mesh, student sharding)
-    ("replicated", (8, 1), "fsdp"),
+    pytest.param("replicated", (8, 1), "fsdp", marks=pytest.mark.slow),
     ("fsdp", (8, 1), "fsdp"),
     ("tensor", (4, 2), "fsdp_tensor"),
 ]
@@ -126,6 +126,7 @@ def test_flops_per_device_divide_by_eight(parts, teacher_strategy, mesh_shape, s
         assert gathers  # the sharded weights are gathered per layer
 
 
+@pytest.mark.slow  # the checks' own mutation test: minutes of compiles, run in make test-slow
 def test_the_checks_catch_a_teacher_that_does_not_divide(parts):
     """Without activation sharding (the old code path) the same checks fail: the teacher's
     chunks are gathered onto every device and FSDP all-reduces activations."""

@@ -127,7 +127,11 @@ def step_batch(step, q_tokens, t_ids, t_scores, mesh):
     return global_batch(local, mesh)
 
 
-@pytest.mark.parametrize("mesh_shape,strategy", [((8, 1), "replicated"), ((4, 2), "fsdp_tensor")])
+# the replicated layout in make test-slow: fsdp_tensor exercises both mesh axes
+@pytest.mark.parametrize(
+    "mesh_shape,strategy",
+    [pytest.param((8, 1), "replicated", marks=pytest.mark.slow), ((4, 2), "fsdp_tensor")],
+)
 def test_sharded_step_equals_single_device_reference(problem, mesh_shape, strategy):
     encoder, params, p_tokens, q_tokens, t_ids, t_scores = problem
     # SGD, not Adam: some gradients here are mathematically zero (attention key biases) and
@@ -186,7 +190,9 @@ def test_sharded_step_equals_single_device_reference(problem, mesh_shape, strate
         assert any("model" in s or "data" in s for s in specs)
 
 
-@pytest.mark.parametrize("strategy", ["replicated", "fsdp_tensor"])
+@pytest.mark.parametrize(
+    "strategy", [pytest.param("replicated", marks=pytest.mark.slow), "fsdp_tensor"]
+)
 def test_fused_rolling_step_equals_step_then_separate_refresh(problem, strategy):
     """The rolling refresh inside the train step (one program, index and staleness donated)
     computes what the step followed by the separate refresh program computes: the same

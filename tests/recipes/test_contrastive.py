@@ -59,7 +59,11 @@ def test_gathered_loss_and_gradients_equal_numpy_on_8_devices(negatives):
 B, NEG = 8, 1
 
 
-@pytest.mark.parametrize("mesh_shape,strategy", [((8, 1), "replicated"), ((4, 2), "fsdp_tensor")])
+# the replicated layout in make test-slow: fsdp_tensor exercises both mesh axes
+@pytest.mark.parametrize(
+    "mesh_shape,strategy",
+    [pytest.param((8, 1), "replicated", marks=pytest.mark.slow), ((4, 2), "fsdp_tensor")],
+)
 def test_sharded_step_equals_single_device(tiny_bert, data_dir, mesh_shape, strategy):
     data = load_eval_data(data_dir / "adi")
     corpus = data.corpus

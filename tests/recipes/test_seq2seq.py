@@ -72,7 +72,11 @@ def test_loss_equals_transformers_loss(generator_folder):
     assert float(metrics["tokens"]) == tgt["attention_mask"].sum()
 
 
-@pytest.mark.parametrize("mesh_shape,strategy", [((8, 1), "replicated"), ((4, 2), "fsdp_tensor")])
+# the replicated layout in make test-slow: fsdp_tensor exercises both mesh axes
+@pytest.mark.parametrize(
+    "mesh_shape,strategy",
+    [pytest.param((8, 1), "replicated", marks=pytest.mark.slow), ((4, 2), "fsdp_tensor")],
+)
 def test_sharded_step_equals_single_device(tiny_generator, mesh_shape, strategy):
     generator, params, tokenizer, _ = load_generator(tiny_generator)
     batch = batch_of(tokenizer, generator.config.pad_token_id)
