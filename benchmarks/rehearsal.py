@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny-model builders (PyTor
 
 
 def write_data(folder: Path, passages: int, seed: int = 0) -> None:
-    """A BEIR folder: `passages` passages of 12–20 words drawn from MiniLM's vocabulary, train
+    """A BEIR folder: `passages` passages of 6–12 words drawn from MiniLM's vocabulary, train
     questions (8 words of a passage), dev and test questions with qrels to their passage."""
     from conftest import minilm_path
 
@@ -50,10 +50,10 @@ def write_data(folder: Path, passages: int, seed: int = 0) -> None:
     words = np.array(vocab)
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    lengths = rng.integers(12, 21, passages)
+    lengths = rng.integers(6, 13, passages)
     with open(folder / "corpus.jsonl", "w") as f:
         for start in range(0, passages, 100_000):
-            block = rng.integers(0, len(words), (min(100_000, passages - start), 20))
+            block = rng.integers(0, len(words), (min(100_000, passages - start), 12))
             for i, row in enumerate(block, start):
                 text = " ".join(words[row[: lengths[i]]])
                 f.write(json.dumps({"_id": f"p{i}", "title": f"t{i % 997}", "text": text}) + "\n")
@@ -102,14 +102,14 @@ def overrides(data: Path, bert: Path, t5: Path, store: Path, args, refresh: str)
         "--config.data.max_docs=0",
         "--config.data.max_eval_questions=200",
         f"--config.data.store={store}",
-        "--config.model.max_passage_length=32",
+        "--config.model.max_passage_length=16",
         "--config.art.top_k=32",
         f"--config.art.refresh={refresh}",
         "--config.teacher.kind=t5",
         f"--config.teacher.model={t5}",
         "--config.teacher.dtype=float32",
         "--config.teacher.param_sharding=fsdp",
-        "--config.teacher.max_passage_length=48",
+        "--config.teacher.max_passage_length=32",
         "--config.teacher.max_question_length=16",
         "--config.teacher.chunk_pairs=32",
         "--config.encode.device_batch=512",
@@ -211,22 +211,24 @@ def rows(workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def step_stats(workdir: Path, first: int = 2) -> dict[str, float]:
-    """Step times after the first `first` steps (compilation): wall_seconds and the gaps
-    between consecutive train rows (evaluations and checkpoints included)."""
+def step_stats(workdir: Path, restarts: tuple[int, ...] = (0,), first: int = 2) -> dict:
+    """Step times, leaving out the `first` steps after each (re)start (compilation):
+    wall_seconds and the gaps between consecutive train rows (evaluations and checkpoints
+    included; the gap across a restart left out)."""
     r = rows(workdir)
-    train = [x for x in r if x["kind"] == "train" and x["step"] > first]
+    warm = lambda s: not any(0 <= s - 1 - start < first for start in restarts)
+    train = [x for x in r if x["kind"] == "train" and warm(x["step"])]
     wall = np.array([x["wall_seconds"] for x in train])
     times = {x["step"]: x["time"] for x in r if x["kind"] == "train"}
-    gaps = np.array([times[s] - times[s - 1] for s in sorted(times) if s - 1 in times])
-    gaps = gaps[first:] if len(gaps) > first else gaps
+    steps = [s for s in sorted(times) if s - 1 in times and warm(s)]
+    gaps = np.array([times[s] - times[s - 1] for s in steps])
     return {
         "p50": float(np.median(wall)),
         "p99": float(np.percentile(wall, 99)),
         "max": float(wall.max()),
         "gap_p50": float(np.median(gaps)),
         "gap_max": float(gaps.max()),
-        "gap_max_step": int(sorted(times)[1:][int(np.argmax(gaps))] if len(gaps) else 0),
+        "gap_max_step": int(steps[int(np.argmax(gaps))]) if len(gaps) else 0,
         "total": float(max(times.values()) - min(times.values())),
     }
 
@@ -299,7 +301,7 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
         flags = overrides(data, bert, t5, store, args, refresh)
         job = Job(flags, run, args, w / f"{refresh}")
-        term = None
+        term, restarts = None, (0,)
         if refresh == "rolling":
             term = job.wait(term_at=args.steps - 100)
             stopped = job.last_step()
@@ -311,6 +313,7 @@ def main() -> None:
                 )
             )
             assert ckpts[-1] == stopped, (ckpts, stopped)
+            restarts = (0, stopped)
             t0 = time.time()
             job = Job(flags, run, args, w / f"{refresh}")
             while job.last_step() <= stopped and all(p.poll() is None for p in job.procs):
@@ -327,7 +330,7 @@ def main() -> None:
                 ("sync: start to first step (all processes)", f"{time.time() - first:.1f} s")
             )
             job.wait()
-        s = step_stats(run)
+        s = step_stats(run, restarts)
         results[refresh] = s
         table.append(
             (

@@ -291,7 +291,7 @@ def from_pretrained(
     elif spec.projection == "dense_tanh":
         for i, t in enumerate(params):
             cfg, params[t] = _with_pooler(cfg, params[t], jax.random.fold_in(rng, i))
-        encoder = DualEncoder(cfg, spec)
+        encoder = DualEncoder(cfg, encoder.spec)
     else:
         params = {t: {k: v for k, v in p.items() if k != "pooler"} for t, p in params.items()}
     return encoder, params, tok_folder
