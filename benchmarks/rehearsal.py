@@ -62,14 +62,14 @@ def write_data(folder: Path, passages: int, seed: int = 0) -> None:
         r = np.random.default_rng([seed, i])
         return " ".join(r.choice(words, 8))
 
-    train = rng.choice(passages, 20_000, replace=False)
+    train = rng.choice(passages, min(20_000, passages), replace=False)
     with open(folder / "train_questions.jsonl", "w") as f:
         for j, i in enumerate(train):
             f.write(json.dumps({"_id": f"train-{j}", "text": question(int(i))}) + "\n")
     (folder / "qrels").mkdir(exist_ok=True)
     with open(folder / "queries.jsonl", "w") as q:
         for split, offset in (("dev", 0), ("test", 1)):
-            rows = rng.choice(passages, 200, replace=False)
+            rows = rng.choice(passages, min(200, passages), replace=False)
             with open(folder / "qrels" / f"{split}.tsv", "w") as f:
                 f.write("query-id\tcorpus-id\tscore\n")
                 for j, i in enumerate(rows):
@@ -92,7 +92,7 @@ def models(folder: Path) -> tuple[Path, Path]:
 
 def overrides(data: Path, bert: Path, t5: Path, store: Path, args, refresh: str) -> list[str]:
     devices = args.processes * args.devices
-    every = 250
+    every = args.every
     return [
         "--config=configs/art.py:tiny",
         f"--config.model.name={bert}",
@@ -109,14 +109,14 @@ def overrides(data: Path, bert: Path, t5: Path, store: Path, args, refresh: str)
         f"--config.teacher.model={t5}",
         "--config.teacher.dtype=float32",
         "--config.teacher.param_sharding=fsdp",
-        "--config.teacher.max_passage_length=32",
-        "--config.teacher.max_question_length=16",
+        "--config.teacher.max_passage_length=64",
+        "--config.teacher.max_question_length=32",
         "--config.teacher.chunk_pairs=32",
         "--config.encode.device_batch=512",
         "--config.encode.chunk_rows=32768",
         f"--config.train.batch_size={4 * devices}",
         f"--config.train.steps={args.steps}",
-        "--config.train.refresh_every=500",
+        f"--config.train.refresh_every={args.refresh_every}",
         f"--config.train.eval_every={every}",
         f"--config.train.checkpoint_every={every}",
         "--config.train.keep_checkpoints=2",
@@ -254,6 +254,8 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=4)
     p.add_argument("--devices", type=int, default=2, help="fake CPU devices per process")
     p.add_argument("--prepare-rate-passages", type=int, default=200_000)
+    p.add_argument("--refresh-every", type=int, default=500)
+    p.add_argument("--every", type=int, default=250, help="dev evaluation and checkpoint")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/jaxret-rehearsal"))
     args = p.parse_args()
     w = args.workdir
@@ -303,13 +305,14 @@ def main() -> None:
         job = Job(flags, run, args, w / f"{refresh}")
         term, restarts = None, (0,)
         if refresh == "rolling":
-            term = job.wait(term_at=args.steps - 100)
+            term_at = args.steps - min(100, args.steps // 5)
+            term = job.wait(term_at=term_at)
             stopped = job.last_step()
             ckpts = sorted(int(c.name) for c in (run / "checkpoints").iterdir() if c.name.isdigit())
             table.append(
                 (
                     "rolling: SIGTERM → saved and exited",
-                    f"{term:.1f} s (signal at step ≥ {args.steps - 100}, saved step {ckpts[-1]})",
+                    f"{term:.1f} s (signal at step ≥ {term_at}, saved step {ckpts[-1]})",
                 )
             )
             assert ckpts[-1] == stopped, (ckpts, stopped)
@@ -362,15 +365,21 @@ def main() -> None:
     sync_refresh = [
         x["wall_seconds"]
         for x in rows(w / "train-sync")
-        if x["kind"] == "train" and x["step"] % 500 == 0
+        if x["kind"] == "train" and x["step"] % args.refresh_every == 0
     ]
-    table.append(("sync: refresh steps (every 500)", ", ".join(f"{x:.1f} s" for x in sync_refresh)))
+    table.append(
+        (
+            f"sync: refresh steps (every {args.refresh_every})",
+            ", ".join(f"{x:.1f} s" for x in sync_refresh),
+        )
+    )
     tokens = size(store)
     table.append(("store on disk (both token tables)", f"{tokens / 1e9:.2f} GB"))
 
     print(
         f"\n{args.processes} processes × {args.devices} CPU devices, {args.passages:,} "
-        f"passages, {args.steps} steps, refresh_every 500, 4 questions × K 32 per device "
+        f"passages, {args.steps} steps, refresh_every {args.refresh_every}, 4 questions × K 32 "
+        "per device "
         f"({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores)\n"
     )
     print("| measured | value |\n|---|---|")
