@@ -160,7 +160,19 @@ def _parser() -> argparse.ArgumentParser:
         type=_weight,
         default="auto",
         help="SPAR weight of Λ (or the hybrid's BM25 weight): a number, or 'auto' = tuned on "
-        "--tune-split over 0.1..1.0 and reciprocals",
+        "--tune-split over dpr-scale's grid (0.1..1.0 and reciprocals)",
+    )
+    v.add_argument(
+        "--mu-grid-scale",
+        type=_number(float, 0.0, open_low=True),
+        default=1.0,
+        help="multiplies the μ grid (e.g. 0.01 for Contriever / GTR scores)",
+    )
+    v.add_argument(
+        "--tune-metric",
+        choices=["auto", "top100", "top20", "mrr@10", "ndcg@10", "recall@100"],
+        default="auto",
+        help="dev metric of --mu auto: top100 on QA sets, mrr@10 on MS MARCO, ndcg@10 else",
     )
     v.add_argument("--tune-split", help="split tuning the weight (default: dev)")
     v.add_argument(
@@ -396,7 +408,18 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
             lex_encoder, lex_params, lex_tok = load_model(lex_cfg)
             lex = (lex_encoder, _place_params(cfg, lex_params, mesh), lex_tok)
             scores, rows, extra = hybrid.spar_retrieval(
-                model, lex, data, dev, mesh, weight, args.combine, args.k, bs, args.store
+                model,
+                lex,
+                data,
+                dev,
+                mesh,
+                weight,
+                args.combine,
+                args.k,
+                bs,
+                args.store,
+                grid=hybrid.scaled_grid(args.mu_grid_scale),
+                metric=args.tune_metric,
             )
             info["retriever"] = {
                 "spar": {"base": info["retriever"], "lexical": args.lexical_model, **extra}
@@ -413,7 +436,9 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
                 args.bm25_depth,
                 bs,
                 args.store,
+                grid=hybrid.scaled_grid(args.mu_grid_scale),
                 bm25_config=bm25_config,
+                metric=args.tune_metric,
             )
             info["retriever"] = {"hybrid": info["retriever"], **extra}
             info["mu"] = extra["weight"]

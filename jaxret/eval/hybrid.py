@@ -32,9 +32,18 @@ LEDR_MAX_LENGTH = 350
 # text with the language analyzer; :169-173 queries them as best_fields, tie_breaker 0.5).
 # Here title and text are one field: the one difference, stated in `describe()`.
 LEDR_BM25 = BM25Config(k1=1.2, b=0.75, analyzer="english")
-MU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11)) + tuple(
-    round(1 / (0.1 * i), 4) for i in range(1, 10)
-)
+# dpr-scale's grid of μ (spar/spar_weight_tuning.py:132): 0.1 … 1.0 and their reciprocals as
+# the authors rounded them. Models whose scores live on another scale take the grid × a
+# factor (`--mu-grid-scale`; the dpr-scale README tunes 0.001–0.033 for Contriever / GTR).
+MU_GRID: tuple[float, ...] = (
+    0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0,
+    1.1, 1.25, 1.43, 1.67, 2.0, 2.5, 3.33, 5.0, 10.0,
+)  # fmt: skip
+TUNING_METRICS = ("auto", "top100", "top20", "mrr@10", "ndcg@10", "recall@100")
+
+
+def scaled_grid(factor: float = 1.0) -> tuple[float, ...]:
+    return tuple(round(mu * factor, 10) for mu in MU_GRID)
 
 
 def combine_queries(q_base: np.ndarray, q_lex: np.ndarray, mu: float, kind: Combine) -> np.ndarray:
@@ -94,9 +103,17 @@ def two_model_index(
     return ShardedIndex.from_process_rows(local, layout, mesh, dtype)
 
 
-def tuning_metric(data: ev.EvalData) -> str:
-    """Recall@100 on QA data (answer in the top 100), nDCG@10 on BEIR data."""
-    return "top100" if data.answers is not None else "ndcg@10"
+def tuning_metric(data: ev.EvalData, choice: str = "auto") -> str:
+    """The dev metric μ is tuned on. "auto" as the papers: top-100 answer accuracy on QA data
+    (dpr-scale spar/spar_weight_tuning.py:135, valid_on_k=100), MRR@10 on MS MARCO, nDCG@10
+    on any other BEIR set."""
+    if choice != "auto":
+        if choice not in TUNING_METRICS:
+            raise ValueError(f"tuning metric {choice!r}; expected one of {TUNING_METRICS}")
+        return choice
+    if data.answers is not None:
+        return "top100"
+    return "mrr@10" if "msmarco" in data.name.lower() else "ndcg@10"
 
 
 def tune_weight(
@@ -222,12 +239,13 @@ def _tuned(
     dev: ev.EvalData | None,
     weight: float | None,
     grid: Sequence[float],
+    metric: str = "auto",
 ) -> tuple[float, dict[str, Any]]:
     if weight is not None:
         return weight, {}
     if dev is None:
         raise ValueError("a weight of 'auto' needs a dev split to tune on (--tune-split)")
-    metric = tuning_metric(dev)
+    metric = tuning_metric(dev, metric)
     best, scores = tune_weight(evaluate_at, metric, grid)
     return best, {"tuned_on": metric, "dev": {str(k): v for k, v in scores.items()}}
 
@@ -244,8 +262,9 @@ def spar_retrieval(
     batch_size: int = 128,
     store: str | os.PathLike | None = None,
     grid: Sequence[float] = MU_GRID,
+    metric: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """SPAR on `test`, μ fixed or (None) tuned on `dev`: one index of [p, p_Λ]."""
+    """SPAR on `test`, μ fixed or (None) tuned on `dev`'s `metric`: one index of [p, p_Λ]."""
     index = two_model_index(base, lex, test.corpus, mesh, kind, batch_size, store)
     embed = lambda data: (
         _queries(base, data.query_texts, mesh, batch_size),
@@ -257,7 +276,7 @@ def spar_retrieval(
         return ev.compute_metrics(dev, *search_combined(index, q_b, q_l, m, kind, dev, k))
 
     dev_queries = embed(dev) if (mu is None and dev is not None) else None
-    mu, info = _tuned(evaluate_at, dev, mu, grid)
+    mu, info = _tuned(evaluate_at, dev, mu, grid, metric)
     scores, rows = search_combined(index, *embed(test), mu, kind, test, k)
     return scores, rows, {"mu": mu, "combine": kind, **info}
 
@@ -274,6 +293,7 @@ def hybrid_retrieval(
     store: str | os.PathLike | None = None,
     grid: Sequence[float] = MU_GRID,
     bm25_config: BM25Config | None = None,
+    metric: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """norm(dense) + w · norm(BM25) over each list's top `depth`, w fixed or tuned on dev."""
     encoder, params, tokenizer = model
@@ -292,7 +312,7 @@ def hybrid_retrieval(
 
     dev_lists = lists(dev) if (weight is None and dev is not None) else None
     evaluate_at = lambda w: ev.compute_metrics(dev, *fuse_normalized(*dev_lists, w, k))
-    weight, info = _tuned(evaluate_at, dev, weight, grid)
+    weight, info = _tuned(evaluate_at, dev, weight, grid, metric)
     scores, rows = fuse_normalized(*lists(test), weight, k)
     return scores, rows, {"weight": weight, "depth": depth, **info}
 

@@ -39,9 +39,25 @@ def test_concatenated_score_is_base_plus_mu_lambda():
     np.testing.assert_allclose(s, 1.5 * q_b, rtol=1e-6)
 
 
+def test_mu_grid_and_tuning_metric_are_dpr_scales():
+    """The grid and the QA metric as written in dpr-scale spar/spar_weight_tuning.py:132-135
+    (copied here from that file); MS MARCO tunes MRR@10, other BEIR sets nDCG@10; a chosen
+    metric wins. Fails on the earlier grid (1.1111, 1.4286, …) or metric rule."""
+    dpr_scale = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.43, 1.67, 2, 2.5]
+    dpr_scale += [3.33, 5.0, 10.0]
+    assert list(hybrid.MU_GRID) == dpr_scale
+    assert hybrid.scaled_grid(0.01)[:3] == (0.001, 0.002, 0.003)
+    assert hybrid.scaled_grid(0.01)[-1] == 0.1
+    qa = ev.EvalData("nq", None, [], [], None, answers=[])
+    marco = ev.EvalData("msmarco", None, [], [], {}, None)
+    beir = ev.EvalData("scifact", None, [], [], {}, None)
+    assert [hybrid.tuning_metric(d) for d in (qa, marco, beir)] == ["top100", "mrr@10", "ndcg@10"]
+    assert hybrid.tuning_metric(qa, "mrr@10") == "mrr@10"
+    with pytest.raises(ValueError, match="tuning metric 'p@5'"):
+        hybrid.tuning_metric(beir, "p@5")
+
+
 def test_mu_tuning_picks_the_best_grid_value():
-    assert hybrid.MU_GRID[:10] == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    assert hybrid.MU_GRID[10:] == (10.0, 5.0, 3.3333, 2.5, 2.0, 1.6667, 1.4286, 1.25, 1.1111)
     r = np.random.RandomState(1)
     table = {mu: float(r.rand()) for mu in hybrid.MU_GRID}
     calls = []
