@@ -154,6 +154,16 @@ def _parser() -> argparse.ArgumentParser:
         help="hybrid: normalized dense + BM25 sum; ledr: LaPraDoR's cosine × BM25",
     )
     v.add_argument("--lexical-model", help="SPAR: a Λ model combined with --model")
+    v.add_argument(
+        "--lexical-passage-model",
+        help="SPAR: Λ's passage (context) encoder when Λ is two HF folders, as the released "
+        "facebook/spar-*-lexmodel-{query,context}-encoder",
+    )
+    v.add_argument(
+        "--lexical-pooling",
+        choices=["cls", "mean"],
+        help="pooling of an HF-folder Λ (default cls, dot product: DPR-style, as released)",
+    )
     v.add_argument("--combine", choices=["concat", "sum"], default="concat")
     v.add_argument(
         "--mu",
@@ -327,6 +337,23 @@ def load_model(cfg: Any, explicit: set[str] = frozenset()) -> tuple[Any, Any, An
     return encoder, params, load_tokenizer(tok_folder)
 
 
+def load_lexical_model(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """SPAR's Λ with its own settings: a jaxret export keeps its saved spec; an HF folder (or
+    a query + context pair of them) is read as DPR-style towers — [CLS] pooling, dot product,
+    title [SEP] text — whatever the base model's flags, unless --lexical-pooling says."""
+    lex_cfg = cfg.copy_and_resolve_references()
+    with lex_cfg.unlocked():
+        m = lex_cfg.model
+        m.name, m.passage_name = args.lexical_model, args.lexical_passage_model or ""
+        m.shared = not args.lexical_passage_model
+        m.pooling = args.lexical_pooling or "cls"
+        m.update(projection="none", normalize=False, similarity="dot", passage_format="pair")
+    explicit = {"pooling"} if args.lexical_pooling else set()
+    if args.lexical_passage_model:
+        explicit.add("shared")
+    return load_model(lex_cfg, explicit)
+
+
 def _mesh(cfg: Any) -> Any:
     from jaxret.parallel import mesh_from_config
 
@@ -402,10 +429,7 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
         bs = cfg.encode.batch_size
         info["retriever"] = {"model": cfg.model.name, **vars(encoder.spec)}
         if args.lexical_model:
-            lex_cfg = cfg.copy_and_resolve_references()
-            with lex_cfg.unlocked():
-                lex_cfg.model.name, lex_cfg.model.passage_name = args.lexical_model, ""
-            lex_encoder, lex_params, lex_tok = load_model(lex_cfg)
+            lex_encoder, lex_params, lex_tok = load_lexical_model(cfg, args)
             lex = (lex_encoder, _place_params(cfg, lex_params, mesh), lex_tok)
             scores, rows, extra = hybrid.spar_retrieval(
                 model,

@@ -229,3 +229,32 @@ def test_lengths_beyond_the_position_table_are_cut_or_refused(tiny_bert, caplog)
     assert encoder.spec.max_query_length == 128 and "using 128" in caplog.text
     with pytest.raises(ValueError, match="max_query_length=200 exceeds the model's 128"):
         de.DualEncoder(encoder.bert, de.EncoderSpec(max_query_length=200))
+
+
+def test_a_lambda_of_two_hf_folders_keeps_its_towers_and_pooling(tmp_path):
+    """A released SPAR Λ is two HF folders (query and context encoders): both towers load,
+    each from its own folder, with DPR's [CLS] pooling and dot product whatever the base
+    model's flags (--pooling mean --normalize here). Fails if Λ's passage tower is its query
+    tower (the earlier `passage_name = ""`) or if Λ inherits the base's pooling."""
+    from safetensors.numpy import load_file
+
+    from jaxret.configlib import load_config
+
+    query, context = save_tiny_bert(tmp_path / "q", seed=0), save_tiny_bert(tmp_path / "c", seed=1)
+    args = cli._parser().parse_args(
+        ["eval", "--data", "x", "--model", "m", "--pooling", "mean", "--normalize"]
+        + ["--lexical-model", str(query), "--lexical-passage-model", str(context)]
+    )
+    cfg = load_config("configs/retrieval.py", [])
+    cli._apply_flags(cfg, args)
+    encoder, params, _ = cli.load_lexical_model(cfg, args)
+    assert (encoder.spec.pooling, encoder.spec.normalize, encoder.spec.shared) == (
+        "cls",
+        False,
+        False,
+    )
+    for tower, folder in (("query", query), ("passage", context)):
+        hf = load_file(folder / "model.safetensors")
+        key = next(k for k in hf if k.endswith("word_embeddings.weight"))
+        ours = params[tower]["word_embeddings"]["embedding"]
+        np.testing.assert_array_equal(np.asarray(ours), hf[key])
