@@ -56,6 +56,31 @@ def _append_eos(pieces: list[list[int]], eos: int, max_length: int) -> dict[str,
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def passage_room(tokenizer: Any, spec: TeacherSpec) -> int:
+    """Tokens left for a passage's title and text once the prompt ("Passage: " … the
+    instruction … EOS) is in: a long passage is cut to this many."""
+    prompt = spec.passage_prefix + spec.passage_suffix
+    return (
+        spec.max_passage_length - 1 - len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    )
+
+
+def check_passage_room(tokenizer: Any, spec: TeacherSpec, minimum: int = 32) -> None:
+    """A one-line warning when the prompt leaves the passage fewer than `minimum` tokens: the
+    teacher then scores mostly the instruction, and its scores barely tell passages apart
+    (with none left, every passage reads the same and the loss is 0)."""
+    room = passage_room(tokenizer, spec)
+    if room < minimum:
+        log.warning(
+            "teacher.max_passage_length=%d leaves %d tokens of passage after the %d-token "
+            "prompt: the teacher's scores will barely depend on the passage; raise "
+            "--config.teacher.max_passage_length",
+            spec.max_passage_length,
+            max(room, 0),
+            spec.max_passage_length - 1 - room,
+        )
+
+
 def tokenize_passages(
     tokenizer: Any,
     titles: list[str],

@@ -115,6 +115,7 @@ def open_tables(
     tables["passages"].truncation("retriever passages").report(log)
     if cfg.teacher.kind == "t5":
         tspec = teacher_spec(cfg)
+        t5_teacher.check_passage_room(teacher_tokenizer, tspec)
 
         def tokenize(titles: list[str], texts: list[str], trunc: Truncation) -> dict:
             return t5_teacher.tokenize_passages(teacher_tokenizer, titles, texts, tspec, trunc)

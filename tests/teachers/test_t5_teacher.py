@@ -163,3 +163,23 @@ def test_long_questions_equal_pytorch_and_cuts_are_reported(tiny_t5, caplog):
     msg = cut_lines[0].getMessage()
     assert "1 of 2 rows are longer than 32 tokens" in msg and f"longest: {len(full[0])}" in msg
     assert short.truncation["teacher questions"].cut == 2  # counted on every call
+
+
+def test_a_prompt_that_leaves_no_room_for_the_passage_is_reported(tiny_t5, caplog):
+    """The instruction takes most of a short teacher.max_passage_length: every passage then
+    reads "Passage: <a few tokens> . Please write …" and the teacher's scores are nearly (or
+    exactly) equal. Fails without the warning; no warning at the default 512."""
+    from jaxret.teachers.t5_teacher import check_passage_room, passage_room
+
+    teacher = T5Teacher.from_pretrained(tiny_t5, "float32")
+    tok = teacher.tokenizer
+    short = TeacherSpec(max_passage_length=40)
+    prompt = len(
+        tok(short.passage_prefix + short.passage_suffix, add_special_tokens=False)["input_ids"]
+    )
+    assert passage_room(tok, short) == 40 - 1 - prompt
+    check_passage_room(tok, short)
+    assert "teacher.max_passage_length=40 leaves" in caplog.text
+    caplog.clear()
+    check_passage_room(tok, TeacherSpec())
+    assert "leaves" not in caplog.text
