@@ -66,6 +66,9 @@ def base():
             language="en",
             min_chars=20,  # shorter fragments are not queries
             dev=2000,  # held-out sentences for the surrogate MRR (at most 10 %)
+            # the paper's validation (§4.1): a questions file (NQ dev for a Wiki Λ, MS MARCO
+            # dev for a MARCO Λ) whose BM25 top-1 is the positive; "" = held-out sentences
+            dev_questions="",
         )
     )
     # The teacher: Pyserini's BM25 (dpr-scale spar/README.md:48: top 50 per query, top 10

@@ -12,6 +12,7 @@ At the end, Λ is compared with its starting point on the evaluation questions o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
-from jaxret.data.readers import DataError, read_training_corpus
+from jaxret.data.readers import DataError, read_questions, read_training_corpus
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import analysis
 from jaxret.eval import evaluate as ev
@@ -109,6 +110,7 @@ class SparRun:
         )
         trunc.report(log)
         self.queries = queries
+        self.dev_questions = self._dev_questions(store, lspec, tokenizer, spec.max_query_length)
 
         start = start_training(cfg, params, mesh, len(self.train_ids))
         self.total, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
@@ -171,19 +173,46 @@ class SparRun:
             desc=None,
         )
 
+    def _dev_questions(
+        self, store: Path, lspec: LabelSpec, tokenizer: Any, max_length: int
+    ) -> tuple[dict, TeacherLabels, np.ndarray] | None:
+        """The paper's validation set (§4.1): real dev questions (NQ dev for a Wiki Λ), the
+        teacher's top-1 passage the positive, one of its hard negatives the other passage of
+        the mini-index. None without `queries.dev_questions`."""
+        path = self.cfg.queries.get("dev_questions", "")
+        if not path:
+            log.info("no queries.dev_questions: Λ is validated on held-out training sentences")
+            return None
+        texts = read_questions(Path(path))
+        dspec = dataclasses.replace(lspec, positives=1)
+        labels = cached_labels(store, self.bm25, self.corpus.content_hash(), texts, dspec)
+        keep = np.flatnonzero(labels.valid())
+        log.info("Λ validation: %d of %d dev questions from %s", len(keep), len(texts), path)
+        tokens = tokenize_queries(tokenizer, texts, max_length)
+        return tokens, TeacherLabels(labels.positives, labels.negatives), keep
+
     def evaluate(self, state: Any, step: int) -> dict[str, float]:
-        """SPAR's surrogate: MRR of each held-out query's first positive in a mini-index of
-        every held-out query's first positive and last hard negative."""
-        return surrogate_mrr(
+        """SPAR's surrogate: MRR of each validation query's teacher top-1 in a mini-index of
+        every validation query's positive and last hard negative. `mrr` (model selection) is on
+        the dev questions when given (the paper's), else on held-out training sentences;
+        `sentence_mrr` is always the latter."""
+        mrr = lambda tokens, labels, ids: surrogate_mrr(
             self.encoder,
             state.params,
             self.mesh,
-            self.query_tokens,
-            self.labels,
-            self.dev_ids,
+            tokens,
+            labels,
+            ids,
             self._embed_rows,
             self.cfg.encode.batch_size,
         )
+        sentences = mrr(self.query_tokens, self.labels, self.dev_ids)
+        out = {**sentences, "sentence_mrr": sentences["mrr"]}
+        if self.dev_questions is not None:
+            questions = mrr(*self.dev_questions)
+            out.update(mrr=questions["mrr"], question_mrr=questions["mrr"])
+            out.update(questions=questions["queries"], pool=questions["pool"])
+        return out
 
     def finish(self, state: Any) -> dict[str, Any]:
         """Λ against its starting point on `data.dir`'s evaluation questions: retrieval

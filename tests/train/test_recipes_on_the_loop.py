@@ -153,3 +153,27 @@ def test_pretraining_on_a_bare_corpus_end_to_end(tiny_bert, data_dir, tmp_path, 
     importlib.import_module(f"jaxret.train.{module}").train(cfg, tmp_path / "run")
     assert [r["step"] for r in rows(tmp_path / "run", "train")] == [1, 2]
     assert (tmp_path / "run" / "export" / "jaxret.json").exists()
+
+
+def test_spar_validates_on_dev_questions_as_the_paper(tiny_bert, data_dir, tmp_path):
+    """queries.dev_questions: Λ's model-selection MRR is on real questions whose positive is
+    BM25's top-1 (SPAR §4.1, n_p = 1 for validation) in a mini-index of ≤ 2 passages per
+    question; the held-out-sentence MRR stays as `sentence_mrr`. Fails if the dev questions
+    are ignored (no question_mrr, mrr from sentences) or labelled with several positives."""
+    from jaxret.data.readers import read_questions
+    from jaxret.train.spar import SparRun
+
+    questions = data_dir / "adi" / "queries.jsonl.gz"
+    cfg = load_config(
+        "configs/spar.py:tiny",
+        [("model.name", str(tiny_bert)), ("queries.dev_questions", str(questions))],
+    )
+    run = SparRun(cfg, tmp_path)
+    tokens, labels, keep = run.dev_questions
+    texts = read_questions(questions)
+    _, top1 = run.bm25.retrieve([texts[i] for i in keep], 1)
+    np.testing.assert_array_equal(labels.positives[keep, 0], top1[:, 0])
+    assert (labels.positives[keep, 1:] < 0).all()  # one positive per question
+    out = run.evaluate(run.state, 0)
+    assert out["mrr"] == out["question_mrr"] and "sentence_mrr" in out
+    assert out["questions"] == len(keep) and out["pool"] <= 2 * len(keep)
