@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' tiny-model builders (PyTor
 
 def write_data(folder: Path, passages: int, seed: int = 0) -> None:
     """A BEIR folder: `passages` passages of 6–12 words drawn from MiniLM's vocabulary, train
-    questions (8 words of a passage), dev and test questions with qrels to their passage."""
+    questions (4 words of a passage plus 2 others), dev and test questions with qrels to the
+    passage they were drawn from."""
     from conftest import minilm_path
 
     vocab = [
@@ -51,30 +52,33 @@ def write_data(folder: Path, passages: int, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     lengths = rng.integers(6, 13, passages)
+    table = np.empty((passages, 12), np.int32)  # word ids of every passage, for the questions
     with open(folder / "corpus.jsonl", "w") as f:
         for start in range(0, passages, 100_000):
             block = rng.integers(0, len(words), (min(100_000, passages - start), 12))
+            table[start : start + len(block)] = block
             for i, row in enumerate(block, start):
                 text = " ".join(words[row[: lengths[i]]])
                 f.write(json.dumps({"_id": f"p{i}", "title": f"t{i % 997}", "text": text}) + "\n")
 
-    def question(i: int) -> str:  # words of passage i, re-drawn with the same seed stream
-        r = np.random.default_rng([seed, i])
-        return " ".join(r.choice(words, 8))
+    def question(i: int, salt: int) -> str:
+        r = np.random.default_rng([seed, salt, i])
+        own = r.choice(table[i, : lengths[i]], 4, replace=False)
+        return " ".join(words[np.concatenate([own, r.integers(0, len(words), 2)])])
 
     train = rng.choice(passages, min(20_000, passages), replace=False)
     with open(folder / "train_questions.jsonl", "w") as f:
         for j, i in enumerate(train):
-            f.write(json.dumps({"_id": f"train-{j}", "text": question(int(i))}) + "\n")
+            f.write(json.dumps({"_id": f"train-{j}", "text": question(int(i), 0)}) + "\n")
     (folder / "qrels").mkdir(exist_ok=True)
     with open(folder / "queries.jsonl", "w") as q:
-        for split, offset in (("dev", 0), ("test", 1)):
+        for salt, split in ((1, "dev"), (2, "test")):
             rows = rng.choice(passages, min(200, passages), replace=False)
             with open(folder / "qrels" / f"{split}.tsv", "w") as f:
                 f.write("query-id\tcorpus-id\tscore\n")
                 for j, i in enumerate(rows):
                     qid = f"{split}-{j}"
-                    q.write(json.dumps({"_id": qid, "text": question(int(i) + offset)}) + "\n")
+                    q.write(json.dumps({"_id": qid, "text": question(int(i), salt)}) + "\n")
                     f.write(f"{qid}\tp{i}\t1\n")
 
 
