@@ -254,11 +254,13 @@ class T5Teacher:
         else:
             cfg, params, folder = load_t5_sharded(path_or_hub_id, dtype, mesh, param_sharding)
             act = Activations.for_strategy(mesh, param_sharding)
-            if layerwise.uses_layerwise(param_sharding):
-                params = layerwise.place_stacked(params, cfg, mesh, param_sharding)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         spec = spec or TeacherSpec()
-        return cls(cfg, params, tokenizer, spec, dtype, act=act, param_sharding=param_sharding)
+        teacher = cls(cfg, params, tokenizer, spec, dtype, act=act, param_sharding=param_sharding)
+        if teacher.layerwise:  # the pass that reads stacked layers, and only it
+            stacked = layerwise.place_stacked(params, cfg, mesh, param_sharding)
+            teacher = dataclasses.replace(teacher, params=stacked)
+        return teacher
 
     @property
     def layerwise(self) -> bool:
@@ -279,10 +281,12 @@ class T5Teacher:
         from jaxret.parallel.partitioning import param_shardings
 
         params = jax.device_put(self.params, param_shardings(self.params, mesh, param_sharding))
-        if layerwise.uses_layerwise(param_sharding):
-            params = layerwise.place_stacked(params, self.config, mesh, param_sharding)
         act = Activations.for_strategy(mesh, param_sharding)
-        return dataclasses.replace(self, params=params, act=act, param_sharding=param_sharding)
+        out = dataclasses.replace(self, params=params, act=act, param_sharding=param_sharding)
+        if out.layerwise:
+            stacked = layerwise.place_stacked(params, self.config, mesh, param_sharding)
+            out = dataclasses.replace(out, params=stacked)
+        return out
 
     def score_tokens(
         self,
