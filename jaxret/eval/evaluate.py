@@ -203,9 +203,11 @@ def drop_self_hits(
     whose document id equals the query id is not a result. Given k + 1 hits per query, drops
     such hits and keeps the first k of the rest ([Q, k]; row −1 / score −inf = no hit)."""
     rows = np.asarray(rows)
-    ids = np.asarray(doc_ids, dtype=object)
-    hit_ids = np.where(rows >= 0, ids[np.maximum(rows, 0)], None)
-    own = hit_ids == np.asarray(query_ids, dtype=object)[:, None]
+    # Only the ids of rows that were hit are read (a stored corpus decodes them on access).
+    id_of = {int(r): doc_ids[int(r)] for r in np.unique(rows[rows >= 0])}
+    own = np.array(
+        [[r >= 0 and id_of[int(r)] == q for r in row] for q, row in zip(query_ids, rows)], bool
+    ).reshape(rows.shape)
     order = np.argsort(own, axis=1, kind="stable")[:, :k]  # self hits move to the end
     out_rows = np.take_along_axis(np.where(own, -1, rows), order, 1)
     out_scores = np.take_along_axis(np.where(own, -np.inf, scores), order, 1)

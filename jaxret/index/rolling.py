@@ -73,10 +73,12 @@ def slice_indices(done: jax.Array, rows_per_shard: int, s: int, refresh_every: i
     return read, write
 
 
-def empty_staleness(layout: RowLayout, mesh: Mesh) -> jax.Array:
-    """stale [N_pad] int32, all 0: the index of the initial parameters."""
+def empty_staleness(layout: RowLayout, mesh: Mesh, step: int = 0) -> jax.Array:
+    """stale [N_pad] int32, all `step`: an index encoded whole at `step` (0: the initial
+    parameters)."""
     return jax.jit(
-        lambda: jnp.zeros((layout.padded_rows,), jnp.int32), out_shardings=row_sharding(mesh)
+        lambda: jnp.full((layout.padded_rows,), step, jnp.int32),
+        out_shardings=row_sharding(mesh),
     )()
 
 

@@ -38,6 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxret.configlib import ConfigError
 from jaxret.data.corpus_store import SHARD_ROWS, TokenTable, open_table, tokenizer_fingerprint
+from jaxret.data.corpus_text import stored_corpus, write_text_table
+from jaxret.data.readers import find_corpus, read_corpus
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.index.encode import empty_index, passage_table, tables_on_device, token_keys
@@ -146,13 +148,17 @@ def prepare(
         )
     if not cfg.model.name:
         raise ConfigError("model.name is empty: the retriever whose tokenizer the store uses")
-    data = load_art_data(cfg.data)
+    store = store_folder(cfg, workdir)
+    if cfg.data.dir:  # the corpus text, memory-mapped by every training process
+        source = find_corpus(Path(cfg.data.dir))
+        if stored_corpus(store, source) is None:
+            write_text_table(store, source, read_corpus(source))
+    data = load_art_data(cfg.data, store)
     tokenizer = load_tokenizer(de.tokenizer_folder(cfg.model.name))
     teacher_tokenizer = None
     if cfg.teacher.kind == "t5":
         folder = hf_io.resolve_checkpoint(cfg.teacher.model)
         teacher_tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    store = store_folder(cfg, workdir)
     return open_tables(cfg, data.corpus, store, tokenizer, teacher_tokenizer, workers, shard_rows)
 
 
@@ -168,7 +174,8 @@ class ArtRun:
             )
         self.cfg = cfg
         self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
-        self.data: ArtData = load_art_data(cfg.data)
+        store = store_folder(cfg, workdir)
+        self.data: ArtData = load_art_data(cfg.data, store)
         data = self.data
         spec = de.EncoderSpec.from_config(cfg.model)
         encoder, params, tok_folder = de.from_pretrained(
@@ -182,7 +189,6 @@ class ArtRun:
                 f"the retriever tokenizer pads with id {tokenizer.pad_token_id}; the ART step "
                 "derives attention masks from pad id 0 (BERT's and T5's)"
             )
-        store = store_folder(cfg, workdir)
         self.store = store
         self.teacher_tokenizer = None
         if cfg.teacher.kind == "t5":
@@ -323,15 +329,21 @@ class ArtRun:
         local = jax.tree.map(lambda a: np.asarray(a)[mine], self.host_batch)
         return global_batch(local, self.mesh, DATA)
 
-    def _ensure_index(self) -> None:
-        """Encodes the pending index (the start's, or a sync resume's) with index_params."""
+    def _ensure_index(self, state: Any) -> None:
+        """Encodes the pending index (the start's, or a resume's) with index_params (None:
+        the parameters of `state`, a rolling resume from a checkpoint without its index)."""
         if self.pending is not None:
             step, why = self.pending
-            self.index = self._encode(self.index_params, step, why, self.index)
+            params = self.index_params
+            if params is None:
+                params = self.encoder.tower_params(state.params, "passage")
+            self.index = self._encode(params, step, why, self.index)
             self.index_step, self.pending = step, None
+            if self.refresh == "rolling":
+                self.index = self._rolling_index(self.index.embeddings, step)
 
     def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
-        self._ensure_index()
+        self._ensure_index(state)
         args = (batch, self.index, self.passage_tables, self.teacher_tables, self.teacher_params)
         if self.stale is None or self.program == "separate":
             return self.step_fn(state, *args)
@@ -393,6 +405,13 @@ class ArtRun:
         return meta
 
     def restore_aux(self, aux: Any, meta: dict[str, Any]) -> None:
+        if self.refresh == "rolling" and aux is None:
+            # An older checkpoint (its index is kept in the newest only): the whole index is
+            # encoded once, with the restored parameters, and every row is that step's.
+            step = int(meta["step"])
+            self.index_params, self.pending, self.done = None, (step, "resume"), step
+            self.stale = empty_staleness(self.layout, self.mesh, step)
+            return
         if self.refresh == "rolling":  # the index itself was saved: nothing to re-encode
             self.index, self.stale = self._rolling_index(aux["embeddings"], -1), aux["stale"]
             self.index_step = int(meta.get("index_step", -1))
@@ -428,7 +447,7 @@ class ArtRun:
         `index_age`, 0 when evaluation falls on a refresh step). "fresh": on a scratch index
         of the current parameters (exact, but a whole-corpus encoding and a second index of
         the same size on the devices)."""
-        self._ensure_index()
+        self._ensure_index(state)
         mode = self.cfg.eval.get("index", "training")
         if mode not in ("training", "fresh"):
             raise ConfigError(f"eval.index={mode!r}; expected 'training' or 'fresh'")
@@ -452,7 +471,7 @@ class ArtRun:
         if self.data.test is None or not self.cfg.eval.test_at_end:
             return {}
         out = {}
-        self._ensure_index()
+        self._ensure_index(state)
         passage = self.encoder.tower_params(state.params, "passage")
         if self.index_step != self.total:
             self.index = self._encode(passage, self.total, "test", self.index)
@@ -491,6 +510,7 @@ class ArtRun:
             aux=self.aux,
             aux_meta=self.aux_meta,
             restore_aux=self.restore_aux,
+            aux_latest_only=self.refresh == "rolling",
             export=self.export,
             finish=self.finish,
             lr_at=self.lr_at,

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxret.data.readers import Corpus, DataError, read_qrels, read_questions
+from jaxret.data.corpus_text import stored_corpus
+from jaxret.data.readers import Corpus, DataError, find_corpus, read_qrels, read_questions
 from jaxret.eval.evaluate import EvalData, load_eval_data, split_of
 from jaxret.eval.evaluate import restrict as _restrict
 from jaxret.lexical.bm25 import BM25, BM25Config
@@ -51,8 +52,10 @@ def _cap(data: EvalData, n: int) -> EvalData:
     return _restrict(data, list(range(min(n, len(data.query_ids))))) if n else data
 
 
-def load_art_data(cfg: Any) -> ArtData:
-    """Training questions, a dev set (model selection) and a test set (reported once).
+def load_art_data(cfg: Any, store: str | Path | None = None) -> ArtData:
+    """Training questions, a dev set (model selection) and a test set (reported once). The
+    corpus is read from `store`'s text table when `jaxret prepare` wrote one for this
+    version of the corpus file (memory-mapped, hashed once), else from the file.
 
     cfg.protocol:
       "files"       train on `train_questions` (a questions file: BEIR queries, QA jsonl, DPR
@@ -63,8 +66,11 @@ def load_art_data(cfg: Any) -> ArtData:
                     dev / test by a hash of their id (`split_fractions`).
     """
     protocol = cfg.get("protocol", "files")
+    corpus = stored_corpus(store, find_corpus(Path(cfg.dir))) if cfg.dir else None
+    if corpus is not None:
+        log.info("corpus: %s (prepared text table)", corpus)
     if protocol == "hash_split":
-        return _hash_split(cfg)
+        return _hash_split(cfg, corpus)
     if protocol != "files":
         raise DataError(f"data.protocol={protocol!r}; expected 'files' or 'hash_split'")
     if not cfg.train_questions:
@@ -76,7 +82,7 @@ def load_art_data(cfg: Any) -> ArtData:
         )
     if not cfg.dev_split:
         raise DataError("data.dev_split is empty: model selection needs a dev set")
-    dev = _eval_set(cfg, cfg.dev_split, None)
+    dev = _eval_set(cfg, cfg.dev_split, corpus)
     corpus = dev.corpus
     test = None
     if cfg.test_split:
@@ -125,8 +131,8 @@ def _on_corpus(data: EvalData, corpus: Corpus) -> EvalData:
     return _restrict(out, keep)
 
 
-def _hash_split(cfg: Any) -> ArtData:
-    full = load_eval_data(cfg.dir, cfg.split)
+def _hash_split(cfg: Any, corpus: Corpus | None) -> ArtData:
+    full = load_eval_data(cfg.dir, cfg.split, corpus=corpus)
     if cfg.max_docs and cfg.max_docs < len(full.corpus):
         full = _smaller_corpus(full, cfg.max_docs, seed=0)
     fractions = tuple(cfg.split_fractions)

@@ -9,6 +9,12 @@ the newest step (`newest_good_step`; each process its own files): a step whose f
 match — flipped bytes, a truncated file — or that was never sealed and fails to restore is
 renamed `<step>.damaged-<time>` (set aside, never deleted) and the run resumes from the
 newest good one, saying so.
+
+Auxiliary state kept in the latest step only (`aux_latest_only`, ART's rolling index: 32 GB
+at the paper's size): once a newer step is complete and sealed, older steps' `aux/` is
+removed, after a `jaxret_aux_dropped` marker is written into the step (so a kill between the
+two leaves a step that is known to have no aux). Such a step restores its train state and
+metadata and no aux; the recipe rebuilds it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 import zlib
@@ -32,6 +39,7 @@ from jax.experimental import multihost_utils
 log = logging.getLogger(__name__)
 BEST = "best"
 CHECKSUMS = "jaxret_checksums"  # <step>/jaxret_checksums.<process>.json
+AUX_DROPPED = "jaxret_aux_dropped"  # <step>/jaxret_aux_dropped: its aux/ was removed
 # Orbax refuses an empty item: a recipe without auxiliary state saves this instead.
 _NO_AUX = {"none": np.zeros((), np.int32)}
 
@@ -71,7 +79,8 @@ def file_checksums(folder: Path, mine: Any = lambda owner: True) -> dict[str, li
     out = {}
     for p in sorted(folder.rglob("*")):
         rel = str(p.relative_to(folder))
-        if p.is_file() and not p.name.startswith(CHECKSUMS) and mine(_owner(rel)):
+        skip = p.name.startswith((CHECKSUMS, AUX_DROPPED))
+        if p.is_file() and not skip and mine(_owner(rel)):
             out[rel] = [p.stat().st_size, _crc32(p)]
     return out
 
@@ -86,8 +95,9 @@ def verify(folder: Path, process: int = 0, processes: int = 1) -> str | None:
             want.update(json.loads(path.read_text()))
     mine = lambda owner: owner % processes == process
     have = file_checksums(folder, mine)
+    dropped = (folder / AUX_DROPPED).is_file()
     for name, (size, crc) in want.items():
-        if not mine(_owner(name)):
+        if not mine(_owner(name)) or (dropped and name.startswith("aux/")):
             continue
         if name not in have:
             return f"{name} is missing"
@@ -99,13 +109,16 @@ def verify(folder: Path, process: int = 0, processes: int = 1) -> str | None:
 
 
 class Manager:
-    def __init__(self, directory: Path, keep: int = 3):
+    def __init__(self, directory: Path, keep: int = 3, aux_latest_only: bool = False):
         self.directory = Path(directory).absolute()
+        self.aux_latest_only = aux_latest_only
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_names=("state", "aux", "meta"),
         )
+        self._sealer: threading.Thread | None = None
+        self._seal_error: BaseException | None = None
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -122,6 +135,25 @@ class Manager:
                 tmp = folder / f"{CHECKSUMS}.{me}.json.tmp"
                 tmp.write_text(json.dumps(file_checksums(folder, lambda owner: owner == me)))
                 os.replace(tmp, out)
+
+    def drop_older_aux(self) -> list[int]:
+        """Removes `aux/` from every step but the newest, once the newest is sealed (its save
+        complete): marker first, then the files. Process 0 does it (the steps are on a
+        filesystem all processes share, as Orbax requires)."""
+        steps = sorted(self._mgr.all_steps())
+        if jax.process_index() != 0 or not steps or not self.sealed(steps[-1]):
+            return []
+        dropped = []
+        for step in steps[:-1]:
+            folder = self.directory / str(step)
+            if (folder / "aux").is_dir():
+                (folder / AUX_DROPPED).write_text(f"aux kept only in step {steps[-1]}\n")
+                shutil.rmtree(folder / "aux")
+                dropped.append(step)
+        return dropped
+
+    def has_aux(self, step: int) -> bool:
+        return not (self.directory / str(step) / AUX_DROPPED).is_file()
 
     def sealed(self, step: int) -> bool:
         return any(
@@ -159,7 +191,12 @@ class Manager:
         return list(self._mgr.all_steps())
 
     def save(self, step: int, state: Any, aux: Any, meta: dict[str, Any]) -> None:
-        self.seal()  # the previous save has finished: record what it wrote
+        """Starts saving `step` and returns once the arrays are copied off the devices: the
+        files are written, then checksummed (sealed), in the background while training goes
+        on (at the paper's size a process's share of a rolling index is GBs: hashing it on
+        the training thread would stall the next step)."""
+        self._join_sealer()  # the previous save has finished and is sealed
+        t0 = time.perf_counter()
         self._mgr.save(
             step,
             args=ocp.args.Composite(
@@ -168,23 +205,46 @@ class Manager:
                 meta=ocp.args.JsonSave({**meta, "step": step}),
             ),
         )
+        log.info(
+            "checkpoint %d: %.2fs on the training thread; written and sealed in the background",
+            step,
+            time.perf_counter() - t0,
+        )
+        self._sealer = threading.Thread(target=self._seal_in_background, daemon=True)
+        self._sealer.start()
+
+    def _seal_in_background(self) -> None:
+        try:
+            self.seal()
+            if self.aux_latest_only:
+                self.drop_older_aux()
+        except BaseException as e:  # re-raised on the training thread by _join_sealer
+            self._seal_error = e
+
+    def _join_sealer(self) -> None:
+        if self._sealer is not None:
+            self._sealer.join()
+            self._sealer = None
+        if self._seal_error is not None:
+            error, self._seal_error = self._seal_error, None
+            raise error
 
     def read_meta(self, step: int) -> dict[str, Any]:
         out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
     def restore(self, step: int, state_like: Any, aux_like: Any) -> tuple[Any, Any, dict]:
-        out = self._mgr.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract(state_like)),
-                aux=ocp.args.StandardRestore(
-                    abstract(aux_like) if aux_like is not None else _NO_AUX
-                ),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
-        aux = out["aux"] if aux_like is not None else None
+        """(state, aux, meta) of `step`; aux is None when the recipe has none or the step's
+        was dropped (`aux_latest_only`)."""
+        items: dict[str, Any] = {
+            "state": ocp.args.StandardRestore(abstract(state_like)),
+            "meta": ocp.args.JsonRestore(),
+        }
+        if self.has_aux(step):
+            template = abstract(aux_like) if aux_like is not None else _NO_AUX
+            items["aux"] = ocp.args.StandardRestore(template)
+        out = self._mgr.restore(step, args=ocp.args.Composite(**items))
+        aux = out["aux"] if aux_like is not None and "aux" in items else None
         return out["state"], aux, dict(out["meta"])
 
     def save_best(self, params: Any, info: dict[str, Any]) -> Path:
@@ -210,4 +270,5 @@ class Manager:
         return root / BEST
 
     def wait(self) -> None:
+        self._join_sealer()
         self.seal()

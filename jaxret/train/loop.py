@@ -76,6 +76,9 @@ class Recipe:
     aux: Callable[[], Any] | None = None  # a pytree saved with every checkpoint
     aux_meta: Callable[[], dict[str, Any]] | None = None  # JSON saved with it
     restore_aux: Callable[[Any, dict], None] | None = None  # (aux, meta) after a resume
+    # aux kept in the newest checkpoint only (older steps restore with aux None): for aux as
+    # large as ART's rolling index
+    aux_latest_only: bool = False
     export: Callable[[Any, Path], None] | None = None  # (host params, folder)
     finish: Callable[[TrainState], dict[str, Any]] | None = None  # final test, etc.
     lr_at: Callable[[int], float] | None = None
@@ -234,7 +237,7 @@ def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
 
 def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
     t = cfg.train
-    manager = Manager(workdir / "checkpoints", t.keep_checkpoints)
+    manager = Manager(workdir / "checkpoints", t.keep_checkpoints, recipe.aux_latest_only)
     # Installed before any long work (the resume's encoding, the first evaluation).
     preemption = _Preemption()
     preemption.install()
@@ -292,7 +295,10 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
         if not bool(jax.device_get(all_finite(state.params))):
             raise RunError(f"step {done}: parameters are not finite; not checkpointing them")
         extra = recipe.aux_meta() if recipe.aux_meta else {}
+        t0 = time.perf_counter()
         manager.save(done, state, recipe.aux() if recipe.aux else None, {**meta, **extra})
+        # What the save held the training thread for (the writing goes on in the background).
+        logger.write(done, "event", {"checkpoint_seconds": time.perf_counter() - t0})
 
     bar = tqdm(total=total, initial=start, desc=recipe.name, unit="step", disable=not t.progress)
     max_skips = int(t.get("max_skipped_in_a_row", 5))

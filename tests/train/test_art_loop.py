@@ -461,3 +461,37 @@ def test_dev_evaluation_reads_the_training_index(tiny_bert, tmp_path, monkeypatc
     calls.clear()
     train(config(tiny_bert, **base, **{"eval.index": "fresh"}), tmp_path / "fresh")
     assert len(calls) == (4 if refresh == "sync" else 3)  # + a scratch index at 3 and 6
+
+
+def test_rolling_index_is_kept_in_the_newest_checkpoint_only(tiny_bert, tmp_path, monkeypatch):
+    """Rolling refresh checkpoints its index (32 GB at the paper's size) in the newest step
+    only: once step 6 is sealed, step 3 keeps its state and loses `aux/`, still verifies, and
+    a resume from it (step 6 removed) encodes the index once with step 3's parameters and
+    trains to the end. Fails if older steps keep their aux (the first assert), or if
+    `verify` counts the removed files as damage (step 3 is then set aside and the run
+    restarts from 0)."""
+    import shutil
+
+    from jaxret.train import art as art_run
+
+    cfg = config(
+        tiny_bert,
+        **{"art.refresh": "rolling", "eval.test_at_end": False, "train.keep_checkpoints": 3},
+    )
+    train(cfg, tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    assert not (ckpts / "3" / "aux").exists() and (ckpts / "3" / "jaxret_aux_dropped").is_file()
+    assert (ckpts / "6" / "aux").is_dir()
+    shutil.rmtree(ckpts / "6")
+    calls = []
+    real_refresh = art_run.refresh_in_slices
+    monkeypatch.setattr(
+        art_run, "refresh_in_slices", lambda *a, **k: calls.append(1) or real_refresh(*a, **k)
+    )
+    train(cfg, tmp_path)
+    assert len(calls) == 1  # the index of step 3's parameters, once
+    assert not list(ckpts.glob("*.damaged-*"))
+    steps = [s for s, _ in train_losses(tmp_path)]
+    assert steps == [1, 2, 3, 4, 5, 6]  # (the log is cut back to step 3 on resume)
+    events = _events(tmp_path)
+    assert [r["index_resume"] for r in events if "index_resume" in r] == [3]
