@@ -119,6 +119,8 @@ class Manager:
         )
         self._sealer: threading.Thread | None = None
         self._seal_error: BaseException | None = None
+        self._best: threading.Thread | None = None
+        self._best_error: BaseException | None = None
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -210,7 +212,7 @@ class Manager:
             step,
             time.perf_counter() - t0,
         )
-        self._sealer = threading.Thread(target=self._seal_in_background, daemon=True)
+        self._sealer = threading.Thread(target=self._seal_in_background, daemon=True, name="seal")
         self._sealer.start()
 
     def _seal_in_background(self) -> None:
@@ -248,27 +250,48 @@ class Manager:
         return out["state"], aux, dict(out["meta"])
 
     def save_best(self, params: Any, info: dict[str, Any]) -> Path:
-        """Writes `best-<step>/` (params + best.json), then points `best` at it atomically."""
+        """Starts writing `best-<step>/` (params + best.json) and returns once the arrays are
+        off the devices; when the write has finished, a background thread points `best` at
+        it atomically and removes the previous one (until then `best` is the previous,
+        complete folder). The next save_best or `wait` waits for it."""
+        self._join_best()
         root = self.directory.parent
         target = root / f"{BEST}-{info['step']}"
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(target / "params", params, force=True)
-        ckpt.wait_until_finished()
-        multihost_utils.sync_global_devices("jaxret-best-saved")
-        if jax.process_index() == 0:
-            (target / "best.json").write_text(json.dumps(info, indent=2))
-            link = root / BEST
-            if link.exists() and not link.is_symlink():  # a folder from an older jaxret
-                shutil.rmtree(link)
-            tmp = root / f".{BEST}-{uuid.uuid4().hex}"
-            os.symlink(target.name, tmp)
-            previous = link.resolve() if link.is_symlink() else None
-            os.replace(tmp, link)  # atomic: `best` is always a complete folder
-            if previous is not None and previous != target.resolve() and previous.exists():
-                shutil.rmtree(previous, ignore_errors=True)
-        multihost_utils.sync_global_devices("jaxret-best-linked")
+        self._best = threading.Thread(
+            target=self._link_best, args=(ckpt, target, dict(info)), daemon=True, name="best"
+        )
+        self._best.start()
         return root / BEST
 
+    def _link_best(self, ckpt: Any, target: Path, info: dict[str, Any]) -> None:
+        try:
+            ckpt.wait_until_finished()  # every process's share written and committed
+            if jax.process_index() == 0:
+                root = target.parent
+                (target / "best.json").write_text(json.dumps(info, indent=2))
+                link = root / BEST
+                if link.exists() and not link.is_symlink():  # a folder from an older jaxret
+                    shutil.rmtree(link)
+                tmp = root / f".{BEST}-{uuid.uuid4().hex}"
+                os.symlink(target.name, tmp)
+                previous = link.resolve() if link.is_symlink() else None
+                os.replace(tmp, link)  # atomic: `best` is always a complete folder
+                if previous is not None and previous != target.resolve() and previous.exists():
+                    shutil.rmtree(previous, ignore_errors=True)
+        except BaseException as e:  # re-raised on the training thread by _join_best
+            self._best_error = e
+
+    def _join_best(self) -> None:
+        if self._best is not None:
+            self._best.join()
+            self._best = None
+        if self._best_error is not None:
+            error, self._best_error = self._best_error, None
+            raise error
+
     def wait(self) -> None:
+        self._join_best()
         self._join_sealer()
         self.seal()

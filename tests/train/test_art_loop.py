@@ -242,7 +242,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _two_processes(tiny_bert, workdir, extra):
+def _two_processes(tiny_bert, workdir, extra, timeout=600):
     """`jaxret train` as 2 processes × 4 devices on one coordinator: (procs, outputs)."""
     port = _free_port()
     procs = []
@@ -261,24 +261,62 @@ def _two_processes(tiny_bert, workdir, extra):
                 cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
         )
-    outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    outs = [p.communicate(timeout=timeout)[0].decode() for p in procs]
     return procs, outs
 
 
-def _two_process_start_refuses_without_a_store(tiny_bert, workdir, extra):
-    """Both processes of a 2-process run with no token store stop at once, naming
-    `jaxret prepare`: neither tokenizes while the other waits in a device collective. Before
-    issue 19 process 1 waited in a barrier while process 0 tokenized (on GPU: NCCL's
-    10-minute timeout at 21M passages); fails if a missing table is built inline again."""
+# `jaxret prepare` whose tokenizing waits for a file: a store build that takes as long as
+# the test wants (at the paper's size it takes an hour).
+_SLOW_PREPARE = """
+import sys, time
+from pathlib import Path
+from jaxret.data import corpus_store
+real = corpus_store._tokenize_shard
+def slow(*a, **k):
+    while not Path(sys.argv[1]).exists():
+        time.sleep(0.05)
+    return real(*a, **k)
+corpus_store._tokenize_shard = slow
+from jaxret.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _two_processes_refuse_while_the_store_is_built(tiny_bert, workdir, extra, prepare, env):
+    """While `jaxret prepare` is still tokenizing (its shards folder exists, its table does
+    not), both processes of a 2-process run stop at once naming `jaxret prepare`: neither
+    tokenizes, and neither waits in a device collective for the store — a wait would
+    outlast the short deadline (on GPU, NCCL's first collective times out after 10
+    minutes; here the processes must be gone well inside 240 s, while the build is held).
+    Before issue 19 process 1 waited in a barrier while process 0 tokenized; fails if a
+    missing table is built inline again or waited for. → the finished prepare (Popen)."""
+    import sys
     import time
 
+    release = workdir / "release-prepare"
+    workdir.mkdir(parents=True, exist_ok=True)
+    slow = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_PREPARE, str(release), *prepare[3:]],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.time() + 240
+    while not list(workdir.glob("store/.passages-*.shards")) and time.time() < deadline:
+        assert slow.poll() is None, slow.communicate()[0].decode()[-2000:]
+        time.sleep(0.1)
     t0 = time.time()
-    procs, outs = _two_processes(tiny_bert, workdir, extra)
+    procs, outs = _two_processes(tiny_bert, workdir, extra, timeout=240)
     assert [p.returncode for p in procs] == [2, 2], outs
     for out in outs:
         assert "jaxret prepare" in out and "Traceback" not in out, out[-2000:]
-    assert not list(workdir.glob("store/passages-*"))  # nothing was built
     assert time.time() - t0 < 240
+    assert not list(workdir.glob("store/passages-*"))  # nothing was built by them
+    assert slow.poll() is None  # the build was in progress all along
+    release.touch()
+    out = slow.communicate(timeout=300)[0].decode()
+    assert slow.returncode == 0, out[-2000:]
 
 
 @pytest.mark.parametrize("refresh", ["sync", pytest.param("rolling", marks=pytest.mark.slow)])
@@ -292,11 +330,14 @@ def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
     cmd, env = _cli(tiny_bert, tmp_path / "single", *extra)
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
 
-    if refresh == "sync":  # the refusal does not depend on the refresh mode: checked once
-        _two_process_start_refuses_without_a_store(tiny_bert, tmp_path / "multi", extra)
     cmd, env = _cli(tiny_bert, tmp_path / "multi", *extra)
     prepare = [*cmd[:3], "prepare", *cmd[4:], "--workers", "2"]  # the same config, no train
-    subprocess.run(prepare, env=env, cwd=ROOT, check=True, capture_output=True)
+    if refresh == "sync":  # the refusal does not depend on the refresh mode: checked once
+        _two_processes_refuse_while_the_store_is_built(
+            tiny_bert, tmp_path / "multi", extra, prepare, env
+        )
+    else:
+        subprocess.run(prepare, env=env, cwd=ROOT, check=True, capture_output=True)
     procs, outs = _two_processes(tiny_bert, tmp_path / "multi", extra)
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     single, multi = train_losses(tmp_path / "single"), train_losses(tmp_path / "multi")

@@ -1,0 +1,89 @@
+"""Checkpoint saves that do not hold the training thread: what waits for the write (the
+checksums, the `best` link) runs in the background and is joined by the next save or `wait`."""
+
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxret.train import checkpoint
+from jaxret.train.checkpoint import Manager
+
+
+def _in_a_thread(fn, timeout=60.0):
+    """Runs fn(); → whether it returned within `timeout` seconds."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (fn(), done.set()), daemon=True).start()
+    return done.wait(timeout)
+
+
+def test_save_returns_before_the_step_is_sealed(tmp_path, monkeypatch):
+    """`save` returns while the checksums of its files are still being computed (at the
+    paper's size a rolling index share is GBs of CRC32); the next save or `wait` seals it.
+    Fails if `save` seals on the training thread (it then blocks on the held checksum)."""
+    release = threading.Event()
+    real = checkpoint.file_checksums
+
+    def held(*a, **k):
+        assert release.wait(120)
+        return real(*a, **k)
+
+    monkeypatch.setattr(checkpoint, "file_checksums", held)
+    mgr = Manager(tmp_path / "ckpt", keep=2)
+    state = {"w": jnp.arange(8.0)}
+    assert _in_a_thread(lambda: mgr.save(1, state, None, {}), timeout=60)
+    assert not mgr.sealed(1)
+    release.set()
+    mgr.wait()
+    assert mgr.sealed(1)
+    restored, aux, meta = mgr.restore(1, state, None)
+    np.testing.assert_array_equal(restored["w"], np.arange(8.0))
+    assert aux is None and meta["step"] == 1
+
+
+def test_save_best_links_when_the_write_is_complete(tmp_path, monkeypatch):
+    """`save_best` returns once the parameters are off the devices; `best` keeps pointing at
+    the previous complete folder until the new one is written, then is swapped. Fails if
+    save_best waits for the write on the training thread (blocks on the held write) or
+    links before the write is complete."""
+    mgr = Manager(tmp_path / "run" / "checkpoints", keep=2)
+    mgr.save_best({"w": jnp.zeros(4)}, {"step": 1, "value": 0.1, "metric": "m"})
+    mgr.wait()
+    best = tmp_path / "run" / "best"
+    assert best.resolve().name == "best-1"
+
+    release = threading.Event()
+    real = ocp.StandardCheckpointer.wait_until_finished
+
+    def held(self):  # (save also waits for a previous save: only the linking thread is held)
+        if threading.current_thread().name == "best":
+            assert release.wait(120)
+        return real(self)
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "wait_until_finished", held)
+    params = {"w": jnp.ones(4)}
+    assert _in_a_thread(
+        lambda: mgr.save_best(params, {"step": 2, "value": 0.2, "metric": "m"}), timeout=60
+    )
+    assert best.resolve().name == "best-1"  # the complete previous one, until the write ends
+    release.set()
+    mgr.wait()
+    assert best.resolve().name == "best-2" and not (tmp_path / "run" / "best-1").exists()
+    got = checkpoint.read_best_params(best, {"w": np.zeros(4, np.float32)})
+    np.testing.assert_array_equal(got["w"], np.ones(4))
+
+
+def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path, monkeypatch):
+    """An error of the background sealing is not lost: the next `wait` raises it. Fails if
+    the background thread swallows it."""
+    mgr = Manager(tmp_path / "ckpt", keep=2)
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "file_checksums", broken)
+    mgr.save(1, {"w": jnp.zeros(2)}, None, {})
+    with pytest.raises(OSError, match="disk full"):
+        mgr.wait()
