@@ -240,11 +240,20 @@ def step_stats(workdir: Path, restarts: tuple[int, ...] = (0,), first: int = 2) 
 def dev_cost(workdir: Path) -> float:
     """Median seconds of a dev evaluation: its row's time minus the train row before it."""
     r = rows(workdir)
-    out = []
-    for a, b in zip(r, r[1:]):
-        if b["kind"] == "dev" and a["kind"] == "train" and a["step"] == b["step"]:
-            out.append(b["time"] - a["time"])
+    out, last_train = [], {}
+    for x in r:
+        if x["kind"] == "train":
+            last_train[x["step"]] = x["time"]
+        elif x["kind"] == "dev" and x["step"] in last_train:  # (refresh events in between)
+            out.append(x["time"] - last_train[x["step"]])
     return float(np.median(out)) if out else float("nan")
+
+
+def checkpoint_hold(workdir: Path) -> tuple[float, float]:
+    """Median and max seconds a checkpoint save held the training thread (the loop's
+    `checkpoint_seconds` events; the write itself goes on in the background)."""
+    held = [x["checkpoint_seconds"] for x in rows(workdir) if "checkpoint_seconds" in x]
+    return (float(np.median(held)), float(max(held))) if held else (float("nan"),) * 2
 
 
 def size(path: Path) -> int:
@@ -353,6 +362,13 @@ def main() -> None:
             )
         )
         table.append((f"{refresh}: dev evaluation", f"{dev_cost(run):.1f} s"))
+        held = checkpoint_hold(run)
+        table.append(
+            (
+                f"{refresh}: checkpoint, training thread held p50 / max",
+                f"{held[0]:.2f} / {held[1]:.2f} s",
+            )
+        )
         table.append((f"{refresh}: whole run", f"{s['total'] / 60:.1f} min"))
         ckpt = max(
             (c for c in (run / "checkpoints").iterdir() if c.name.isdigit()),
@@ -365,7 +381,7 @@ def main() -> None:
                 " / ".join(f"{r / 1e9:.2f}" for r in job.rss) + " GB",
             )
         )
-        print("\n".join(f"{a}: {b}" for a, b in table[-6:]), flush=True)
+        print("\n".join(f"{a}: {b}" for a, b in table[-7:]), flush=True)
     sync_refresh = [
         x["wall_seconds"]
         for x in rows(w / "train-sync")
@@ -378,7 +394,7 @@ def main() -> None:
         )
     )
     tokens = size(store)
-    table.append(("store on disk (both token tables)", f"{tokens / 1e9:.2f} GB"))
+    table.append(("store on disk (text table + both token tables)", f"{tokens / 1e9:.2f} GB"))
 
     print(
         f"\n{args.processes} processes × {args.devices} CPU devices, {args.passages:,} "

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
 from jaxret.data.readers import Corpus
 from jaxret.data.tokenization import Truncation, tokenize_passages
-from jaxret.index.mips import RowLayout, row_sharding
+from jaxret.index.mips import RowLayout, row_sharding, row_spec
 from jaxret.index.sharded import ShardedIndex, params_fingerprint, process_row_range
 from jaxret.models.dual_encoder import DualEncoder, EncoderSpec, Tower
 from jaxret.parallel.activations import map_rows
@@ -219,14 +219,26 @@ def device_encoder(
     """
     axes = tuple(mesh.axis_names)
     out_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    per_device = max(1, min(per_device, layout.rows_per_shard))
-    while layout.rows_per_shard % per_device:
-        per_device -= 1
+    rps, shards = layout.rows_per_shard, layout.num_shards
+    per_device = max(1, min(per_device, rps))
+    # Every call a full batch of `per_device` rows per device: each device's block is padded
+    # to a whole number of batches inside the program (a block of 2687 rows, a prime, is 11
+    # calls of 256, not 2687 calls of one row), and the padding is cut from the output.
+    padded = -(-rps // per_device) * per_device
+    spec = row_spec(mesh)
+
+    def blocks(x: jax.Array, rows: int, to: int) -> jax.Array:  # [D·rows, …] → [D·to, …]
+        x = x.reshape((shards, rows) + x.shape[1:])
+        x = jnp.pad(x, [(0, 0), (0, to - rows)] + [(0, 0)] * (x.ndim - 2)) if to > rows else x
+        x = x[:, :to].reshape((shards * to,) + x.shape[2:])
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
     def encode(params: Any, tables: dict[str, jax.Array], old: jax.Array) -> jax.Array:
         del old  # donated: its buffer is reused for the output
         embed = lambda rows: encoder.embed(params, "passage", tokens_from_table(rows))
-        return map_rows(embed, tables, mesh, axes, per_device).astype(out_dtype)
+        tables = jax.tree.map(lambda x: blocks(x, rps, padded), tables)
+        out = map_rows(embed, tables, mesh, axes, per_device)  # [D·padded, d]
+        return blocks(out, padded, rps).astype(out_dtype)
 
     return jax.jit(encode, out_shardings=row_sharding(mesh), donate_argnums=(2,), keep_unused=True)
 

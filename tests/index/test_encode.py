@@ -108,6 +108,33 @@ def test_device_refresh_equals_host_path(setup, tmp_path, dtype, atol):
     np.testing.assert_allclose(new.rows(), host.rows(), atol=atol)
 
 
+def test_device_encoding_of_a_prime_block_runs_full_batches(setup, tmp_path):
+    """37 rows on 8 devices in blocks of 5 (a prime, as the paper's 2687-row slices):
+    `per_device=2` runs ⌈5 / 2⌉ = 3 calls of 2 rows per device on a padded block and cuts the
+    padding, giving the host path's rows. Before issue 19 the batch shrank to a divisor of
+    the block: 1 row, 5 calls. Fails if the batch goes back to dividing the block (trip
+    count 5) or the padding is not cut (rows shift)."""
+    from jaxret.index.encode import device_encoder, empty_index
+    from jaxret.index.gather import device_table, memmap_rows
+    from jaxret.index.mips import RowLayout
+
+    enc, params, tok, corpus = setup
+    mesh = make_mesh()
+    table = passage_table(tmp_path, corpus, enc, tok)
+    host = encode_corpus(enc, params, table, mesh, batch_size=8, dtype="float32", chunk_rows=4)
+    layout = RowLayout.for_mesh(len(corpus), mesh, 5)
+    assert layout.rows_per_shard == 5
+    arr = table.arrays["input_ids"]
+    tables = {"input_ids": device_table(memmap_rows(arr, len(table)), layout, mesh, arr.dtype)}
+    old = empty_index(layout, mesh, enc.dim, "float32")
+    fn = device_encoder(enc, mesh, layout, 2, "float32")
+    hlo = fn.lower(params, tables, old.embeddings).compile().as_text()
+    assert '"known_trip_count":{"n":"3"}' in hlo and '"n":"5"' not in hlo
+    new = fn(params, tables, old.embeddings)
+    got = np.asarray(jax.device_get(new)).reshape(8, 5, -1).reshape(40, -1)[: len(corpus)]
+    np.testing.assert_allclose(got, host.rows(), atol=2e-5)
+
+
 BUILD = """
 import sys, time
 import numpy as np
