@@ -78,11 +78,23 @@ def _weight(text: str) -> str:
 
 
 def cmd_prepare(cfg: Any, args: argparse.Namespace) -> None:
-    from jaxret.train.art import prepare
+    from jaxret.configlib import ConfigError
+    from jaxret.train import art, spar
 
-    tables = prepare(cfg, args.workdir, args.workers, args.shard_rows)
-    for name, table in tables.items():
-        print(f"{name}: {len(table)} rows × {table.max_length} tokens in {table.folder}")
+    recipe = cfg.get("recipe", "art")
+    preparers = {"art": art.prepare, "spar": spar.prepare}
+    if recipe not in preparers:
+        raise ConfigError(
+            f"jaxret prepare builds the stores of {' and '.join(preparers)}; recipe={recipe!r} "
+            "builds its own when it starts (each process its copy, no process waiting for "
+            "another)"
+        )
+    built = preparers[recipe](cfg, args.workdir, args.workers, args.shard_rows)
+    for name, item in built.items():
+        if hasattr(item, "max_length"):
+            print(f"{name}: {len(item)} rows × {item.max_length} tokens in {item.folder}")
+        else:
+            print(f"{name}: {len(item)} queries ({int(item.valid().sum())} with a BM25 hit)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,10 +128,11 @@ def _parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser(
         "prepare",
-        help="tokenize a training run's corpus into its store before the job (ART)",
-        description="Builds the token tables a training run reads (the retriever's passages "
-        "and, with a T5 teacher, the teacher's) in parallel, resumable after a kill, the same "
-        "bytes for any --workers. Multi-process training refuses to start without them. "
+        help="build a training run's store before the job (ART, SPAR)",
+        description="Builds what a training run reads: ART's corpus text and token tables "
+        "(the retriever's passages and, with a T5 teacher, the teacher's); SPAR's passage "
+        "tokens, training sentences and BM25 labels. In parallel, resumable after a kill, the "
+        "same bytes for any --workers. Multi-process training refuses to start without them. "
         "Example: jaxret prepare --config=configs/art.py:demo --workdir runs/demo",
     )
     pr.add_argument("--workdir", required=True, help="the training run's workdir (its store/)")

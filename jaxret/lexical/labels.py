@@ -1,9 +1,12 @@
 """Teacher labels from BM25, as SPAR trains its lexical model Λ: for every query, BM25's top
 K passages; the first n_p are positives, the last n_n of the K hard negatives.
 
-Labelling is batched, each process of a multi-process run labels its contiguous share of the
-queries, and the result is cached next to the corpus store under a key made of the corpus
-hash, the queries and the settings, so a rerun (or another recipe) reuses it.
+Labelling is batched, split over `workers` forked processes (each a contiguous share of the
+queries, the same result for any count), and cached next to the corpus store under a key made
+of the corpus hash, the queries and the settings, so a rerun (or another recipe) reuses it.
+At the paper's size (millions of sentences against 21M passages) labelling takes hours: it is
+done before the job by `jaxret prepare`. A multi-process training run never labels (a
+process would wait for another in a device collective meanwhile): it refuses missing labels.
 """
 
 from __future__ import annotations
@@ -11,15 +14,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
+from jaxret.data.corpus_store import StoreMissingError
+from jaxret.errors import RunError
 from jaxret.lexical.bm25 import BM25
 
 
@@ -93,32 +98,65 @@ def cached_labels(
     queries: Sequence[str],
     spec: LabelSpec,
     progress: bool = True,
+    workers: int = 1,
+    prepare_hint: str = "",
 ) -> TeacherLabels:
-    """`folder/labels-<key>.npz`, computed when absent (each process its share)."""
+    """`folder/labels-<key>.npz`, computed when absent by `workers` processes. A
+    multi-process run refuses to compute it (StoreMissingError naming `prepare_hint`)."""
     folder = Path(folder)
     key = labels_key(corpus_hash, queries, spec, bm25)
     path = folder / f"labels-{key}.npz"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        n, procs, me = len(queries), jax.process_count(), jax.process_index()
-        lo, hi = me * n // procs, (me + 1) * n // procs
-        part = bm25_labels(bm25, queries[lo:hi], spec, progress)
-        part_path = folder / f"labels-{key}.part{me}of{procs}.npz"
-        _save(part_path, part)
-        if procs > 1:
-            multihost_utils.sync_global_devices(f"jaxret-labels-{key}")
-        if me == 0:
-            parts = [_load(folder / f"labels-{key}.part{p}of{procs}.npz") for p in range(procs)]
-            merged = TeacherLabels(
-                np.concatenate([p.positives for p in parts]),
-                np.concatenate([p.negatives for p in parts]),
-            )
-            _save(path, merged)
-            for p in range(procs):
-                (folder / f"labels-{key}.part{p}of{procs}.npz").unlink(missing_ok=True)
-        if procs > 1:
-            multihost_utils.sync_global_devices(f"jaxret-labels-{key}-merged")
+    if path.is_file():
+        return _load(path)
+    # (distributed first: asking jax.process_count() would start a backend)
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        raise StoreMissingError(
+            f"BM25 labels of these {len(queries)} queries are not in {folder}: a multi-process "
+            "run does not label, since the other processes would wait for it in a device "
+            "collective. Build them before the job"
+            + (f": {prepare_hint}" if prepare_hint else " with `jaxret prepare`")
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(workers, len(queries) // max(1, spec.batch_size) or 1))
+    if workers == 1:
+        labels = bm25_labels(bm25, queries, spec, progress)
+    else:
+        labels = _label_in_workers(folder, key, bm25, queries, spec, workers)
+    _save(path, labels)
     return _load(path)
+
+
+def _label_in_workers(
+    folder: Path, key: str, bm25: BM25, queries: Sequence[str], spec: LabelSpec, workers: int
+) -> TeacherLabels:
+    """`workers` forked processes (they inherit the BM25 index), worker w labelling queries
+    [w·n/W, (w+1)·n/W) into a part file; the parts concatenated in order."""
+    n = len(queries)
+    bounds = [w * n // workers for w in range(workers + 1)]
+    parts = [folder / f".labels-{key}.part{w}of{workers}.npz" for w in range(workers)]
+    ctx = multiprocessing.get_context("fork")
+
+    def work(w: int) -> None:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        _save(parts[w], bm25_labels(bm25, queries[bounds[w] : bounds[w + 1]], spec, False))
+
+    procs = [ctx.Process(target=work, args=(w,), daemon=True) for w in range(workers)]
+    for p in procs:
+        p.start()
+    with tqdm(total=workers, desc=f"BM25 labels ({workers} workers)", unit="part") as bar:
+        for p in procs:
+            p.join()
+            bar.update(1)
+    failed = [p.exitcode for p in procs if p.exitcode != 0]
+    if failed:
+        raise RunError(f"BM25 labels: {len(failed)} worker(s) failed (exit codes {failed})")
+    loaded = [_load(part) for part in parts]
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return TeacherLabels(
+        np.concatenate([p.positives for p in loaded]),
+        np.concatenate([p.negatives for p in loaded]),
+    )
 
 
 def _save(path: Path, labels: TeacherLabels) -> None:

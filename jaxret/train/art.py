@@ -141,11 +141,6 @@ def prepare(
     starts no devices."""
     from transformers import AutoTokenizer
 
-    if cfg.get("recipe", "art") != "art":
-        raise ConfigError(
-            f"jaxret prepare builds ART's token tables; recipe={cfg.recipe!r} builds its own "
-            "when it starts (each process its copy, with no process waiting for another)"
-        )
     if not cfg.model.name:
         raise ConfigError("model.name is empty: the retriever whose tokenizer the store uses")
     store = store_folder(cfg, workdir)

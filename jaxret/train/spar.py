@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
+from jaxret.data.corpus_store import SHARD_ROWS
 from jaxret.data.readers import DataError, read_questions, read_training_corpus
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import analysis
@@ -54,6 +55,56 @@ def draw(candidates: np.ndarray, rng: np.random.Generator, fallback: int) -> np.
     return out
 
 
+PREPARE_HINT = (
+    "jaxret prepare --config=<the same config and overrides> --workdir=<the run's workdir>"
+)
+
+
+def store_folder(cfg: Any, workdir: str | Path) -> Path:
+    return Path(cfg.data.store) if cfg.data.store else Path(workdir) / "store"
+
+
+def teacher_bm25(cfg: Any, corpus: Any, progress: bool = False) -> BM25:
+    """The BM25 teacher of `cfg.labels` (k1, b, analyzer) over `corpus`."""
+    config = BM25Config(
+        k1=cfg.labels.bm25_k1, b=cfg.labels.bm25_b, analyzer=cfg.labels.get("bm25_analyzer", "none")
+    )
+    return BM25(corpus, config, show_progress=progress)
+
+
+def label_spec(cfg: Any) -> LabelSpec:
+    return LabelSpec(cfg.labels.top_k, cfg.labels.positives, cfg.labels.negatives)
+
+
+def prepare(
+    cfg: Any, workdir: str | Path, workers: int, shard_rows: int = SHARD_ROWS
+) -> dict[str, Any]:
+    """`jaxret prepare` for SPAR: the passage token table, the training sentences and the BM25
+    labels of the sentences and of the dev questions, built before the job by `workers`
+    processes (a multi-process run refuses to start without them). Loads no weights."""
+    if not cfg.model.name:
+        raise ConfigError("model.name is empty: the retriever whose tokenizer the store uses")
+    if not cfg.data.dir:
+        raise ConfigError("data.dir is empty: the corpus whose sentences train Λ")
+    store = store_folder(cfg, workdir)
+    corpus = read_training_corpus(cfg.data.dir)
+    tokenizer = load_tokenizer(de.tokenizer_folder(cfg.model.name))
+    spec = de.EncoderSpec.from_config(cfg.model)
+    table = passage_table(store, corpus, spec, tokenizer, workers=workers, shard_rows=shard_rows)
+    queries, _ = sent.load_or_sample(corpus, query_spec(cfg), store)
+    bm25 = teacher_bm25(cfg, corpus, progress=True)
+    lspec = label_spec(cfg)
+    labels = cached_labels(store, bm25, corpus.content_hash(), queries.texts, lspec, True, workers)
+    out: dict[str, Any] = {"passages": table, "labels": labels}
+    if cfg.queries.get("dev_questions", ""):
+        texts = read_questions(Path(cfg.queries.dev_questions))
+        dspec = dataclasses.replace(lspec, positives=1)
+        out["dev labels"] = cached_labels(
+            store, bm25, corpus.content_hash(), texts, dspec, True, workers
+        )
+    return out
+
+
 class SparRun:
     def __init__(self, cfg: Any, workdir: Path):
         if not cfg.model.name:
@@ -73,8 +124,10 @@ class SparRun:
             Activations.for_strategy(mesh, cfg.mesh.param_sharding)
         )
         self.tokenizer = tokenizer = load_tokenizer(tok_folder)
-        store = Path(cfg.data.store) if cfg.data.store else workdir / "store"
-        self.table = passage_table(store, corpus, encoder, tokenizer)
+        store = store_folder(cfg, workdir)
+        # Each process of a multi-process run reads what `jaxret prepare` built.
+        build = {"multi_process": "refuse", "prepare_hint": PREPARE_HINT}
+        self.table = passage_table(store, corpus, encoder, tokenizer, **build)
         self.table.truncation("passages").report(log)
         self.layout = RowLayout.for_mesh(len(corpus), mesh, cfg.encode.chunk_rows)
         self.tables = tables_on_device(
@@ -84,14 +137,16 @@ class SparRun:
         self.qspec = qspec = query_spec(cfg)
         queries, path = sent.load_or_sample(corpus, qspec, store)
         log.info("training queries: %s (%s)", sent.describe(queries, corpus), path)
-        bm25_cfg = BM25Config(
-            k1=cfg.labels.bm25_k1,
-            b=cfg.labels.bm25_b,
-            analyzer=cfg.labels.get("bm25_analyzer", "none"),
+        self.bm25 = teacher_bm25(cfg, corpus)
+        lspec = label_spec(cfg)
+        labels = cached_labels(
+            store,
+            self.bm25,
+            corpus.content_hash(),
+            queries.texts,
+            lspec,
+            prepare_hint=PREPARE_HINT,
         )
-        self.bm25 = BM25(corpus, bm25_cfg, show_progress=False)
-        lspec = LabelSpec(cfg.labels.top_k, cfg.labels.positives, cfg.labels.negatives)
-        labels = cached_labels(store, self.bm25, corpus.content_hash(), queries.texts, lspec)
         keep = np.flatnonzero(labels.valid())
         if len(keep) < len(queries):
             log.warning(
@@ -185,7 +240,9 @@ class SparRun:
             return None
         texts = read_questions(Path(path))
         dspec = dataclasses.replace(lspec, positives=1)
-        labels = cached_labels(store, self.bm25, self.corpus.content_hash(), texts, dspec)
+        labels = cached_labels(
+            store, self.bm25, self.corpus.content_hash(), texts, dspec, prepare_hint=PREPARE_HINT
+        )
         keep = np.flatnonzero(labels.valid())
         log.info("Λ validation: %d of %d dev questions from %s", len(keep), len(texts), path)
         tokens = tokenize_queries(tokenizer, texts, max_length)

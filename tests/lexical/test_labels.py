@@ -37,3 +37,42 @@ def test_bm25_labels_are_bm25s_ranking_and_cached(data_dir, tmp_path):
         tmp_path, bm25, data.corpus.content_hash(), data.query_texts, spec, progress=False
     )
     assert path.stat().st_mtime_ns == mtime  # reused
+
+
+def test_labels_by_several_workers_equal_one_and_multi_process_runs_refuse(
+    data_dir, tmp_path, monkeypatch
+):
+    """`jaxret prepare --workers 3` labels the queries in 3 forked processes with the same
+    result as one; a multi-process training run refuses missing labels (naming the command)
+    and reads prepared ones. Fails if the parts are joined out of order, or if a
+    multi-process run labels (and waits in a collective) instead of refusing."""
+    import jax
+    import pytest
+
+    from jaxret.data.corpus_store import StoreMissingError
+
+    data = ev.load_eval_data(data_dir / "adi")
+    bm25 = BM25(data.corpus, show_progress=False)
+    spec = LabelSpec(top_k=20, positives=5, negatives=3, batch_size=7)
+    one = bm25_labels(bm25, data.query_texts, spec, progress=False)
+    h = data.corpus.content_hash()
+    three = cached_labels(tmp_path, bm25, h, data.query_texts, spec, False, workers=3)
+    np.testing.assert_array_equal(three.positives, one.positives)
+    np.testing.assert_array_equal(three.negatives, one.negatives)
+    assert [p.name for p in tmp_path.iterdir()] == [next(tmp_path.glob("labels-*.npz")).name]
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    other = LabelSpec(top_k=10, positives=2, negatives=2, batch_size=7)
+    with pytest.raises(StoreMissingError, match="jaxret prepare --config=X"):
+        cached_labels(
+            tmp_path,
+            bm25,
+            h,
+            data.query_texts,
+            other,
+            False,
+            prepare_hint="jaxret prepare --config=X",
+        )
+    again = cached_labels(tmp_path, bm25, h, data.query_texts, spec, False)  # prepared: read
+    np.testing.assert_array_equal(again.positives, one.positives)

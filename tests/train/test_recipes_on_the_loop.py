@@ -20,9 +20,30 @@ def rows(workdir, kind):
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_spar_tiny_trains_evaluates_and_exports(tiny_bert, tmp_path):
+def test_spar_tiny_trains_evaluates_and_exports(tiny_bert, tmp_path, monkeypatch):
+    """`jaxret prepare` builds SPAR's store (passage tokens, sentences, BM25 labels); the
+    training run then labels nothing (BM25 labelling made to fail) and trains, evaluates and
+    exports. Fails if prepare skips the labels or the run's label key differs from prepare's."""
+    from jaxret import cli
+    from jaxret.lexical import labels as labels_module
     from jaxret.train import spar
 
+    assert cli.main(
+        [
+            "prepare",
+            "--config=configs/spar.py:tiny",
+            f"--config.model.name={tiny_bert}",
+            "--workdir",
+            str(tmp_path),
+            "--workers",
+            "2",
+        ]
+    ) in (0, None)
+
+    def no_labelling(*a, **k):
+        raise AssertionError("the training run labelled queries itself")
+
+    monkeypatch.setattr(labels_module, "bm25_labels", no_labelling)
     cfg = load_config("configs/spar.py:tiny", [("model.name", str(tiny_bert))])
     summary = spar.train(cfg, tmp_path)
     train = rows(tmp_path, "train")
