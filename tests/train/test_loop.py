@@ -119,6 +119,9 @@ def _cli(tiny_bert, workdir, *extra):
     return train_command("configs/art.py:tiny", tiny_bert, workdir, *extra)
 
 
+# In make test-slow (~90 s, two CLI runs): the fast set checks SIGTERM → save → exact resume
+# in process (test_art_loop.py::test_sigterm_during_a_refresh_stops_it_and_saves).
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_from_which_resume_is_exact(tiny_bert, tmp_path):
     extra = (
         "--config.art.dropout=true",
