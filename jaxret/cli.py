@@ -164,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
         "--retriever",
         choices=["dense", "bm25", "hybrid", "ledr"],
         default="dense",
-        help="hybrid: normalized dense + BM25 sum; ledr: LaPraDoR's cosine × BM25",
+        help="hybrid: normalized dense + BM25 sum (with --lexical-model: SPAR + BM25); ledr: "
+        "LaPraDoR's cosine × BM25",
     )
     v.add_argument("--lexical-model", help="SPAR: a Λ model combined with --model")
     v.add_argument(
@@ -184,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
         default="auto",
         help="SPAR weight of Λ (or the hybrid's BM25 weight): a number, or 'auto' = tuned on "
         "--tune-split over dpr-scale's grid (0.1..1.0 and reciprocals)",
+    )
+    v.add_argument(
+        "--bm25-weight",
+        type=_weight,
+        default="auto",
+        help="SPAR + BM25 (--lexical-model with --retriever hybrid): BM25's weight in the "
+        "normalized sum, a number or 'auto' (tuned on --tune-split after μ)",
     )
     v.add_argument(
         "--mu-grid-scale",
@@ -441,7 +449,31 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
         model = (encoder, _place_params(cfg, params, mesh), tokenizer)
         bs = cfg.encode.batch_size
         info["retriever"] = {"model": cfg.model.name, **vars(encoder.spec)}
-        if args.lexical_model:
+        if args.lexical_model and args.retriever == "hybrid":  # SPAR + BM25 (Table 8)
+            lex_encoder, lex_params, lex_tok = load_lexical_model(cfg, args)
+            lex = (lex_encoder, _place_params(cfg, lex_params, mesh), lex_tok)
+            scores, rows, extra = hybrid.spar_bm25_retrieval(
+                model,
+                lex,
+                data,
+                dev,
+                mesh,
+                weight,
+                None if args.bm25_weight == "auto" else float(args.bm25_weight),
+                args.combine,
+                args.k,
+                args.bm25_depth,
+                bs,
+                args.store,
+                mu_grid=hybrid.scaled_grid(args.mu_grid_scale),
+                bm25_config=bm25_config,
+                metric=args.tune_metric,
+            )
+            info["retriever"] = {
+                "spar+bm25": {"base": info["retriever"], "lexical": args.lexical_model, **extra}
+            }
+            info["mu"] = extra["mu"]
+        elif args.lexical_model:
             lex_encoder, lex_params, lex_tok = load_lexical_model(cfg, args)
             lex = (lex_encoder, _place_params(cfg, lex_params, mesh), lex_tok)
             scores, rows, extra = hybrid.spar_retrieval(

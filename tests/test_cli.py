@@ -219,6 +219,20 @@ def test_ledr_evaluates_at_the_authors_lengths(capsys, minilm, tiny_bert, data_d
     assert (tiny["max_query_length"], tiny["max_passage_length"]) == (128, 128)
 
 
+def test_eval_spar_plus_bm25_from_the_cli(capsys, tiny_bert, data_dir, tmp_path):
+    """`--lexical-model` with `--retriever hybrid` is SPAR + BM25 (the paper's Table 8): μ
+    and the BM25 weight both reach the retrieval (reported), and the ranking differs from
+    SPAR's alone. Fails if the CLI runs plain SPAR or the dense + BM25 hybrid."""
+    base = ["eval", "--data", data_dir / "adi", "--model", tiny_bert, "--lexical-model"]
+    base += [tiny_bert, "--mu", "0.5", "--max-queries", 8, "--store", tmp_path, "--json"]
+    out = lambda *extra: json.loads(run_cli(capsys, *base, *extra).strip().splitlines()[-1])
+    fused = out("--retriever", "hybrid", "--bm25-weight", "2", "--bm25-depth", 30)
+    info = fused["retriever"]["spar+bm25"]
+    assert (info["mu"], info["weight"], info["depth"]) == (0.5, 2.0, 30)
+    spar = out()
+    assert "spar" in spar["retriever"] and spar["ndcg@10"] != fused["ndcg@10"]
+
+
 def test_lengths_beyond_the_position_table_are_cut_or_refused(tiny_bert, caplog):
     """Tiny BERT has 128 positions; XLA would clamp position 200 silently. Loading cuts the
     length to 128 with a warning; a DualEncoder built with a longer one is refused. Fails

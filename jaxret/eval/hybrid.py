@@ -250,6 +250,37 @@ def _tuned(
     return best, {"tuned_on": metric, "dev": {str(k): v for k, v in scores.items()}}
 
 
+def _spar_index_and_mu(
+    base: Model,
+    lex: Model,
+    test: ev.EvalData,
+    dev: ev.EvalData | None,
+    mesh: Any,
+    mu: float | None,
+    kind: Combine,
+    k: int,
+    batch_size: int,
+    store: str | os.PathLike | None,
+    grid: Sequence[float],
+    metric: str,
+) -> tuple[Callable[[ev.EvalData, int], tuple[np.ndarray, np.ndarray]], float, dict[str, Any]]:
+    """SPAR's one index of [p, p_Λ] and μ (fixed, or tuned on `dev`'s `metric` at depth k):
+    → (search(data, depth), μ, tuning info)."""
+    index = two_model_index(base, lex, test.corpus, mesh, kind, batch_size, store)
+    embed = lambda data: (
+        _queries(base, data.query_texts, mesh, batch_size),
+        _queries(lex, data.query_texts, mesh, batch_size),
+    )
+    dev_queries = embed(dev) if (mu is None and dev is not None) else None
+
+    def evaluate_at(m: float) -> dict[str, float]:
+        return ev.compute_metrics(dev, *search_combined(index, *dev_queries, m, kind, dev, k))
+
+    mu, info = _tuned(evaluate_at, dev, mu, grid, metric)
+    search = lambda data, depth: search_combined(index, *embed(data), mu, kind, data, depth)
+    return search, mu, info
+
+
 def spar_retrieval(
     base: Model,
     lex: Model,
@@ -265,20 +296,39 @@ def spar_retrieval(
     metric: str = "auto",
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """SPAR on `test`, μ fixed or (None) tuned on `dev`'s `metric`: one index of [p, p_Λ]."""
-    index = two_model_index(base, lex, test.corpus, mesh, kind, batch_size, store)
-    embed = lambda data: (
-        _queries(base, data.query_texts, mesh, batch_size),
-        _queries(lex, data.query_texts, mesh, batch_size),
+    search, mu, info = _spar_index_and_mu(
+        base, lex, test, dev, mesh, mu, kind, k, batch_size, store, grid, metric
     )
-
-    def evaluate_at(m: float) -> dict[str, float]:
-        q_b, q_l = dev_queries
-        return ev.compute_metrics(dev, *search_combined(index, q_b, q_l, m, kind, dev, k))
-
-    dev_queries = embed(dev) if (mu is None and dev is not None) else None
-    mu, info = _tuned(evaluate_at, dev, mu, grid, metric)
-    scores, rows = search_combined(index, *embed(test), mu, kind, test, k)
+    scores, rows = search(test, k)
     return scores, rows, {"mu": mu, "combine": kind, **info}
+
+
+def _fused_with_bm25(
+    dense_search: Callable[[ev.EvalData, int], tuple[np.ndarray, np.ndarray]],
+    test: ev.EvalData,
+    dev: ev.EvalData | None,
+    weight: float | None,
+    k: int,
+    depth: int,
+    grid: Sequence[float],
+    bm25_config: BM25Config | None,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """norm(dense) + w · norm(BM25) over each list's top `depth` (`fuse_normalized`), w fixed
+    or tuned on `dev`."""
+    bm25 = BM25(test.corpus, bm25_config, show_progress=False)
+    depth = min(depth, len(test.corpus))
+
+    def lists(data: ev.EvalData) -> tuple[tuple, tuple]:
+        s, r = bm25.retrieve(data.query_texts, depth + 1)
+        sparse = ev.drop_self_hits(data.query_ids, data.corpus.ids, s, r, depth)
+        return dense_search(data, depth), sparse
+
+    dev_lists = lists(dev) if (weight is None and dev is not None) else None
+    evaluate_at = lambda w: ev.compute_metrics(dev, *fuse_normalized(*dev_lists, w, k))
+    weight, info = _tuned(evaluate_at, dev, weight, grid, metric)
+    scores, rows = fuse_normalized(*lists(test), weight, k)
+    return scores, rows, {"weight": weight, "depth": depth, "bm25": bm25.describe(), **info}
 
 
 def hybrid_retrieval(
@@ -297,24 +347,46 @@ def hybrid_retrieval(
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """norm(dense) + w · norm(BM25) over each list's top `depth`, w fixed or tuned on dev."""
     encoder, params, tokenizer = model
-    bm25 = BM25(test.corpus, bm25_config, show_progress=False)
-    depth = min(depth, len(test.corpus))
     index = ev.dense_index(
         encoder, params, tokenizer, test.corpus, mesh, batch_size, store=store, progress=False
     )
 
-    def lists(data: ev.EvalData) -> tuple[tuple, tuple]:
+    def dense_search(data: ev.EvalData, depth: int) -> tuple[np.ndarray, np.ndarray]:
         q = _queries(model, data.query_texts, mesh, batch_size)
-        dense = ev.search_index(index, q, data.query_ids, data.corpus.ids, depth)
-        s, r = bm25.retrieve(data.query_texts, depth + 1)
-        sparse = ev.drop_self_hits(data.query_ids, data.corpus.ids, s, r, depth)
-        return dense, sparse
+        return ev.search_index(index, q, data.query_ids, data.corpus.ids, depth)
 
-    dev_lists = lists(dev) if (weight is None and dev is not None) else None
-    evaluate_at = lambda w: ev.compute_metrics(dev, *fuse_normalized(*dev_lists, w, k))
-    weight, info = _tuned(evaluate_at, dev, weight, grid, metric)
-    scores, rows = fuse_normalized(*lists(test), weight, k)
-    return scores, rows, {"weight": weight, "depth": depth, **info}
+    return _fused_with_bm25(dense_search, test, dev, weight, k, depth, grid, bm25_config, metric)
+
+
+def spar_bm25_retrieval(
+    base: Model,
+    lex: Model,
+    test: ev.EvalData,
+    dev: ev.EvalData | None,
+    mesh: Any,
+    mu: float | None = None,
+    weight: float | None = None,
+    kind: Combine = "concat",
+    k: int = 100,
+    depth: int = 1000,
+    batch_size: int = 128,
+    store: str | os.PathLike | None = None,
+    mu_grid: Sequence[float] = MU_GRID,
+    grid: Sequence[float] = MU_GRID,
+    bm25_config: BM25Config | None = None,
+    metric: str = "auto",
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """SPAR + BM25, the paper's §6.3 (Table 8): SPAR's ranking (μ fixed or tuned on dev, as
+    `spar_retrieval`) fused with BM25 the way DPR + BM25 is (`hybrid_retrieval`: normalized
+    sum over each list's top `depth`, the BM25 weight fixed or tuned on dev after μ)."""
+    search, mu, mu_info = _spar_index_and_mu(
+        base, lex, test, dev, mesh, mu, kind, k, batch_size, store, mu_grid, metric
+    )
+    scores, rows, info = _fused_with_bm25(
+        search, test, dev, weight, k, depth, grid, bm25_config, metric
+    )
+    spar = {"mu": mu, "combine": kind, **{f"mu_{a}": b for a, b in mu_info.items()}}
+    return scores, rows, {**spar, **info}
 
 
 def ledr_retrieval(

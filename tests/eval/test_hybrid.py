@@ -137,3 +137,53 @@ def test_normalized_hybrid_fusion():
     # dense norm: 1 → 1, 2 → 0.5, 3 → 0; BM25 norm: 3 → 1, 4 → 0: 1:1, 3:1, 2:0.5, 4:0
     np.testing.assert_array_equal(r, [[1, 3, 2]])
     np.testing.assert_allclose(s, [[1.0, 1.0, 0.5]])
+
+
+def test_spar_plus_bm25_composes_spar_and_bm25(data_dir, tiny_bert, tmp_path):
+    """SPAR + BM25 (the paper's Table 8) on cranfield: with BM25's weight 0 the ranking is
+    SPAR's alone (`spar_retrieval`, same μ); with a weight of 1e6 it is BM25's (the top 10
+    carry BM25's top-10 scores, tie-tolerant); 'auto' picks the best dev weight. Fails if
+    the fused dense list is not SPAR's (e.g. the base model's alone) or the weight is
+    ignored."""
+    from jaxret.data.tokenization import load_tokenizer
+    from jaxret.lexical.bm25 import BM25
+    from jaxret.models import dual_encoder as de
+    from jaxret.parallel import make_mesh
+
+    data = ev.subsample(ev.load_eval_data(data_dir / "cranfield"), 60, 300)
+    dev, test = ev.hash_split(data, 0.5)
+    enc, params, tok = de.from_pretrained(tiny_bert, de.EncoderSpec(pooling="mean"))
+    base = (enc, params, load_tokenizer(tok))
+    enc2, params2, tok2 = de.from_pretrained(
+        tiny_bert, de.EncoderSpec(pooling="cls", normalize=True)
+    )
+    lex = (enc2, params2, load_tokenizer(tok2))
+    mesh = make_mesh()
+    run = lambda weight, dev_set=None: hybrid.spar_bm25_retrieval(
+        base, lex, test, dev_set, mesh, 2.0, weight, "concat", 10, 100, 32, tmp_path
+    )
+    spar = hybrid.spar_retrieval(base, lex, test, None, mesh, 2.0, "concat", 10, 32, tmp_path)
+    alone = run(0.0)
+    np.testing.assert_array_equal(alone[1][:, :9], spar[1][:, :9])  # (10th: SPAR's min → 0)
+    assert alone[2]["mu"] == 2.0 and alone[2]["weight"] == 0.0
+
+    bm25 = BM25(test.corpus, show_progress=False)
+    bm_scores, bm_rows = bm25.retrieve(test.query_texts, 10)
+    lexical = run(1e6)
+    checked = 0
+    for i in range(len(test.query_ids)):
+        if (bm_rows[i] < 0).any():
+            continue
+        score_of = dict(
+            zip(
+                bm25.retrieve([test.query_texts[i]], 300)[1][0].tolist(),
+                bm25.retrieve([test.query_texts[i]], 300)[0][0].tolist(),
+            )
+        )
+        got = sorted((score_of.get(int(r), 0.0) for r in lexical[1][i]), reverse=True)
+        np.testing.assert_allclose(got, bm_scores[i], rtol=1e-5)
+        checked += 1
+    assert checked > 20
+
+    tuned = run(None, dev)
+    assert tuned[2]["weight"] == max(hybrid.MU_GRID, key=lambda w: (tuned[2]["dev"][str(w)], -w))
