@@ -291,8 +291,14 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
             meta["best"] = {"step": done, "value": value, "metric": recipe.metric}
             manager.save_best(state.params, meta["best"])
 
+    # One compiled reduction, compiled here: op by op, its first call at the first
+    # checkpoint cost seconds (one small program per parameter), a stall in the middle of
+    # training.
+    params_finite = jax.jit(all_finite)
+    params_finite(state.params).block_until_ready()
+
     def checkpoint(done: int) -> None:
-        if not bool(jax.device_get(all_finite(state.params))):
+        if not bool(jax.device_get(params_finite(state.params))):
             raise RunError(f"step {done}: parameters are not finite; not checkpointing them")
         extra = recipe.aux_meta() if recipe.aux_meta else {}
         t0 = time.perf_counter()
