@@ -5,6 +5,8 @@ Variants:
   c4     the paper's main run: DistilBERT init, AdamW 2e-4, batch 256 × 16 GPUs, query / doc
          length 64 / 350, 1M steps, switch every 100, queue 100k, mean pooling, shared towers
   wiki   the paper's ablation setting: Wikipedia, 100k steps
+  wiki_in_batch, wiki_moco   its Table 2 baselines: In-Batch (shared; no queue, no
+         alternation) and MoCo (a momentum key tower, θ_D ← 0.999·θ_D + 0.001·θ_Q, and its queue)
   demo   `jaxret train --config=configs/lapradoor.py:demo --workdir W`: the bundled corpora
          (medline, cranfield, cisi), MiniLM init, a few minutes on 2 CPU cores
   tiny   seconds-long runs for the tests (set model.name)
@@ -71,6 +73,8 @@ def base():
             dapi=True,
             use_queue=True,
             shared=True,
+            method="icol",  # or the paper's baselines: in_batch, moco (recipes/lapradoor.py)
+            momentum=0.999,  # moco's m
         )
     )
     c.encode = ml_collections.ConfigDict(dict(batch_size=256))
@@ -115,6 +119,12 @@ def get_config(arg=None):
         pass
     elif variant == "wiki":
         c.train.steps = 100_000
+    elif variant == "wiki_in_batch":  # Table 2's In-Batch (shared): no queue, no alternation
+        c.train.steps = 100_000
+        c.icol.update(method="in_batch", use_queue=False, shared=True)
+    elif variant == "wiki_moco":  # Table 2's MoCo: a momentum key tower and its queue
+        c.train.steps = 100_000
+        c.icol.update(method="moco", shared=False)
     elif variant == "demo":
         data = ROOT / "data"
         sets = ",".join(str(data / n) for n in ("medline", "cranfield", "cisi"))
@@ -140,5 +150,7 @@ def get_config(arg=None):
         )
         c.eval.max_length = 0
     else:
-        raise ValueError(f"unknown variant {variant!r}; known: c4, wiki, demo, tiny")
+        raise ValueError(
+            f"unknown variant {variant!r}; known: c4, wiki, wiki_in_batch, wiki_moco, demo, tiny"
+        )
     return c

@@ -18,6 +18,10 @@ its b after computing the loss. Only the training tower's parameters and optimiz
 change; the frozen tower's stay bit-identical. With `shared`, the towers are one set of
 weights: at each switch the tower that just trained is copied into the other (and its
 optimizer state with it), as the paper shares its encoders.
+
+The paper's Table 2 baselines are variants of the same step (`IcolConfig.method`): In-Batch
+(`joint_loss`: both towers at every step, no queue) and MoCo (the query tower at every step,
+the document tower its momentum copy, the queue never cleared).
 """
 
 from __future__ import annotations
@@ -48,6 +52,22 @@ class IcolConfig:
     dapi: bool = True  # the L_qq / L_dd terms; off = λ 0
     use_queue: bool = True  # off = in-batch negatives only
     shared: bool = False
+    # The paper's Table 2 baselines as variants of this step: "in_batch" (no queue, no
+    # alternation: both towers train at every step on in-batch negatives, L_qd + L_dq +
+    # λ(L_qq + L_dd)); "moco" (He et al. 2020: the query tower trains at every step, the
+    # document tower is its momentum copy, θ_D ← m·θ_D + (1 − m)·θ_Q, and the queue of its
+    # vectors is never cleared).
+    method: str = "icol"
+    momentum: float = 0.999  # MoCo's m (He et al. 2020, §3.2)
+
+    def __post_init__(self) -> None:
+        if self.method not in ("icol", "in_batch", "moco"):
+            raise ValueError(f"icol.method={self.method!r}; expected icol, in_batch or moco")
+        if self.method == "moco" and (self.shared or not self.ict or not self.use_queue):
+            raise ValueError(
+                "icol.method=moco needs two towers (icol.shared=false: the key tower is the "
+                "query tower's momentum copy), the cross term (icol.ict) and the queue"
+            )
 
 
 def rows_spec(mesh: Mesh) -> PartitionSpec:
@@ -100,7 +120,9 @@ def enqueue(queue: dict[str, jax.Array], vectors: jax.Array) -> dict[str, jax.Ar
 
 
 def phase(step: jax.Array, cfg: IcolConfig) -> jax.Array:
-    """0 while E_Q trains, 1 while E_D trains."""
+    """0 while E_Q trains, 1 while E_D trains (MoCo: always E_Q)."""
+    if cfg.method == "moco":
+        return jnp.zeros_like(step)
     return (step // cfg.switch_every) % 2
 
 
@@ -173,6 +195,44 @@ def icol_loss(
     return loss, (metrics, b)
 
 
+def joint_loss(
+    towers: dict[str, Any],
+    x: dict[str, dict[str, jax.Array]],
+    rng: jax.Array,
+    *,
+    encoder: DualEncoder,
+    cfg: IcolConfig,
+    mesh: Mesh,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The In-Batch baseline: both towers trained together on the global batch's in-batch
+    negatives, L_qd + L_dq + λ·(L_qq + L_dd) (each term as in `icol_loss`, without a queue).
+    `towers` = {"query", "passage"} parameters (the same tree twice when shared)."""
+    rngs = jax.random.split(rng, 4)
+    one = lambda t: {"shared": towers[t]} if encoder.spec.shared else {t: towers[t]}
+    embed = lambda t, r: _unit(encoder.embed(one(t), t, x[t], dropout_rng=r))
+    q, d = embed("query", rngs[0]), embed("passage", rngs[1])
+    replicated = NamedSharding(mesh, PartitionSpec())
+    gather = lambda v: jax.lax.with_sharding_constraint(v, replicated)
+    positive = jnp.arange(q.shape[0])
+    ce = lambda a, b: info_nce_with_cache(
+        cfg.scale * jnp.einsum("bd,md->bm", a, gather(b), preferred_element_type=jnp.float32),
+        positive,
+    )
+    metrics: dict[str, jax.Array] = {}
+    loss = jnp.float32(0.0)
+    if cfg.ict:
+        metrics["loss_cross"] = ce(q, d) + ce(d, q)
+        loss = loss + metrics["loss_cross"]
+    if cfg.dapi:
+        q_plus = jax.lax.stop_gradient(embed("query", rngs[2]))
+        d_plus = jax.lax.stop_gradient(embed("passage", rngs[3]))
+        metrics["loss_same"] = ce(q, q_plus) + ce(d, d_plus)
+        loss = loss + cfg.lam * metrics["loss_same"]
+    metrics["loss"] = loss
+    metrics["negatives"] = jnp.float32(q.shape[0] - 1)
+    return loss, metrics
+
+
 def make_train_step(
     encoder: DualEncoder,
     optimizer: optax.GradientTransformation,  # one tower's update direction (lr 1)
@@ -210,9 +270,51 @@ def make_train_step(
         metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": lr}
         return params, opt, finite, metrics, frozen_vectors
 
+    def joint_step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict]:
+        """In-Batch: both towers (or the one shared tree) updated from joint_loss."""
+        x = {"query": batch["query"], "passage": batch["document"]}
+        trained = TOWERS[:1] if cfg.shared else TOWERS
+        towers = lambda p: {t: p[TOWERS[0] if cfg.shared else t] for t in TOWERS}
+        grad_fn = jax.value_and_grad(
+            lambda p: joint_loss(
+                towers(p), x, step_rng(state), encoder=encoder, cfg=cfg, mesh=mesh
+            ),
+            has_aux=True,
+        )
+        (loss, metrics), grads = grad_fn({t: state.params[t] for t in trained})
+        finite = jnp.isfinite(loss) & all_finite(grads)
+        lr = lr_at(state.step)
+        params, opt_state = dict(state.params), dict(state.opt_state)
+        for t in trained:
+            updates, opt = optimizer.update(grads[t], state.opt_state[t], state.params[t])
+            new = optax.apply_updates(state.params[t], jax.tree.map(lambda u: lr * u, updates))
+            keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(finite, a, b), n, o)
+            params[t], opt_state[t] = keep(new, state.params[t]), keep(opt, state.opt_state[t])
+        if cfg.shared:  # one tree: the document tower is the query tower
+            params[TOWERS[1]], opt_state[TOWERS[1]] = params[TOWERS[0]], opt_state[TOWERS[0]]
+        skipped = (~finite).astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            skipped=state.skipped + skipped,
+            skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),
+        )
+        metrics = {
+            **metrics,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr,
+            "skipped": skipped,
+            "phase": jnp.float32(0.0),
+        }
+        return new_state, metrics
+
     def step(state: TrainState, batch: dict[str, Any]) -> tuple[TrainState, dict[str, jax.Array]]:
+        if cfg.method == "in_batch":
+            return joint_step(state, batch)
         p = phase(state.step, cfg)
-        switching = (state.step % cfg.switch_every == 0) & (state.step > 0)
+        # (MoCo never switches: its queue holds the momentum tower's vectors throughout)
+        switching = (state.step % cfg.switch_every == 0) & (state.step > 0) & (cfg.method == "icol")
         queue = jax.tree.map(
             lambda new, old: jnp.where(switching, new, old), clear(state.extra), state.extra
         )
@@ -249,10 +351,19 @@ def make_train_step(
             queue = keep(
                 enqueue(queue, jax.lax.with_sharding_constraint(vectors, replicated)), queue
             )
+        params = place(state.params, new_p)
+        if cfg.method == "moco":  # the key tower follows the query tower by momentum
+            m = cfg.momentum
+            momentum = jax.tree.map(
+                lambda k, q: (m * k + (1 - m) * q).astype(k.dtype),
+                params[TOWERS[1]],
+                params[TOWERS[0]],
+            )
+            params = {**params, TOWERS[1]: keep(momentum, params[TOWERS[1]])}
         skipped = (~finite).astype(jnp.int32)
         new_state = state.replace(
             step=state.step + 1,
-            params=place(state.params, new_p),
+            params=params,
             opt_state=place(state.opt_state, new_opt),
             skipped=state.skipped + skipped,
             skipped_in_a_row=jnp.where(finite, 0, state.skipped_in_a_row + 1),

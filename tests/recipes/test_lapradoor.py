@@ -230,3 +230,66 @@ def test_eight_devices_equal_one(setup):
         np.testing.assert_allclose(x, y, atol=2e-5)
     np.testing.assert_allclose(a[-1].extra["vectors"], b[-1].extra["vectors"], atol=1e-5)
     np.testing.assert_array_equal(a[-1].extra["valid"], b[-1].extra["valid"])
+
+
+def test_in_batch_baseline_loss_equals_numpy(setup):
+    """The In-Batch baseline (Table 2): L_qd + L_dq + λ·(L_qq + L_dd) over in-batch
+    negatives only, every term against a numpy reference of the towers' embeddings with the
+    step's dropout masks. Fails if a direction (L_dq) or a DaPI term is dropped, or a queue
+    is read."""
+    encoder, params, batches = setup
+    x = {"query": batches[0]["query"], "passage": batches[0]["document"]}
+    cfg = icol.IcolConfig(method="in_batch", use_queue=False, scale=20.0, lam=0.7)
+    rng = jax.random.key(3)
+    loss, metrics = icol.joint_loss(params, x, rng, encoder=encoder, cfg=cfg, mesh=make_mesh())
+    r = jax.random.split(rng, 4)
+    emb = lambda t, k: np.asarray(encoder.embed(params, t, x[t], dropout_rng=r[k]), np.float64)
+    q, d, q_plus, d_plus = emb("query", 0), emb("passage", 1), emb("query", 2), emb("passage", 3)
+    unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    def nll(a, b):
+        s = 20.0 * unit(a) @ unit(b).T
+        s = s - s.max(1, keepdims=True)
+        return -np.mean(np.diag(s) - np.log(np.exp(s).sum(1)))
+
+    cross, same = nll(q, d) + nll(d, q), nll(q, q_plus) + nll(d, d_plus)
+    np.testing.assert_allclose(float(metrics["loss_cross"]), cross, rtol=1e-4)
+    np.testing.assert_allclose(float(metrics["loss_same"]), same, rtol=1e-4)
+    np.testing.assert_allclose(float(loss), cross + 0.7 * same, rtol=1e-4)
+    assert float(metrics["negatives"]) == B - 1
+
+
+def test_in_batch_baseline_trains_both_towers_at_every_step(setup):
+    """No alternation: both towers move at every step (after warmup's lr 0). Fails if the
+    ICoL phase logic freezes one tower."""
+    leaves = lambda t: jax.tree.leaves(t)
+    moved = lambda a, b: not all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+    h = _run(setup, make_mesh(), icol.IcolConfig(method="in_batch", use_queue=False), 3)
+    for t in (1, 2):
+        assert moved(h[t + 1].params["query"], h[t].params["query"])
+        assert moved(h[t + 1].params["passage"], h[t].params["passage"])
+
+
+def test_moco_key_tower_is_the_momentum_copy_and_its_queue_is_never_cleared(setup):
+    """MoCo (Table 2): the query tower trains at every step; after each step the document
+    tower is m·θ_D + (1 − m)·θ_Q (θ_Q after the step), checked against numpy on every
+    leaf; the queue keeps filling across `switch_every` boundaries. Fails if the key tower
+    is trained or left frozen, or if the queue is cleared at a switch."""
+    cfg = icol.IcolConfig(method="moco", shared=False, switch_every=2, queue_size=64, momentum=0.9)
+    h = _run(setup, make_mesh(), cfg, 4)
+    for t in range(4):
+        for k, q, k_next in zip(
+            leaves_of(h[t].params["passage"]),
+            leaves_of(h[t + 1].params["query"]),
+            leaves_of(h[t + 1].params["passage"]),
+        ):
+            want = 0.9 * np.asarray(k, np.float64) + 0.1 * np.asarray(q, np.float64)
+            np.testing.assert_allclose(np.asarray(k_next, np.float64), want, rtol=1e-5, atol=1e-7)
+    valid = [int(np.asarray(s.extra["valid"]).sum()) for s in h]
+    assert valid == [0, 8, 16, 24, 32]
+    with pytest.raises(ValueError, match="two towers"):
+        icol.IcolConfig(method="moco", shared=True)
+
+
+def leaves_of(tree):
+    return jax.tree.leaves(tree)
