@@ -14,6 +14,8 @@ Variants:
 Ablations (the paper's Table 2 switches): --config.icol.ict=false (DaPI only),
 --config.icol.dapi=false (ICT only), --config.icol.use_queue=false (in-batch negatives only),
 --config.icol.shared=false (two towers).
+LaPraDoR-FT (supervised fine-tuning on MS MARCO with mined hard negatives, as BEIR's
+train_msmarco_v3) is the shared supervised retriever stage: configs/qgen.py:lapradoor_ft.
 Evaluate a result with LEDR on any BEIR folder:
   jaxret eval --data DIR --model W --retriever ledr --bm25-depth 1000 --json
 """

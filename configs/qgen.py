@@ -157,6 +157,13 @@ def base():
             dev_fraction=0.0,  # test queries held out by id hash for model selection
             max_eval_queries=0,
             store="",  # token tables (default WORKDIR/store)
+            # Supervised pairs with mined hard negatives (sentence-transformers'
+            # msmarco-hard-negatives.jsonl.gz format; "" = in-batch negatives only): a
+            # negative within ce_score_margin of the positives' cross-encoder score is
+            # dropped, negatives_per_system per mining system (BEIR's train_msmarco_v3).
+            hard_negatives="",
+            ce_score_margin=3.0,
+            negatives_per_system=5,
         )
     )
     c.encode = ml_collections.ConfigDict(dict(batch_size=256, chunk_rows=65536))
@@ -174,6 +181,31 @@ def get_config(arg=None):
         c.generator.update(name="facebook/bart-large", dtype="bfloat16", max_input_length=512)
     elif variant == "wikigq":
         c.qgen.stage = "retriever"
+    elif variant == "lapradoor_ft":
+        # LaPraDoR-FT: the pretrained LaPraDoR fine-tuned on MS MARCO as BEIR's
+        # train_msmarco_v3 (beir-cellar/beir examples/retrieval/training/
+        # train_msmarco_v3.py:59-65, 165, 182-184): batch 75, 350 tokens, in-batch + one mined
+        # hard negative per query (CE margin 3, 5 per system), MultipleNegativesRankingLoss
+        # (cosine × 20), 10 epochs, 1000 warmup steps, AdamW lr 2e-5 (sentence-transformers'
+        # default). Set model.name (the LaPraDoR export), data.train_dir (BEIR msmarco),
+        # data.hard_negatives and data.dir (the evaluation set).
+        c.qgen.update(stage="retriever", pairs="qrels")
+        c.model.update(
+            name="",
+            shared=True,
+            pooling="mean",
+            projection="none",
+            normalize=True,
+            similarity="cosine",
+            scale=20.0,
+            passage_format="join",
+            max_query_length=350,
+            max_passage_length=350,
+        )
+        c.data.update(train_split="train", dev_split="dev")
+        c.optimizer = _optimizer(2e-5)
+        c.optimizer.update(warmup_fraction=0.0, warmup_steps=1000)
+        c.train = _train(75, 10)
     elif variant == "adapt":
         c.generator.update(name="BeIR/query-gen-msmarco-t5-base-v1", max_input_length=350)
         c.optimizer.update(lr=3e-5)

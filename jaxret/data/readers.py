@@ -473,3 +473,91 @@ def read_questions(path: str | Path) -> list[str]:
     if '"_id"' in first:
         return read_beir_queries(path).texts
     return [ex.question for ex in read_qa_jsonl(path)]
+
+
+@dataclasses.dataclass
+class MinedNegatives:
+    """Supervised training examples with mined hard negatives: per query, its positive and
+    hard-negative passage rows."""
+
+    query_ids: list[str]
+    positives: list[list[int]]
+    negatives: list[list[int]]
+
+
+def read_hard_negatives(
+    path: str | Path,
+    query_ids: set[str],
+    row_of: Any,
+    ce_score_margin: float = 3.0,
+    per_system: int = 5,
+) -> MinedNegatives:
+    """sentence-transformers' `msmarco-hard-negatives.jsonl[.gz]` as BEIR's
+    train_msmarco_v3 reads it (beir-cellar/beir examples/retrieval/training/
+    train_msmarco_v3.py:86-110): per line {"qid", "pos": [{"pid", "ce-score"}], "neg":
+    {system: [{"pid", "ce-score"}, …]}}; a negative is kept when its cross-encoder score is at
+    most (the positives' lowest − `ce_score_margin`), at most `per_system` new ones per
+    system, in the file's order; a query needs a positive and a negative. Queries outside
+    `query_ids` and passages outside `row_of` are skipped (counted in a warning)."""
+    path = Path(path)
+    out = MinedNegatives([], [], [])
+    skipped = Counter()
+    for line_no, row in _jsonl(path):
+        try:
+            out_row = _mined_row(row, query_ids, row_of, ce_score_margin, per_system, skipped)
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(
+                f"{path}:{line_no}: expected {{'qid', 'pos': [{{'pid', 'ce-score'}}], 'neg': "
+                f"{{system: [{{'pid', 'ce-score'}}]}}}} ({type(e).__name__}: {e})"
+            ) from None
+        if out_row is not None:
+            out.query_ids.append(out_row[0])
+            out.positives.append(out_row[1])
+            out.negatives.append(out_row[2])
+    if skipped:
+        log.warning("%s: skipped %s", path, ", ".join(f"{n} {w}" for w, n in skipped.items()))
+    if not out.query_ids:
+        raise DataError(f"{path}: no query with a positive and a hard negative in the corpus")
+    return out
+
+
+def _mined_row(
+    row: dict[str, Any],
+    query_ids: set[str],
+    row_of: Any,
+    ce_score_margin: float,
+    per_system: int,
+    skipped: Counter,
+) -> tuple[str, list[int], list[int]] | None:
+    """One line of the hard-negatives file → (qid, positive rows, negative rows), or None."""
+    qid = str(row["qid"])
+    pos, neg = row["pos"], row["neg"]
+    if not isinstance(pos, list) or not isinstance(neg, dict):
+        raise TypeError("'pos' must be a list and 'neg' a dict")
+    if qid not in query_ids:
+        skipped["queries not in the query file"] += 1
+        return None
+    if not pos:
+        skipped["queries without a positive"] += 1
+        return None
+    threshold = min(float(p["ce-score"]) for p in pos) - ce_score_margin
+    negatives: list[str] = []
+    for system_negatives in neg.values():
+        added = 0
+        for item in system_negatives:
+            if float(item["ce-score"]) > threshold:
+                continue
+            pid = str(item["pid"])
+            if pid not in negatives:
+                negatives.append(pid)
+                added += 1
+                if added >= per_system:
+                    break
+    pos_rows = [row_of[str(p["pid"])] for p in pos if str(p["pid"]) in row_of]
+    neg_rows = [row_of[p] for p in negatives if p in row_of]
+    if len(pos_rows) < len(pos) or len(neg_rows) < len(negatives):
+        skipped["queries with passages not in the corpus"] += 1
+    if not pos_rows or not neg_rows:
+        skipped["queries left without a positive or a negative"] += 1
+        return None
+    return qid, pos_rows, neg_rows

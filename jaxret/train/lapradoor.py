@@ -84,7 +84,8 @@ class LapradoorRun:
         # Each tower's optimizer gives a direction (learning rate 1); the step scales it by the
         # schedule of the global step, so a tower's schedule does not pause while it is frozen.
         self.optimizer = make_optimizer(cfg.optimizer, self.total, learning_rate=1.0)
-        self.lr_at = schedule(cfg.optimizer.lr, self.total, cfg.optimizer.warmup_fraction)
+        opt = cfg.optimizer
+        self.lr_at = schedule(opt.lr, self.total, opt.warmup_fraction, opt.get("warmup_steps", 0))
         queue = icol.init_queue(self.icol, encoder.dim, mesh)
         state = icol.init_state(params, self.optimizer, cfg.seed, jax.device_get(queue))
         shardings = train_state.state_shardings(

@@ -30,8 +30,11 @@ def decay_mask(params: Any) -> Any:
     )
 
 
-def schedule(peak_lr: float, total_steps: int, warmup_fraction: float = 0.01) -> optax.Schedule:
-    warmup = max(1, int(round(total_steps * warmup_fraction)))
+def schedule(
+    peak_lr: float, total_steps: int, warmup_fraction: float = 0.01, warmup_steps: int = 0
+) -> optax.Schedule:
+    """Linear warmup (`warmup_steps`, else `warmup_fraction` of the steps), linear decay."""
+    warmup = max(1, int(warmup_steps) or int(round(total_steps * warmup_fraction)))
     return optax.join_schedules(
         [
             optax.linear_schedule(0.0, peak_lr, warmup),
@@ -48,7 +51,7 @@ def make_optimizer(
     `learning_rate` replaces the warmup + linear-decay schedule of cfg.lr (e.g. 1.0 for a
     step that scales the update by its own schedule)."""
     lr = (
-        schedule(cfg.lr, total_steps, cfg.warmup_fraction)
+        schedule(cfg.lr, total_steps, cfg.warmup_fraction, cfg.get("warmup_steps", 0))
         if learning_rate is None
         else learning_rate
     )
@@ -107,7 +110,12 @@ def start_training(cfg: Any, params: Any, mesh: Any, num_items: int) -> Training
     return Training(
         total=total,
         optimizer=optimizer,
-        lr_at=schedule(cfg.optimizer.lr, total, cfg.optimizer.warmup_fraction),
+        lr_at=schedule(
+            cfg.optimizer.lr,
+            total,
+            cfg.optimizer.warmup_fraction,
+            cfg.optimizer.get("warmup_steps", 0),
+        ),
         state=place(state, shardings),
         shardings=shardings,
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -30,7 +31,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
 from jaxret.data import synthetic
-from jaxret.data.readers import Corpus, DataError, find_corpus, read_corpus
+from jaxret.data.readers import (
+    Corpus,
+    DataError,
+    find_corpus,
+    read_corpus,
+    read_hard_negatives,
+)
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.index.encode import passage_table, tables_on_device, token_keys
@@ -80,6 +87,29 @@ def read_pairs(folder: str | Path, split: str) -> Pairs:
     if not queries:
         raise DataError(f"{folder}: qrels/{split}.tsv has no positive pair inside the corpus")
     return Pairs(data.corpus, queries, np.asarray(rows, np.int64))
+
+
+def mined_pairs(cfg: Any) -> tuple[Pairs, list[tuple[list[int], list[int]]]]:
+    """The queries of `data.train_dir`'s `train_split` that the mined hard-negatives file
+    (`data.hard_negatives`) gives a positive and a hard negative: (Pairs with each query's
+    first positive, [(positive rows, negative rows shuffled by the seed)] per query)."""
+    data = ev.load_eval_data(cfg.data.train_dir, cfg.data.train_split)
+    mined = read_hard_negatives(
+        cfg.data.hard_negatives,
+        set(data.query_ids),
+        data.corpus.row_of,
+        cfg.data.get("ce_score_margin", 3.0),
+        cfg.data.get("negatives_per_system", 5),
+    )
+    text_of = dict(zip(data.query_ids, data.query_texts))
+    rng = np.random.default_rng([cfg.seed, 11])
+    lists = [
+        (pos, list(rng.permutation(neg))) for pos, neg in zip(mined.positives, mined.negatives)
+    ]
+    queries = [text_of[q] for q in mined.query_ids]
+    rows = np.asarray([pos[0] for pos in mined.positives], np.int64)
+    log.info("%d training queries with mined hard negatives", len(queries))
+    return Pairs(data.corpus, queries, rows), lists
 
 
 def held_out(n: int, n_dev: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -330,7 +360,13 @@ class RetrieverRun:
         self.cfg = cfg
         self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
         self.mode = cfg.qgen.pairs
-        if self.mode == "qrels":
+        self.mined = None
+        if self.mode == "qrels" and cfg.data.get("hard_negatives", ""):
+            # Supervised fine-tuning with mined hard negatives (LaPraDoR-FT, BEIR's
+            # train_msmarco_v3): one positive and one hard negative per query and step.
+            self.pairs, self.mined = mined_pairs(cfg)
+            corpus = self.pairs.corpus
+        elif self.mode == "qrels":
             self.pairs = read_pairs(cfg.data.train_dir, cfg.data.train_split)
             corpus = self.pairs.corpus
         elif self.mode == "ict":
@@ -391,6 +427,19 @@ class RetrieverRun:
         b = cfg.train.batch_size
         idx = epoch_batch(self.items, step, b, [cfg.seed, 9])[process_rows(b)]
         spec = self.encoder.spec
+        if self.mined is not None:
+            # Each query's positives and (seeded-shuffled) negatives taken in turn, one per
+            # epoch, as train_msmarco_v3's pop(0)/append (beir …/train_msmarco_v3.py:137-142).
+            epoch = step * b // len(self.items)
+            rows = [
+                [pos[epoch % len(pos)], neg[epoch % len(neg)]]
+                for pos, neg in (self.mined[i] for i in idx)
+            ]
+            local = {
+                "query": {k: v[idx] for k, v in self.query_tokens.items()},
+                "passage_rows": np.asarray(rows, np.int32),  # [b, 2]: positive, hard negative
+            }
+            return global_batch(local, self.mesh, DATA)
         if self.mode == "qrels":
             local = {
                 "query": {k: v[idx] for k, v in self.query_tokens.items()},
@@ -443,6 +492,11 @@ class RetrieverRun:
         prints = {"corpus": self.corpus.content_hash()}
         if self.pairs is not None:
             prints["pairs"] = pairs_fingerprint(self.pairs)
+        if self.mined is not None:  # the hard negatives (and their seeded order)
+            h = hashlib.sha256()
+            for pos, neg in self.mined:
+                h.update(np.asarray([*pos, -1, *neg], np.int64).tobytes())
+            prints["negatives"] = h.hexdigest()[:16]
         return Recipe(
             name="QGen-retriever",
             state=self.state,

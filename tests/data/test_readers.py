@@ -211,3 +211,46 @@ def test_find_corpus_prefers_beir_then_dpr(tmp_path):
     assert R.read_corpus(R.find_corpus(tmp_path)).ids == ["1"]
     write(tmp_path / "corpus.jsonl", jsonl([{"_id": "x", "text": "y"}]))
     assert R.find_corpus(tmp_path).name == "corpus.jsonl"
+
+
+def test_hard_negatives_are_filtered_as_train_msmarco_v3(tmp_path, caplog):
+    """sentence-transformers' mined negatives read as BEIR's train_msmarco_v3: a negative
+    scoring above (lowest positive CE score − 3) is dropped, at most 5 new ones per system in
+    file order (a pid seen in an earlier system is not counted again), unknown queries and
+    passages skipped, a query left without a negative dropped; expected lists written by
+    hand. Fails if the margin is applied to the highest positive, the cap counts repeats,
+    or the order changes. A malformed line is one error naming file:line."""
+    import gzip
+    import json
+
+    from jaxret.data.readers import DataError, read_hard_negatives
+
+    neg = lambda *pairs: [{"pid": p, "ce-score": s} for p, s in pairs]
+    lines = [
+        {  # lowest positive 5.0 → negatives must score ≤ 2.0
+            "qid": 1,
+            "pos": [{"pid": 10, "ce-score": 9.0}, {"pid": 11, "ce-score": 5.0}],
+            "neg": {
+                "bm25": neg((20, 2.5), (21, 2.0), (22, -1), (23, 0), (24, 1), (25, 1), (26, 1)),
+                "dense": neg((21, 0.0), (27, 0.0), (99, 0.0)),
+            },
+        },
+        {"qid": 2, "pos": [{"pid": 12, "ce-score": 1.0}], "neg": {"bm25": neg((20, 0.0))}},
+        {"qid": 3, "pos": [{"pid": 13, "ce-score": 8.0}], "neg": {"bm25": neg((20, 9.0))}},
+        {"qid": 77, "pos": [{"pid": 10, "ce-score": 8.0}], "neg": {"bm25": neg((20, 0.0))}},
+    ]
+    path = tmp_path / "hard.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join(json.dumps(x) for x in lines) + "\n")
+    row_of = {str(p): i for i, p in enumerate([10, 11, 12, 13, 20, 21, 22, 23, 24, 25, 26, 27])}
+    mined = read_hard_negatives(path, {"1", "2", "3"}, row_of)
+    assert mined.query_ids == ["1"]  # 2: 20 scores 0.0 > 1.0 − 3; 3: no negative below 5.0
+    assert mined.positives == [[row_of["10"], row_of["11"]]]
+    # bm25: 21, 22, 23, 24, 25 (five; 20 too high, 26 over the cap); dense: 27 (21 again and
+    # 99 outside the corpus do not count)
+    assert mined.negatives == [[row_of[p] for p in ("21", "22", "23", "24", "25", "27")]]
+    assert "1 queries not in the query file" in caplog.text
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"qid": 2, "pos": []}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: expected"):
+        read_hard_negatives(bad, {"1", "2"}, row_of)

@@ -113,3 +113,75 @@ def test_ict_baseline_trains_two_towers(tiny_bert, tmp_path):
 
 def cfg_root():
     return Path(__file__).resolve().parents[2]
+
+
+def test_lapradoor_ft_trains_on_mined_hard_negatives(tiny_bert, tmp_path):
+    """`configs/qgen.py:lapradoor_ft` (LaPraDoR-FT, BEIR's train_msmarco_v3) on adi with a
+    mined-negatives file: every batch row is (one of the query's positives, one of its hard
+    negatives), the negative changes with the epoch, and the contrastive step trains on
+    B·2 candidates. Fails if the hard negatives are not read into the batch (1 candidate
+    per query) or a row pairs a query with another query's passages."""
+    import gzip
+    import shutil
+
+    root = tmp_path / "msmarco-like"
+    (root / "qrels").mkdir(parents=True)
+    adi = cfg_root() / "data" / "adi"
+    for name in ("corpus.jsonl.gz", "queries.jsonl.gz"):
+        shutil.copy(adi / name, root / name)
+    shutil.copy(adi / "qrels" / "test.tsv.gz", root / "qrels" / "train.tsv.gz")
+    data = load_eval_data(root, "train")
+    rng = np.random.default_rng(0)
+    lines = []
+    for qid in data.query_ids:
+        pos = [d for d, r in data.qrels[qid].items() if r > 0]
+        others = [d for d in data.corpus.ids if d not in pos]
+        negs = rng.choice(others, 4, replace=False).tolist()
+        lines.append(
+            {
+                "qid": qid,
+                "pos": [{"pid": p, "ce-score": 9.0} for p in pos],
+                "neg": {"bm25": [{"pid": n, "ce-score": 0.0} for n in negs]},
+            }
+        )
+    mined = tmp_path / "hard.jsonl.gz"
+    with gzip.open(mined, "wt") as f:
+        f.write("\n".join(json.dumps(x) for x in lines))
+    cfg = load_config(
+        "configs/qgen.py:lapradoor_ft",
+        [
+            ("model.name", str(tiny_bert)),
+            ("model.max_query_length", "16"),
+            ("model.max_passage_length", "32"),
+            ("model.dtype", "float32"),
+            ("data.train_dir", str(root)),
+            ("data.hard_negatives", str(mined)),
+            ("data.dir", ""),  # no evaluation: the batches and the step are under test
+            ("train.batch_size", "8"),
+            ("train.epochs", "0"),
+            ("train.steps", "2"),
+            ("train.progress", "false"),
+            ("optimizer.warmup_steps", "1"),
+            ("eval.test_at_end", "false"),
+        ],
+    )
+    runner = qgen.RetrieverRun(cfg, tmp_path / "run")
+    n = len(runner.items)
+    assert n == len(data.query_ids)
+    for step in (0, n // 8 + 1):  # epoch 0 and epoch 1
+        batch = runner.batch_at(step)
+        rows = np.asarray(batch["passage_rows"])
+        assert rows.shape == (8, 2)
+        idx = qgen.epoch_batch(runner.items, step, 8, [cfg.seed, 9])
+        epoch = step * 8 // n
+        for i, (pos_row, neg_row) in zip(idx, rows):
+            pos, neg = runner.mined[i]
+            assert pos_row == pos[epoch % len(pos)] and neg_row == neg[epoch % len(neg)]
+    summary = qgen._run(runner, cfg, tmp_path / "run")  # the runner above, trained
+    train = [
+        r
+        for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == "train"
+    ]
+    assert len(train) == 2 and all(r["candidates"] == 16 for r in train)
+    assert "final_step_loss" in summary
