@@ -3,7 +3,7 @@ L2-normalized, max length 256, title + " " + text) through `jaxret eval`.
 
     python benchmarks/eval_full.py [--data data] [--sets cranfield squad-dev-open]
 
-The README's table comes from this script.
+docs/measurements.md's table comes from this script.
 """
 
 import argparse

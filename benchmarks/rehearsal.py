@@ -16,7 +16,7 @@ refresh_every 500, a 2-layer BERT of width 64 and a 2-layer T5 teacher run layer
 
 Per-step times come from metrics.jsonl: `wall_seconds` (the step and its refresh work) and the
 gaps between consecutive steps' rows (everything in between: evaluations, checkpoints). Peak
-RSS is each process's VmHWM, polled from /proc. One markdown table is printed; the README's
+RSS is each process's VmHWM, polled from /proc. One markdown table is printed; docs/scaling.md's
 scaling section gives it with the extrapolation to the paper's sizes.
 """
 

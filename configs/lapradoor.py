@@ -139,7 +139,7 @@ def get_config(arg=None):
         c.encode.update(batch_size=64)
         c.train.update(steps=200, batch_size=16, checkpoint_every=100)
         c.eval.max_length = 0  # the training lengths (128): the demo's CPU budget
-        c.eval.bm25_analyzer = "none"  # as the README's demo numbers were measured
+        c.eval.bm25_analyzer = "none"  # as docs/lapradoor.md's demo numbers were measured
     elif variant == "tiny":
         adi = str(ROOT / "data" / "adi")
         c.data.update(dirs=adi, eval_dirs=adi, max_eval_queries=10)

@@ -136,7 +136,7 @@ def get_config(arg=None):
             dtype="float32",
         )
         c.queries.update(dev=300)
-        # The README's demo numbers were measured with this teacher (k1 1.2, b 0.75, no
+        # docs/spar.md's demo numbers were measured with this teacher (k1 1.2, b 0.75, no
         # stemming or stop words), not the paper's Pyserini settings above.
         c.labels.update(bm25_k1=1.2, bm25_b=0.75, bm25_analyzer="none")
         c.optimizer.update(lr=5e-5, warmup_fraction=0.05)
