@@ -62,6 +62,42 @@ def _merge(a_s: jax.Array, a_i: jax.Array, b_s: jax.Array, b_i: jax.Array, k: in
     return s, jnp.take_along_axis(i, pos, axis=1)
 
 
+def block_size(chunk: int, k: int) -> int:
+    """Rows per block of the block-max selection over a [B, chunk] score block: ≈ √(chunk /
+    k), so that its two selections (over ⌈chunk / m⌉ block maxima, then over k·m
+    candidates) are about the same size; 0 (plain `top_k`) when that saves nothing."""
+    if chunk < 4096 or 4 * k > chunk:
+        return 0
+    m = int(math.sqrt(chunk / k))
+    return m if m >= 2 and k * m < chunk // 2 else 0
+
+
+def block_top_k(scores: jax.Array, ids: jax.Array, k: int, m: int) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k (k ≤ C) of scores [B, C] (ids [C] ascending), ties to the lower id, without
+    sorting all C scores: the blocks of m consecutive columns are ranked by their maximum;
+    the top-k blocks hold the top-k scores (a block outside them has k blocks ahead of it,
+    each with a score ahead of all of its own, ties included: blocks tie-break by position
+    as their rows do), so top_k runs over C / m maxima and over k·m candidates, the selected
+    blocks taken in column order so that ties still go to the lower id. m = 0: plain top_k."""
+    if m == 0:
+        s, pos = jax.lax.top_k(scores, k)
+        return s, ids[pos]
+    b, c = scores.shape
+    pad = -c % m  # -inf columns past the end: behind every real column, ties included
+    if pad:
+        scores = jnp.pad(scores, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+        ids = jnp.pad(ids, (0, pad), constant_values=_NO_ID)
+        c += pad
+    blocks = scores.reshape(b, c // m, m)
+    kb = min(k, c // m)
+    _, chosen = jax.lax.top_k(blocks.max(axis=2), kb)  # [B, kb]
+    chosen = jnp.sort(chosen, axis=1)  # column order: ties keep going to the lower id
+    cand = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(b, kb * m)
+    cols = (chosen[:, :, None] * m + jnp.arange(m)[None, None, :]).reshape(b, kb * m)
+    s, pos = jax.lax.top_k(cand, k)
+    return s, ids[jnp.take_along_axis(cols, pos, axis=1)]
+
+
 def _local_top_k(
     block: jax.Array,  # [n, d] this device's rows
     queries: jax.Array,  # [B, d]
@@ -81,8 +117,7 @@ def _local_top_k(
         s = jnp.einsum("bd,nd->bn", q, rows, preferred_element_type=jnp.float32)  # [B, chunk]
         ids = row_offset + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
         s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)
-        s, pos = jax.lax.top_k(s, kc)
-        return s, ids[pos]
+        return block_top_k(s, ids, kc, block_size(chunk, kc))
 
     n_chunks = n // chunk
     if n_chunks == 1:

@@ -168,3 +168,50 @@ def test_index_saved_on_8_devices_loads_on_fewer(data, tmp_path, devices):
     np.testing.assert_array_equal(
         np.asarray(loaded.search(q, 9)[1]), np.asarray(index.search(q, 9)[1])
     )
+
+
+def _reference_top_k(scores, k):
+    """(scores desc, ties to the lower column) — the exact rule, by a stable lexsort."""
+    cols = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
+    order = np.lexsort((cols, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+@pytest.mark.parametrize("k,m", [(1, 64), (10, 16), (100, 32), (100, 7), (256, 16), (4096, 8)])
+def test_block_top_k_is_exact_with_ties_across_blocks(k, m):
+    """The block-max selection equals a full sort, ids included, on scores with ties
+    everywhere: small integers (many blocks share their maximum), a value repeated once per
+    block, -inf padding, and k up to C. Fails if the selected blocks are not taken in column
+    order (ties go to a higher column) or if fewer than k blocks are kept (a row is missed)."""
+    from jaxret.index.mips import block_top_k
+
+    r = np.random.RandomState(k + m)
+    c = 4096
+    scores = r.randint(0, 6, (5, c)).astype(np.float32)
+    scores[1] = 3.0  # every column ties
+    scores[2, ::m] = 9.0  # one maximum per block, all equal
+    scores[3, -700:] = -np.inf  # padding rows
+    scores[4] = r.randn(c).astype(np.float32)
+    ids = jnp.arange(c, dtype=jnp.int32)
+    got_s, got_i = jax.jit(lambda s: block_top_k(s, ids, k, m))(jnp.asarray(scores))
+    ref_s, ref_i = _reference_top_k(scores, k)
+    np.testing.assert_array_equal(np.asarray(got_s), ref_s)
+    np.testing.assert_array_equal(np.asarray(got_i), ref_i)
+
+
+def test_sharded_search_uses_the_block_selection_and_stays_exact():
+    """An index whose chunks (4,191 rows per device, not a multiple of the block) take the block-max path, their
+    last block padded, gives the float64 reference's ids on tied integer data, on 8 devices.
+    Fails if the padding of a chunk that blocks do not divide is returned or shifts ids."""
+    from jaxret.index.mips import block_size
+
+    assert block_size(4096, 100) > 0 and block_size(4096, 2000) == 0
+    r = np.random.RandomState(5)
+    emb = r.randint(-3, 4, (8 * 4200 - 77, 8)).astype(np.float32)
+    q = r.randint(-3, 4, (4, 8)).astype(np.float32)
+    index = ShardedIndex.from_embeddings(emb, make_mesh(), jnp.float32, chunk_rows=8192)
+    assert index.layout.chunk == 4191 and block_size(4191, 100) == 6  # 4191 % 6 = 3: padded
+    scores, ids = index.search(q, 100)
+    ref_s, ref_i = brute_force(emb, q, 100)
+    np.testing.assert_array_equal(np.asarray(ids), ref_i)
+    np.testing.assert_array_equal(np.asarray(scores), ref_s)
