@@ -1,13 +1,17 @@
 """Exact top-k MIPS: jaxret ShardedIndex vs torch, numpy and faiss IndexFlatIP, same machine.
 
-    python benchmarks/mips.py [--rows 1000000] [--dim 128] [--k 100]
+    python benchmarks/mips.py [--rows 100000,1000000] [--dim 128] [--k 10,100]
+        [--queries 1,16,64,1024] [--dtypes float32,bfloat16]
 
-Prints each time, jaxret/peer speed ratios (> 1: jaxret faster) and achieved GFLOP/s against
-a matmul peak measured in the same run. Peers score queries in batches of 256 (a 1024 × 1M
-fp32 score matrix would be 4 GB).
+Prints one markdown table: each peer's time (torch matmul + topk, numpy argpartition, faiss
+IndexFlatIP), jaxret's (`ShardedIndex.search`), the ratio fastest peer / jaxret (> 1:
+jaxret faster), jaxret with the block-max selection (`mips_top_k(blocks="auto")`), and
+jaxret's achieved GFLOP/s against a numpy sgemm peak measured in the same run. Peers score
+queries in batches of 256 (a 1024 × 1M fp32 score matrix would be 4 GB).
 """
 
 import argparse
+import time
 
 from common import best_time, cpu_devices_per_core
 
@@ -20,6 +24,7 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from jaxret.index.mips import mips_top_k  # noqa: E402
 from jaxret.index.sharded import ShardedIndex  # noqa: E402
 
 PEER_BATCH = 256
@@ -52,48 +57,60 @@ def matmul_peak():
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--rows", default="100000,1000000", help="comma-separated corpus sizes")
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--k", default="10,100", help="comma-separated k")
+    p.add_argument("--queries", default="1,16,64,1024", help="comma-separated batch sizes")
+    p.add_argument("--dtypes", default="float32,bfloat16")
     args = p.parse_args()
     torch.set_num_threads(cores)
     faiss.omp_set_num_threads(cores)
     rng = np.random.default_rng(0)
-    emb = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
     peak = matmul_peak()
     print(
         f"{jax.device_count()} jax CPU devices, {cores} cores; numpy sgemm peak {peak:.1f} GFLOP/s"
+        f" ({time.strftime('%Y-%m-%d')})"
     )
-    print(f"{args.rows:,} x {args.dim}, k={args.k}")
-    header = f"{'dtype':>6} {'queries':>7} {'peer':>8} {'peer s':>8} {'jaxret s':>9} {'ratio':>6}"
-    print(header + f" {'jaxret GFLOP/s':>15} {'% peak':>7}")
-    for dtype in ("float32", "bfloat16"):
-        index = ShardedIndex.from_embeddings(emb, dtype=jnp.dtype(dtype), chunk_rows=65536)
-        host_emb = emb if dtype == "float32" else emb.astype(ml_dtypes.bfloat16).astype(np.float32)
-        t_emb = torch.from_numpy(emb) if dtype == "float32" else torch.from_numpy(emb).bfloat16()
-        flat = faiss.IndexFlatIP(args.dim)
-        flat.add(host_emb)
-        for nq in (64, 1024):
-            q = rng.standard_normal((nq, args.dim), dtype=np.float32)
-            qj = jnp.asarray(q)
-            ours = best_time(lambda: jax.block_until_ready(index.search(qj, args.k)))
-            tq = torch.from_numpy(q) if dtype == "float32" else torch.from_numpy(q).bfloat16()
-            peers = {
-                "torch": best_time(lambda: torch_search(t_emb, tq, args.k)),
-                "faiss": best_time(lambda: flat.search(q, args.k)),
-            }
-            if dtype == "float32":  # numpy has no bf16 matmul
-                peers["numpy"] = best_time(lambda: numpy_search(host_emb, q, args.k), repeats=1)
-            gflops = 2 * nq * args.rows * args.dim / ours / 1e9
-            for name, t in peers.items():
-                print(
-                    f"{dtype:>6} {nq:>7} {name:>8} {t:8.3f} {ours:9.3f} {t / ours:6.2f}"
-                    f" {gflops:15.1f} {100 * gflops / peak:6.1f}%"
+    print(
+        "| dtype | N | k | B | torch s | numpy s | faiss s | jaxret s | jaxret / fastest peer "
+        "| block-max s | jaxret GFLOP/s | % sgemm peak |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for n in (int(x) for x in args.rows.split(",")):
+        emb = rng.standard_normal((n, args.dim), dtype=np.float32)
+        for dtype in args.dtypes.split(","):
+            index = ShardedIndex.from_embeddings(emb, dtype=jnp.dtype(dtype), chunk_rows=65536)
+            bf16 = dtype == "bfloat16"
+            host_emb = emb.astype(ml_dtypes.bfloat16).astype(np.float32) if bf16 else emb
+            t_emb = torch.from_numpy(emb).bfloat16() if bf16 else torch.from_numpy(emb)
+            flat = faiss.IndexFlatIP(args.dim)
+            flat.add(host_emb)
+            for k in (int(x) for x in args.k.split(",")):
+                blocked = jax.jit(
+                    lambda e, q, k=k: mips_top_k(e, q, k, index.layout, index.mesh, "auto")
                 )
-            fastest = min(peers.values())
-            print(
-                f"{'':>6} {'':>7} {'fastest':>8} {fastest:8.3f} {ours:9.3f} {fastest / ours:6.2f}"
-            )
+                for nq in (int(x) for x in args.queries.split(",")):
+                    q = rng.standard_normal((nq, args.dim), dtype=np.float32)
+                    qj = jnp.asarray(q)
+                    ours = best_time(lambda: jax.block_until_ready(index.search(qj, k)))
+                    block = best_time(lambda: jax.block_until_ready(blocked(index.embeddings, qj)))
+                    tq = torch.from_numpy(q).bfloat16() if bf16 else torch.from_numpy(q)
+                    peers = {
+                        "torch": best_time(lambda: torch_search(t_emb, tq, k)),
+                        "numpy": float("nan")
+                        if bf16  # numpy has no bf16 matmul
+                        else best_time(lambda: numpy_search(host_emb, q, k), repeats=1),
+                        "faiss": best_time(lambda: flat.search(q, k)),
+                    }
+                    fastest = min(t for t in peers.values() if t == t)
+                    gflops = 2 * nq * n * args.dim / ours / 1e9
+                    print(
+                        f"| {dtype} | {n:,} | {k} | {nq} | "
+                        + " | ".join(f"{t:.4f}" for t in peers.values())
+                        + f" | {ours:.4f} | {fastest / ours:.2f} | {block:.4f} | {gflops:.1f} | "
+                        f"{100 * gflops / peak:.0f} % |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def _local_top_k(
     row_offset: jax.Array,  # first global row id of the block
     num_rows: int,
     chunk: int,
+    blocks: int = 0,  # block_top_k's m (0: plain top_k)
 ) -> tuple[jax.Array, jax.Array]:
     n, d = block.shape
     k_local = min(k, n)
@@ -117,7 +118,7 @@ def _local_top_k(
         s = jnp.einsum("bd,nd->bn", q, rows, preferred_element_type=jnp.float32)  # [B, chunk]
         ids = row_offset + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
         s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)
-        return block_top_k(s, ids, kc, block_size(chunk, kc))
+        return block_top_k(s, ids, kc, blocks)
 
     n_chunks = n // chunk
     if n_chunks == 1:
@@ -142,15 +143,23 @@ def mips_top_k(
     k: int,
     layout: RowLayout,
     mesh: Mesh,
+    blocks: int | str = 0,
 ) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k by inner product: (scores [B, k] fp32, row ids [B, k] int32), replicated."""
+    """Exact top-k by inner product: (scores [B, k] fp32, row ids [B, k] int32), replicated.
+
+    blocks: the per-chunk selection. 0 (default): `lax.top_k` over each [B, chunk] score
+    block — on this project's 2-core CPU it measured faster than the block-max selection at
+    every size tried (benchmarks/mips.py, docs/measurements.md); "auto" (`block_size`) or an
+    m ≥ 2: `block_top_k`, exact as well (tests/index/test_mips.py), for backends whose top_k
+    is a full sort."""
     if not 0 < k <= layout.num_rows:
         raise ValueError(f"k={k} must be in [1, {layout.num_rows}] (the number of indexed rows)")
     axes = tuple(mesh.axis_names)
+    m = block_size(layout.chunk, min(k, layout.chunk)) if blocks == "auto" else int(blocks)
 
     def per_device(block: jax.Array, q: jax.Array):
         offset = jax.lax.axis_index(axes).astype(jnp.int32) * layout.rows_per_shard
-        s, i = _local_top_k(block, q, k, offset, layout.num_rows, layout.chunk)
+        s, i = _local_top_k(block, q, k, offset, layout.num_rows, layout.chunk, m)
         s = jax.lax.all_gather(s, axes, axis=1, tiled=True)  # [B, shards * k_local], row order
         i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
         s, pos = jax.lax.top_k(s, k)

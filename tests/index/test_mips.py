@@ -177,7 +177,9 @@ def _reference_top_k(scores, k):
     return np.take_along_axis(scores, order, 1), order
 
 
-@pytest.mark.parametrize("k,m", [(1, 64), (10, 16), (100, 32), (100, 7), (256, 16), (4096, 8)])
+@pytest.mark.parametrize(
+    "k,m", [(1, 64), (10, 16), (100, 32), (100, 7), (256, 16), (4096, 8), (4096, 7)]
+)
 def test_block_top_k_is_exact_with_ties_across_blocks(k, m):
     """The block-max selection equals a full sort, ids included, on scores with ties
     everywhere: small integers (many blocks share their maximum), a value repeated once per
@@ -199,11 +201,11 @@ def test_block_top_k_is_exact_with_ties_across_blocks(k, m):
     np.testing.assert_array_equal(np.asarray(got_i), ref_i)
 
 
-def test_sharded_search_uses_the_block_selection_and_stays_exact():
-    """An index whose chunks (4,191 rows per device, not a multiple of the block) take the block-max path, their
-    last block padded, gives the float64 reference's ids on tied integer data, on 8 devices.
-    Fails if the padding of a chunk that blocks do not divide is returned or shifts ids."""
-    from jaxret.index.mips import block_size
+def test_sharded_search_with_the_block_selection_stays_exact():
+    """`mips_top_k(blocks="auto")` over chunks of 4,191 rows per device (not a multiple of
+    the block: the last block padded) gives the float64 reference's ids on tied integer
+    data, on 8 devices. Fails if the padding is returned or shifts ids."""
+    from jaxret.index.mips import block_size, mips_top_k
 
     assert block_size(4096, 100) > 0 and block_size(4096, 2000) == 0
     r = np.random.RandomState(5)
@@ -211,7 +213,8 @@ def test_sharded_search_uses_the_block_selection_and_stays_exact():
     q = r.randint(-3, 4, (4, 8)).astype(np.float32)
     index = ShardedIndex.from_embeddings(emb, make_mesh(), jnp.float32, chunk_rows=8192)
     assert index.layout.chunk == 4191 and block_size(4191, 100) == 6  # 4191 % 6 = 3: padded
-    scores, ids = index.search(q, 100)
+    search = jax.jit(lambda e, q: mips_top_k(e, q, 100, index.layout, index.mesh, "auto"))
+    scores, ids = search(index.embeddings, jnp.asarray(q))
     ref_s, ref_i = brute_force(emb, q, 100)
     np.testing.assert_array_equal(np.asarray(ids), ref_i)
     np.testing.assert_array_equal(np.asarray(scores), ref_s)
