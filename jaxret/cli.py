@@ -449,50 +449,48 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
         model = (encoder, _place_params(cfg, params, mesh), tokenizer)
         bs = cfg.encode.batch_size
         info["retriever"] = {"model": cfg.model.name, **vars(encoder.spec)}
-        if args.lexical_model and args.retriever == "hybrid":  # SPAR + BM25 (Table 8)
+        if args.lexical_model:
             lex_encoder, lex_params, lex_tok = load_lexical_model(cfg, args)
             lex = (lex_encoder, _place_params(cfg, lex_params, mesh), lex_tok)
-            scores, rows, extra = hybrid.spar_bm25_retrieval(
-                model,
-                lex,
-                data,
-                dev,
-                mesh,
-                weight,
-                None if args.bm25_weight == "auto" else float(args.bm25_weight),
-                args.combine,
-                args.k,
-                args.bm25_depth,
-                bs,
-                args.store,
-                mu_grid=hybrid.scaled_grid(args.mu_grid_scale),
-                bm25_config=bm25_config,
-                metric=args.tune_metric,
-            )
-            info["retriever"] = {
-                "spar+bm25": {"base": info["retriever"], "lexical": args.lexical_model, **extra}
-            }
-            info["mu"] = extra["mu"]
-        elif args.lexical_model:
-            lex_encoder, lex_params, lex_tok = load_lexical_model(cfg, args)
-            lex = (lex_encoder, _place_params(cfg, lex_params, mesh), lex_tok)
-            scores, rows, extra = hybrid.spar_retrieval(
-                model,
-                lex,
-                data,
-                dev,
-                mesh,
-                weight,
-                args.combine,
-                args.k,
-                bs,
-                args.store,
-                grid=hybrid.scaled_grid(args.mu_grid_scale),
-                metric=args.tune_metric,
-            )
-            info["retriever"] = {
-                "spar": {"base": info["retriever"], "lexical": args.lexical_model, **extra}
-            }
+            mu_grid = hybrid.scaled_grid(args.mu_grid_scale)
+            if args.retriever == "hybrid":  # SPAR + BM25 (the paper's Table 8)
+                name = "spar+bm25"
+                bm25_weight = None if args.bm25_weight == "auto" else float(args.bm25_weight)
+                scores, rows, extra = hybrid.spar_bm25_retrieval(
+                    model,
+                    lex,
+                    data,
+                    dev,
+                    mesh,
+                    weight,
+                    bm25_weight,
+                    args.combine,
+                    args.k,
+                    args.bm25_depth,
+                    bs,
+                    args.store,
+                    mu_grid=mu_grid,
+                    bm25_config=bm25_config,
+                    metric=args.tune_metric,
+                )
+            else:
+                name = "spar"
+                scores, rows, extra = hybrid.spar_retrieval(
+                    model,
+                    lex,
+                    data,
+                    dev,
+                    mesh,
+                    weight,
+                    args.combine,
+                    args.k,
+                    bs,
+                    args.store,
+                    grid=mu_grid,
+                    metric=args.tune_metric,
+                )
+            spar = {"base": info["retriever"], "lexical": args.lexical_model, **extra}
+            info["retriever"] = {name: spar}
             info["mu"] = extra["mu"]
         elif args.retriever == "hybrid":
             scores, rows, extra = hybrid.hybrid_retrieval(

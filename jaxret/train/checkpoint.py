@@ -108,6 +108,28 @@ def verify(folder: Path, process: int = 0, processes: int = 1) -> str | None:
     return None
 
 
+class _Background:
+    """One piece of work on a daemon thread; `join` waits for it and re-raises its error on
+    the calling (training) thread, so a failed background write is never lost."""
+
+    def __init__(self, name: str, work: Any, *args: Any):
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                work(*args)
+            except BaseException as e:
+                self.error = e
+
+        self.thread = threading.Thread(target=run, daemon=True, name=name)
+        self.thread.start()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class Manager:
     def __init__(self, directory: Path, keep: int = 3, aux_latest_only: bool = False):
         self.directory = Path(directory).absolute()
@@ -117,10 +139,8 @@ class Manager:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_names=("state", "aux", "meta"),
         )
-        self._sealer: threading.Thread | None = None
-        self._seal_error: BaseException | None = None
-        self._best: threading.Thread | None = None
-        self._best_error: BaseException | None = None
+        self._sealer: _Background | None = None
+        self._best: _Background | None = None
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -212,24 +232,17 @@ class Manager:
             step,
             time.perf_counter() - t0,
         )
-        self._sealer = threading.Thread(target=self._seal_in_background, daemon=True, name="seal")
-        self._sealer.start()
+        self._sealer = _Background("seal", self._seal_in_background)
 
     def _seal_in_background(self) -> None:
-        try:
-            self.seal()
-            if self.aux_latest_only:
-                self.drop_older_aux()
-        except BaseException as e:  # re-raised on the training thread by _join_sealer
-            self._seal_error = e
+        self.seal()
+        if self.aux_latest_only:
+            self.drop_older_aux()
 
     def _join_sealer(self) -> None:
-        if self._sealer is not None:
-            self._sealer.join()
-            self._sealer = None
-        if self._seal_error is not None:
-            error, self._seal_error = self._seal_error, None
-            raise error
+        sealer, self._sealer = self._sealer, None
+        if sealer is not None:
+            sealer.join()
 
     def read_meta(self, step: int) -> dict[str, Any]:
         out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -259,37 +272,29 @@ class Manager:
         target = root / f"{BEST}-{info['step']}"
         ckpt = ocp.StandardCheckpointer()
         ckpt.save(target / "params", params, force=True)
-        self._best = threading.Thread(
-            target=self._link_best, args=(ckpt, target, dict(info)), daemon=True, name="best"
-        )
-        self._best.start()
+        self._best = _Background("best", self._link_best, ckpt, target, dict(info))
         return root / BEST
 
     def _link_best(self, ckpt: Any, target: Path, info: dict[str, Any]) -> None:
-        try:
-            ckpt.wait_until_finished()  # every process's share written and committed
-            if jax.process_index() == 0:
-                root = target.parent
-                (target / "best.json").write_text(json.dumps(info, indent=2))
-                link = root / BEST
-                if link.exists() and not link.is_symlink():  # a folder from an older jaxret
-                    shutil.rmtree(link)
-                tmp = root / f".{BEST}-{uuid.uuid4().hex}"
-                os.symlink(target.name, tmp)
-                previous = link.resolve() if link.is_symlink() else None
-                os.replace(tmp, link)  # atomic: `best` is always a complete folder
-                if previous is not None and previous != target.resolve() and previous.exists():
-                    shutil.rmtree(previous, ignore_errors=True)
-        except BaseException as e:  # re-raised on the training thread by _join_best
-            self._best_error = e
+        ckpt.wait_until_finished()  # every process's share written and committed
+        if jax.process_index() != 0:
+            return
+        root = target.parent
+        (target / "best.json").write_text(json.dumps(info, indent=2))
+        link = root / BEST
+        if link.exists() and not link.is_symlink():  # a folder from an older jaxret
+            shutil.rmtree(link)
+        tmp = root / f".{BEST}-{uuid.uuid4().hex}"
+        os.symlink(target.name, tmp)
+        previous = link.resolve() if link.is_symlink() else None
+        os.replace(tmp, link)  # atomic: `best` is always a complete folder
+        if previous is not None and previous != target.resolve() and previous.exists():
+            shutil.rmtree(previous, ignore_errors=True)
 
     def _join_best(self) -> None:
-        if self._best is not None:
-            self._best.join()
-            self._best = None
-        if self._best_error is not None:
-            error, self._best_error = self._best_error, None
-            raise error
+        best, self._best = self._best, None
+        if best is not None:
+            best.join()
 
     def wait(self) -> None:
         self._join_best()

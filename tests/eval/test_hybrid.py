@@ -74,9 +74,9 @@ def test_mu_tuning_picks_the_best_grid_value():
     assert best == brute and sorted(calls) == sorted(hybrid.MU_GRID) and scores == table
 
 
-def test_spar_tuning_on_a_real_dev_split(data_dir, tiny_bert, tmp_path):
-    """End to end on cranfield: the tuned μ is the one whose dev nDCG@10 is the best, and the
-    test retrieval uses it."""
+def _spar_setup(data_dir, tiny_bert):
+    """Cranfield (60 queries, 300 documents) split into dev / test, a mean-pooled base and a
+    [CLS] normalized Λ (both tiny BERTs), the mesh."""
     from jaxret.data.tokenization import load_tokenizer
     from jaxret.models import dual_encoder as de
     from jaxret.parallel import make_mesh
@@ -84,12 +84,17 @@ def test_spar_tuning_on_a_real_dev_split(data_dir, tiny_bert, tmp_path):
     data = ev.subsample(ev.load_eval_data(data_dir / "cranfield"), 60, 300)
     dev, test = ev.hash_split(data, 0.5)
     enc, params, tok = de.from_pretrained(tiny_bert, de.EncoderSpec(pooling="mean"))
-    base = (enc, params, load_tokenizer(tok))
     enc2, params2, tok2 = de.from_pretrained(
         tiny_bert, de.EncoderSpec(pooling="cls", normalize=True)
     )
-    lex = (enc2, params2, load_tokenizer(tok2))
-    mesh = make_mesh()
+    base, lex = (enc, params, load_tokenizer(tok)), (enc2, params2, load_tokenizer(tok2))
+    return dev, test, base, lex, make_mesh()
+
+
+def test_spar_tuning_on_a_real_dev_split(data_dir, tiny_bert, tmp_path):
+    """End to end on cranfield: the tuned μ is the one whose dev nDCG@10 is the best, and the
+    test retrieval uses it."""
+    dev, test, base, lex, mesh = _spar_setup(data_dir, tiny_bert)
     grid = (0.1, 1.0, 10.0)
     scores, rows, info = hybrid.spar_retrieval(
         base, lex, test, dev, mesh, None, "concat", 100, 32, tmp_path, grid
@@ -145,20 +150,9 @@ def test_spar_plus_bm25_composes_spar_and_bm25(data_dir, tiny_bert, tmp_path):
     carry BM25's top-10 scores, tie-tolerant); 'auto' picks the best dev weight. Fails if
     the fused dense list is not SPAR's (e.g. the base model's alone) or the weight is
     ignored."""
-    from jaxret.data.tokenization import load_tokenizer
     from jaxret.lexical.bm25 import BM25
-    from jaxret.models import dual_encoder as de
-    from jaxret.parallel import make_mesh
 
-    data = ev.subsample(ev.load_eval_data(data_dir / "cranfield"), 60, 300)
-    dev, test = ev.hash_split(data, 0.5)
-    enc, params, tok = de.from_pretrained(tiny_bert, de.EncoderSpec(pooling="mean"))
-    base = (enc, params, load_tokenizer(tok))
-    enc2, params2, tok2 = de.from_pretrained(
-        tiny_bert, de.EncoderSpec(pooling="cls", normalize=True)
-    )
-    lex = (enc2, params2, load_tokenizer(tok2))
-    mesh = make_mesh()
+    dev, test, base, lex, mesh = _spar_setup(data_dir, tiny_bert)
     run = lambda weight, dev_set=None: hybrid.spar_bm25_retrieval(
         base, lex, test, dev_set, mesh, 2.0, weight, "concat", 10, 100, 32, tmp_path
     )
