@@ -259,6 +259,7 @@ def test_in_batch_baseline_loss_equals_numpy(setup):
     assert float(metrics["negatives"]) == B - 1
 
 
+@pytest.mark.slow  # ~25 s (a compile of the joint step); its loss is checked in the fast set
 def test_in_batch_baseline_trains_both_towers_at_every_step(setup):
     """No alternation: both towers move at every step (after warmup's lr 0). Fails if the
     ICoL phase logic freezes one tower."""

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import transformers
 from safetensors.numpy import load_file
@@ -88,6 +89,9 @@ def test_adapt_chain_end_to_end(tiny_bert, tmp_path):
     assert initial["model.projection_dim"] == 8
 
 
+# In make test-slow (~33 s end to end); the two-tower contrastive step is checked against one
+# device in tests/recipes/test_contrastive.py.
+@pytest.mark.slow
 def test_ict_baseline_trains_two_towers(tiny_bert, tmp_path):
     cfg = load_config(
         "configs/qgen.py:tiny",
