@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxret.configlib import distributed_config, mesh_config, minilm_path
+from jaxret.configlib import cosine_mean_encoder, distributed_config, mesh_config, minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,12 +38,7 @@ def base():
             name="distilbert-base-uncased",
             passage_name="",
             shared=False,  # ICoL keeps two towers; icol.shared ties them at every switch
-            pooling="mean",
-            projection="none",
-            normalize=True,
-            similarity="cosine",
-            scale=20.0,
-            passage_format="join",
+            **cosine_mean_encoder(),
             max_query_length=64,
             max_passage_length=350,
             dtype="bfloat16",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxret.configlib import distributed_config, mesh_config, minilm_path
+from jaxret.configlib import cosine_mean_encoder, distributed_config, mesh_config, minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,12 +193,7 @@ def get_config(arg=None):
         c.model.update(
             name="",
             shared=True,
-            pooling="mean",
-            projection="none",
-            normalize=True,
-            similarity="cosine",
-            scale=20.0,
-            passage_format="join",
+            **cosine_mean_encoder(),
             max_query_length=350,
             max_passage_length=350,
         )
@@ -233,12 +228,7 @@ def get_config(arg=None):
         c.generate.update(num_samples=5, keep=3, max_length=20, batch_size=64, shard_size=256)
         c.model.update(
             name=minilm_path(),
-            pooling="mean",
-            projection="none",
-            normalize=True,
-            similarity="cosine",
-            scale=20.0,
-            passage_format="join",
+            **cosine_mean_encoder(),
             max_query_length=32,
             max_passage_length=128,
             dtype="float32",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxret.configlib import distributed_config, mesh_config, minilm_path
+from jaxret.configlib import cosine_mean_encoder, distributed_config, mesh_config, minilm_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,11 +124,7 @@ def get_config(arg=None):
         c.model.update(
             name=minilm_path(),
             shared=False,
-            pooling="mean",
-            normalize=True,
-            similarity="cosine",
-            scale=20.0,
-            passage_format="join",
+            **cosine_mean_encoder(),
             # 32 + 96 tokens (the paper: 256 + 256) and batch 16 keep a step near 2.5 s on 2
             # CPU cores.
             max_query_length=32,

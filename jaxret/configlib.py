@@ -45,6 +45,20 @@ def mesh_config() -> ml_collections.ConfigDict:
     )
 
 
+def cosine_mean_encoder() -> dict:
+    """The sentence-transformers embedding (mean pooling, no head, unit norm, cosine × 20,
+    title + " " + text) that LaPraDoR, its fine-tuning and the MiniLM demos train and
+    evaluate with: the model fields they share, for `c.model.update(**…)`."""
+    return dict(
+        pooling="mean",
+        projection="none",
+        normalize=True,
+        similarity="cosine",
+        scale=20.0,
+        passage_format="join",
+    )
+
+
 def distributed_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
