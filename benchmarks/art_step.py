@@ -23,10 +23,10 @@ from jaxret.configlib import load_config  # noqa: E402
 from jaxret.data.tokenization import load_tokenizer, tokenize_passages, tokenize_queries  # noqa: E402
 from jaxret.index.gather import device_table, gather_rows  # noqa: E402
 from jaxret.index.sharded import ShardedIndex  # noqa: E402
+from jaxret.methods.art import step as art  # noqa: E402
+from jaxret.methods.art.data import load_art_data, sparse_teacher_table  # noqa: E402
 from jaxret.models import dual_encoder as de  # noqa: E402
 from jaxret.parallel import global_batch, make_mesh  # noqa: E402
-from jaxret.recipes import art  # noqa: E402
-from jaxret.train.art_data import load_art_data, sparse_teacher_table  # noqa: E402
 
 
 def main():

@@ -27,7 +27,7 @@ import transformers  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from jaxret.data.readers import find_corpus, read_corpus  # noqa: E402
-from jaxret.data.synthetic import GenerationSpec, encode_inputs  # noqa: E402
+from jaxret.methods.qgen.generation import GenerationSpec, encode_inputs  # noqa: E402
 from jaxret.models.generate import Decoding, generate  # noqa: E402
 from jaxret.models.seq2seq import load_generator  # noqa: E402
 from jaxret.parallel import make_mesh  # noqa: E402

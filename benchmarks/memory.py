@@ -34,19 +34,19 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from jaxret.configlib import load_config  # noqa: E402
 from jaxret.index.mips import RowLayout, row_sharding  # noqa: E402
 from jaxret.index.sharded import ShardedIndex  # noqa: E402
+from jaxret.methods.art import step as art  # noqa: E402
 from jaxret.models import dual_encoder as de  # noqa: E402
 from jaxret.models.bert import BertConfig  # noqa: E402
 from jaxret.models.hf_bert import abstract_params as bert_params  # noqa: E402
 from jaxret.models.t5 import T5Config  # noqa: E402
 from jaxret.parallel import make_mesh  # noqa: E402
 from jaxret.parallel.activations import Activations  # noqa: E402
-from jaxret.recipes import art  # noqa: E402
-from jaxret.recipes import state as train_state  # noqa: E402
 from jaxret.teachers.t5_teacher import (  # noqa: E402
     TeacherSpec,
     abstract_teacher,
     compile_scoring,
 )
+from jaxret.train import state as train_state  # noqa: E402
 from jaxret.train.optim import make_optimizer  # noqa: E402
 
 WIKI_ROWS = 21_015_324

@@ -37,9 +37,9 @@ from jaxret.data.tokenization import load_tokenizer  # noqa: E402
 from jaxret.index.encode import empty_index, encode_corpus, passage_table, refresh_index  # noqa: E402
 from jaxret.index.gather import device_table, memmap_rows  # noqa: E402
 from jaxret.index.mips import RowLayout  # noqa: E402
+from jaxret.methods.art.data import load_art_data  # noqa: E402
 from jaxret.models import dual_encoder as de  # noqa: E402
 from jaxret.parallel import make_mesh  # noqa: E402
-from jaxret.train.art_data import load_art_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +134,7 @@ def modes(args):
 
 
 def programs(args):
-    from jaxret.train.art import ArtRun
+    from jaxret.methods.art.runner import ArtRun
 
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
@@ -152,7 +152,7 @@ def programs(args):
                 jax.device_get(metrics)
                 done[program] += 1
                 run.after_step(run.state, done[program])
-                run.index.embeddings.block_until_ready()
+                run.refresh.index.embeddings.block_until_ready()
                 if record:
                     times[program].append(time.perf_counter() - t0)
 

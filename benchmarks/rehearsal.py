@@ -104,7 +104,7 @@ def overrides(data: Path, bert: Path, t5: Path, store: Path, args, refresh: str)
         f"--config.data.dir={data}",
         f"--config.data.train_questions={data / 'train_questions.jsonl'}",
         "--config.data.max_docs=0",
-        "--config.data.max_eval_questions=200",
+        "--config.data.max_eval_queries=200",
         f"--config.data.store={store}",
         "--config.model.max_passage_length=16",
         "--config.art.top_k=32",

@@ -22,37 +22,25 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxret.configlib import distributed_config, mesh_config, minilm_path
+from jaxret.configlib import (
+    minilm_path,
+    model_config,
+    optimizer_config,
+    run_config,
+    train_config,
+    with_variant,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def base():
-    c = ml_collections.ConfigDict()
-    c.recipe = "art"
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(
-        dict(
-            # ART starts from MSS-pretrained BERT-base towers; pass a converted HF folder.
-            name="bert-base-uncased",
-            passage_name="",
-            shared=False,  # separate question and passage towers, as in ART
-            pooling="cls",
-            projection="none",
-            normalize=False,
-            similarity="dot",
-            scale=1.0,
-            passage_format="pair",
-            max_query_length=64,
-            max_passage_length=256,
-            # ART trains in fp16 mixed precision with --checkpoint-activations: bf16 compute
-            # (parameters, optimizer and losses stay fp32) and both towers rematerialized.
-            dtype="bfloat16",
-            remat="both",  # none | query | passage | both (recompute activations in backward)
-        )
-    )
-    c.mesh = mesh_config()
-    c.distributed = distributed_config()
+    c = run_config("art")
+    # ART starts from MSS-pretrained BERT-base towers (separate question and passage towers);
+    # pass a converted HF folder. ART trains in fp16 mixed precision with
+    # --checkpoint-activations: bf16 compute (parameters, optimizer and losses stay fp32) and
+    # both towers rematerialized.
+    c.model = model_config(remat="both")
     c.data = ml_collections.ConfigDict(
         dict(
             dir="",  # corpus (corpus.jsonl or psgs_w100.tsv) + qa/<split> or qrels/<split>
@@ -66,7 +54,7 @@ def base():
             split="test",  # hash_split: the question set that is split
             split_fractions=(0.8, 0.1, 0.1),  # hash_split: train/dev/test fractions
             max_docs=0,
-            max_eval_questions=0,
+            max_eval_queries=0,
             store="",  # tokenized corpus store (default: WORKDIR/store)
         )
     )
@@ -113,32 +101,8 @@ def base():
             oracle_margin=10.0,
         )
     )
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=2e-5,
-            warmup_fraction=0.01,
-            weight_decay=0.1,
-            clip_norm=1.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-        )
-    )
-    c.train = ml_collections.ConfigDict(
-        dict(
-            steps=0,  # 0: epochs × (questions // batch)
-            epochs=10,
-            batch_size=64,
-            refresh_every=500,
-            eval_every=500,
-            checkpoint_every=500,
-            keep_checkpoints=3,
-            progress=True,
-            max_skipped_in_a_row=5,  # non-finite steps in a row before the run stops
-            allow_config_change=False,  # resume a workdir despite a changed config
-        )
-    )
+    c.optimizer = optimizer_config(weight_decay=0.1)
+    c.train = train_config(refresh_every=500, eval_every=500, checkpoint_every=500)
     # index: dev evaluation on the "training" index as it is (its age reported; no stall,
     # no second index) or on a "fresh" scratch index (a corpus encoding and a second index
     # on the devices). The final test always encodes the corpus with the final parameters.
@@ -148,83 +112,96 @@ def base():
     return c
 
 
+def nq_t0_3b(c: ml_collections.ConfigDict) -> None:
+    """The base config as it is."""
+
+
+def nq_t5_xxl_lm_adapt(c: ml_collections.ConfigDict) -> None:
+    c.teacher.model = "google/t5-xxl-lm-adapt"
+    c.art.top_k = 16
+    c.train.update(batch_size=32, refresh_every=1000, eval_every=1000, checkpoint_every=1000)
+
+
+def msmarco(c: ml_collections.ConfigDict) -> None:
+    c.art.top_k = 8
+    c.train.batch_size = 512
+    c.eval.metric = "ndcg@10"
+
+
+def demo(c: ml_collections.ConfigDict) -> None:
+    # SQuAD-dev-open has one question set: the demo splits it by id hash (and says so).
+    c.data.update(
+        dir=str(ROOT / "data" / "squad-dev-open"),
+        protocol="hash_split",
+        max_docs=800,
+        max_eval_queries=300,
+    )
+    c.model.update(
+        name=minilm_path(),
+        shared=True,
+        pooling="mean",
+        normalize=True,
+        passage_format="join",
+        # 64 tokens keeps a step near 1.6 s on 2 CPU cores (passages average ~95 tokens).
+        max_query_length=24,
+        max_passage_length=64,
+        dtype="float32",  # XLA:CPU has no fast bf16 matmul
+        remat="none",
+    )
+    # Unit-norm MiniLM embeddings: τ = 0.0025·√384 ≈ 0.05, a usual contrastive temperature.
+    c.art.update(top_k=8, temperature_multiplier=0.0025)
+    c.teacher.update(kind="bm25", temperature=2.0)
+    c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
+    c.encode.update(batch_size=64, device_batch=32, index_dtype="float32", chunk_rows=4096)
+    c.train.update(steps=200, batch_size=4, refresh_every=50, eval_every=100, checkpoint_every=100)
+
+
+def demo_rolling(c: ml_collections.ConfigDict) -> None:
+    """The demo's run, the index refreshed in slices."""
+    demo(c)
+    c.art.refresh = "rolling"
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    c.data.update(
+        dir=str(ROOT / "data" / "squad-dev-open"),
+        protocol="hash_split",
+        max_docs=120,
+        max_eval_queries=40,
+    )
+    c.model.update(
+        name="",
+        shared=True,
+        pooling="cls",
+        max_query_length=16,
+        max_passage_length=32,
+        dtype="float32",
+        remat="none",
+    )
+    c.art.update(top_k=4, dropout=False)
+    c.teacher.update(kind="oracle", max_passage_length=64, max_question_length=24, chunk_pairs=4)
+    c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
+    c.encode.update(batch_size=32, device_batch=8, index_dtype="float32", chunk_rows=16)
+    c.train.update(
+        steps=6,
+        batch_size=8,
+        refresh_every=2,
+        eval_every=3,
+        checkpoint_every=3,
+        keep_checkpoints=2,
+        progress=False,
+    )
+
+
+VARIANTS = {
+    "nq_t0_3b": nq_t0_3b,
+    "nq_t5_xxl_lm_adapt": nq_t5_xxl_lm_adapt,
+    "msmarco": msmarco,
+    "demo": demo,
+    "demo_rolling": demo_rolling,
+    "tiny": tiny,
+}
+
+
 def get_config(arg=None):
-    variant = arg or "nq_t0_3b"
-    c = base()
-    if variant == "nq_t0_3b":
-        pass
-    elif variant == "nq_t5_xxl_lm_adapt":
-        c.teacher.model = "google/t5-xxl-lm-adapt"
-        c.art.top_k = 16
-        c.train.update(batch_size=32, refresh_every=1000, eval_every=1000, checkpoint_every=1000)
-    elif variant == "msmarco":
-        c.art.top_k = 8
-        c.train.batch_size = 512
-        c.eval.metric = "ndcg@10"
-    elif variant in ("demo", "demo_rolling"):
-        # SQuAD-dev-open has one question set: the demo splits it by id hash (and says so).
-        c.data.update(
-            dir=str(ROOT / "data" / "squad-dev-open"),
-            protocol="hash_split",
-            max_docs=800,
-            max_eval_questions=300,
-        )
-        c.model.update(
-            name=minilm_path(),
-            shared=True,
-            pooling="mean",
-            normalize=True,
-            passage_format="join",
-            # 64 tokens keeps a step near 2.5 s on 2 CPU cores (passages average ~95 tokens).
-            max_query_length=24,
-            max_passage_length=64,
-            dtype="float32",  # XLA:CPU has no fast bf16 matmul
-            remat="none",
-        )
-        # Unit-norm MiniLM embeddings: τ = 0.0025·√384 ≈ 0.05, a usual contrastive temperature.
-        c.art.update(top_k=8, temperature_multiplier=0.0025)
-        c.teacher.update(kind="bm25", temperature=2.0)
-        c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
-        c.encode.update(batch_size=64, device_batch=32, index_dtype="float32", chunk_rows=4096)
-        c.train.update(
-            steps=200, batch_size=4, refresh_every=50, eval_every=100, checkpoint_every=100
-        )
-        if variant == "demo_rolling":  # the same run, the index refreshed in slices
-            c.art.refresh = "rolling"
-    elif variant == "tiny":
-        c.data.update(
-            dir=str(ROOT / "data" / "squad-dev-open"),
-            protocol="hash_split",
-            max_docs=120,
-            max_eval_questions=40,
-        )
-        c.model.update(
-            name="",
-            shared=True,
-            pooling="cls",
-            max_query_length=16,
-            max_passage_length=32,
-            dtype="float32",
-            remat="none",
-        )
-        c.art.update(top_k=4, dropout=False)
-        c.teacher.update(
-            kind="oracle", max_passage_length=64, max_question_length=24, chunk_pairs=4
-        )
-        c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
-        c.encode.update(batch_size=32, device_batch=8, index_dtype="float32", chunk_rows=16)
-        c.train.update(
-            steps=6,
-            batch_size=8,
-            refresh_every=2,
-            eval_every=3,
-            checkpoint_every=3,
-            keep_checkpoints=2,
-            progress=False,
-        )
-    else:
-        raise ValueError(
-            f"unknown variant {variant!r}; known: nq_t0_3b, nq_t5_xxl_lm_adapt, msmarco, demo, "
-            "demo_rolling, tiny"
-        )
-    return c
+    return with_variant(base(), VARIANTS, arg or "nq_t0_3b")

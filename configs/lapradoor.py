@@ -24,37 +24,33 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxret.configlib import cosine_mean_encoder, distributed_config, mesh_config, minilm_path
+from jaxret.configlib import (
+    cosine_mean_encoder,
+    minilm_path,
+    model_config,
+    optimizer_config,
+    run_config,
+    train_config,
+    with_variant,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def base():
-    c = ml_collections.ConfigDict()
-    c.recipe = "lapradoor"
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(
-        dict(
-            name="distilbert-base-uncased",
-            passage_name="",
-            shared=False,  # ICoL keeps two towers; icol.shared ties them at every switch
-            **cosine_mean_encoder(),
-            max_query_length=64,
-            max_passage_length=350,
-            dtype="bfloat16",
-            remat="none",
-        )
+    c = run_config("lapradoor")
+    # ICoL keeps two towers (icol.shared ties them at every switch).
+    c.model = model_config(
+        name="distilbert-base-uncased", **cosine_mean_encoder(), max_passage_length=350
     )
-    c.mesh = mesh_config()
-    c.distributed = distributed_config()
     c.data = ml_collections.ConfigDict(
         dict(
             # comma-separated corpora to pretrain on: data folders or corpus files (C4,
             # Wikipedia: corpus.jsonl / psgs_w100.tsv, no queries needed)
-            dirs="",
+            dir="",
             # comma-separated BEIR folders evaluated before / after at the end (their
             # `eval_split` queries and qrels); "" = none
-            eval_dirs="",
+            eval_dir="",
             eval_split="test",
             max_eval_queries=0,
             splitter="sentencex",
@@ -70,35 +66,18 @@ def base():
             dapi=True,
             use_queue=True,
             shared=True,
-            method="icol",  # or the paper's baselines: in_batch, moco (recipes/lapradoor.py)
+            method="icol",  # or the paper's baselines: in_batch, moco (methods/lapradoor/step.py)
             momentum=0.999,  # moco's m
         )
     )
     c.encode = ml_collections.ConfigDict(dict(batch_size=256))
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=2e-4,
-            warmup_fraction=0.01,
-            weight_decay=0.01,
-            clip_norm=1.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-        )
-    )
-    c.train = ml_collections.ConfigDict(
-        dict(
-            steps=1_000_000,
-            epochs=0,
-            batch_size=4096,  # 256 per GPU × 16 GPUs
-            eval_every=10**9,
-            checkpoint_every=5000,
-            keep_checkpoints=3,
-            progress=True,
-            max_skipped_in_a_row=5,
-            allow_config_change=False,
-        )
+    c.optimizer = optimizer_config(lr=2e-4, weight_decay=0.01)
+    c.train = train_config(
+        steps=1_000_000,
+        epochs=0,
+        batch_size=4096,  # 256 per GPU × 16 GPUs
+        eval_every=10**9,
+        checkpoint_every=5000,
     )
     # Queries and documents encoded up to 350 tokens for evaluation, as the authors' code
     # (JetRunner/LaPraDoR code/laprador.py:17-18); 0 = the training lengths.
@@ -109,45 +88,59 @@ def base():
     return c
 
 
+def c4(c: ml_collections.ConfigDict) -> None:
+    """The base config as it is."""
+
+
+def wiki(c: ml_collections.ConfigDict) -> None:
+    c.train.steps = 100_000
+
+
+def wiki_in_batch(c: ml_collections.ConfigDict) -> None:
+    """Table 2's In-Batch (shared): no queue, no alternation"""
+    c.train.steps = 100_000
+    c.icol.update(method="in_batch", use_queue=False, shared=True)
+
+
+def wiki_moco(c: ml_collections.ConfigDict) -> None:
+    """Table 2's MoCo: a momentum key tower and its queue"""
+    c.train.steps = 100_000
+    c.icol.update(method="moco", shared=False)
+
+
+def demo(c: ml_collections.ConfigDict) -> None:
+    data = ROOT / "data"
+    sets = ",".join(str(data / n) for n in ("medline", "cranfield", "cisi"))
+    c.data.update(dir=sets, eval_dir=sets)
+    c.model.update(name=minilm_path(), max_query_length=32, max_passage_length=128, dtype="float32")
+    c.icol.update(switch_every=25, queue_size=2048)
+    c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
+    c.encode.update(batch_size=64)
+    c.train.update(steps=200, batch_size=16, checkpoint_every=100)
+    c.eval.max_length = 0  # the training lengths (128): the demo's CPU budget
+    c.eval.bm25_analyzer = "none"  # as docs/lapradoor.md's demo numbers were measured
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    adi = str(ROOT / "data" / "adi")
+    c.data.update(dir=adi, eval_dir=adi, max_eval_queries=10)
+    c.model.update(name="", max_query_length=16, max_passage_length=32, dtype="float32")
+    c.icol.update(switch_every=2, queue_size=64)
+    c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
+    c.encode.update(batch_size=32)
+    c.train.update(steps=6, batch_size=8, checkpoint_every=3, keep_checkpoints=2, progress=False)
+    c.eval.max_length = 0
+
+
+VARIANTS = {
+    "c4": c4,
+    "wiki": wiki,
+    "wiki_in_batch": wiki_in_batch,
+    "wiki_moco": wiki_moco,
+    "demo": demo,
+    "tiny": tiny,
+}
+
+
 def get_config(arg=None):
-    variant = arg or "c4"
-    c = base()
-    if variant == "c4":
-        pass
-    elif variant == "wiki":
-        c.train.steps = 100_000
-    elif variant == "wiki_in_batch":  # Table 2's In-Batch (shared): no queue, no alternation
-        c.train.steps = 100_000
-        c.icol.update(method="in_batch", use_queue=False, shared=True)
-    elif variant == "wiki_moco":  # Table 2's MoCo: a momentum key tower and its queue
-        c.train.steps = 100_000
-        c.icol.update(method="moco", shared=False)
-    elif variant == "demo":
-        data = ROOT / "data"
-        sets = ",".join(str(data / n) for n in ("medline", "cranfield", "cisi"))
-        c.data.update(dirs=sets, eval_dirs=sets)
-        c.model.update(
-            name=minilm_path(), max_query_length=32, max_passage_length=128, dtype="float32"
-        )
-        c.icol.update(switch_every=25, queue_size=2048)
-        c.optimizer.update(lr=2e-5, warmup_fraction=0.05)
-        c.encode.update(batch_size=64)
-        c.train.update(steps=200, batch_size=16, checkpoint_every=100)
-        c.eval.max_length = 0  # the training lengths (128): the demo's CPU budget
-        c.eval.bm25_analyzer = "none"  # as docs/lapradoor.md's demo numbers were measured
-    elif variant == "tiny":
-        adi = str(ROOT / "data" / "adi")
-        c.data.update(dirs=adi, eval_dirs=adi, max_eval_queries=10)
-        c.model.update(name="", max_query_length=16, max_passage_length=32, dtype="float32")
-        c.icol.update(switch_every=2, queue_size=64)
-        c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
-        c.encode.update(batch_size=32)
-        c.train.update(
-            steps=6, batch_size=8, checkpoint_every=3, keep_checkpoints=2, progress=False
-        )
-        c.eval.max_length = 0
-    else:
-        raise ValueError(
-            f"unknown variant {variant!r}; known: c4, wiki, wiki_in_batch, wiki_moco, demo, tiny"
-        )
-    return c
+    return with_variant(base(), VARIANTS, arg or "c4")

@@ -28,46 +28,31 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxret.configlib import cosine_mean_encoder, distributed_config, mesh_config, minilm_path
+from jaxret.configlib import (
+    cosine_mean_encoder,
+    minilm_path,
+    model_config,
+    optimizer_config,
+    run_config,
+    train_config,
+    with_variant,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _optimizer(lr: float) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=lr,
-            warmup_fraction=0.1,
-            weight_decay=0.01,
-            clip_norm=1.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-        )
-    )
+    return optimizer_config(lr=lr, warmup_fraction=0.1, weight_decay=0.01)
 
 
 def _train(batch_size: int, epochs: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        dict(
-            steps=0,  # 0: `epochs` passes over the pairs
-            epochs=epochs,
-            batch_size=batch_size,
-            eval_every=2000,
-            checkpoint_every=2000,
-            keep_checkpoints=3,
-            progress=True,
-            max_skipped_in_a_row=5,
-            allow_config_change=False,
-        )
+    return train_config(
+        batch_size=batch_size, epochs=epochs, eval_every=2000, checkpoint_every=2000
     )
 
 
 def base():
-    c = ml_collections.ConfigDict()
-    c.recipe = "qgen"
-    c.seed = 0
+    c = run_config("qgen")
     c.qgen = ml_collections.ConfigDict(
         dict(
             stage="adapt",  # generator | retriever | adapt
@@ -77,24 +62,9 @@ def base():
     )
     # The retriever: BERT-base, [CLS] → dense → tanh (BERT's pooler when projection_dim is
     # 0 or the hidden size; a fresh head of that size otherwise), dot product.
-    c.model = ml_collections.ConfigDict(
-        dict(
-            name="bert-base-uncased",
-            passage_name="",
-            shared=True,  # siamese; false: two-tower
-            pooling="cls",
-            projection="dense_tanh",
-            projection_dim=0,
-            normalize=False,
-            similarity="dot",
-            scale=1.0,
-            passage_format="pair",
-            max_query_length=64,
-            max_passage_length=256,
-            dtype="bfloat16",
-            remat="none",
-        )
-    )
+    c.model = model_config(
+        shared=True, projection="dense_tanh", projection_dim=0
+    )  # siamese; shared=False: two-tower
     c.generator = ml_collections.ConfigDict(
         dict(
             name="",  # HF T5 / BART folder or hub id ("" + tokenizer: BART from scratch)
@@ -137,14 +107,13 @@ def base():
             length_normalized=False,  # rank by the summed log-likelihood, as the paper
             top_p=0.95,
             top_k=0,
+            temperature=1.0,  # of the sampled decodings (nucleus, top_k)
             num_beams=5,
             max_length=64,  # generated tokens, EOS included
             batch_size=64,
             shard_size=1024,
         )
     )
-    c.mesh = mesh_config()
-    c.distributed = distributed_config()
     c.data = ml_collections.ConfigDict(
         dict(
             train_dir="",  # retriever pairs: a BEIR folder (queries + qrels/<train_split>)
@@ -173,108 +142,124 @@ def base():
     return c
 
 
+def generator_msmarco(c: ml_collections.ConfigDict) -> None:
+    c.qgen.stage = "generator"
+    c.generator.update(name="facebook/bart-large", dtype="bfloat16", max_input_length=512)
+
+
+def wikigq(c: ml_collections.ConfigDict) -> None:
+    c.qgen.stage = "retriever"
+
+
+def lapradoor_ft(c: ml_collections.ConfigDict) -> None:
+    # LaPraDoR-FT: the pretrained LaPraDoR fine-tuned on MS MARCO as BEIR's
+    # train_msmarco_v3 (beir-cellar/beir examples/retrieval/training/
+    # train_msmarco_v3.py:59-65, 165, 182-184): batch 75, 350 tokens, in-batch + one mined
+    # hard negative per query (CE margin 3, 5 per system), MultipleNegativesRankingLoss
+    # (cosine × 20), 10 epochs, 1000 warmup steps, AdamW lr 2e-5 (sentence-transformers'
+    # default). Set model.name (the LaPraDoR export), data.train_dir (BEIR msmarco),
+    # data.hard_negatives and data.dir (the evaluation set).
+    c.qgen.update(stage="retriever", pairs="qrels")
+    c.model.update(
+        name="",
+        shared=True,
+        **cosine_mean_encoder(),
+        max_query_length=350,
+        max_passage_length=350,
+    )
+    c.data.update(train_split="train", dev_split="dev")
+    c.optimizer = _optimizer(2e-5)
+    c.optimizer.update(warmup_fraction=0.0, warmup_steps=1000)
+    c.train = _train(75, 10)
+
+
+def adapt(c: ml_collections.ConfigDict) -> None:
+    c.generator.update(name="BeIR/query-gen-msmarco-t5-base-v1", max_input_length=350)
+    c.optimizer.update(lr=3e-5)
+    c.train.update(batch_size=400, epochs=10)  # 50 per GPU × 8 GPUs
+
+
+def demo(c: ml_collections.ConfigDict) -> None:
+    data = ROOT / "data"
+    c.generator.update(
+        tokenizer=minilm_path(),
+        max_input_length=96,
+        max_target_length=24,
+        use_best=True,
+    )
+    c.generator.scratch.update(
+        d_model=128,
+        encoder_ffn_dim=512,
+        decoder_ffn_dim=512,
+        max_position_embeddings=128,
+    )
+    c.generator.data.update(dir=str(data / "squad-dev-open"), split="test", dev_pairs=500)
+    c.generator.optimizer.update(lr=1e-3, warmup_fraction=0.05)
+    c.generator.train.update(
+        steps=300, epochs=0, batch_size=32, eval_every=150, checkpoint_every=150
+    )
+    # 5 samples, keep 3, ≤ 20 tokens (the paper: 10, keep 5, 64): the demo's time budget.
+    c.generate.update(num_samples=5, keep=3, max_length=20, batch_size=64, shard_size=256)
+    c.model.update(
+        name=minilm_path(),
+        **cosine_mean_encoder(),
+        max_query_length=32,
+        max_passage_length=128,
+        dtype="float32",
+    )
+    # No dev split: with one evaluation at the end there is nothing to select, so all
+    # 225 cranfield queries are the test set (baseline = the same MiniLM, untrained).
+    c.data.update(dir=str(data / "cranfield"), dev_fraction=0.0)
+    c.encode.update(batch_size=64)
+    c.optimizer.update(lr=2e-5)
+    c.train.update(steps=80, epochs=0, batch_size=16, eval_every=80, checkpoint_every=80)
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    data = ROOT / "data" / "adi"
+    c.model.update(
+        name="", projection_dim=8, max_query_length=16, max_passage_length=32, dtype="float32"
+    )
+    c.generator.update(max_input_length=32, max_target_length=12)
+    c.generator.scratch.update(
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=64,
+    )
+    c.generator.data.update(dir=str(data), split="test", dev_pairs=16)
+    c.generator.optimizer.update(lr=1e-3)
+    c.generator.train.update(
+        steps=4, epochs=0, batch_size=8, eval_every=2, checkpoint_every=2, progress=False
+    )
+    c.generate.update(num_samples=3, keep=2, max_length=8, batch_size=16, shard_size=32)
+    c.data.update(dir=str(data), dev_fraction=0.5, max_eval_queries=10)
+    c.encode.update(batch_size=32, chunk_rows=64)
+    c.optimizer.update(lr=1e-3)
+    c.train.update(
+        steps=4,
+        epochs=0,
+        batch_size=8,
+        eval_every=2,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+        progress=False,
+    )
+
+
+VARIANTS = {
+    "generator_msmarco": generator_msmarco,
+    "wikigq": wikigq,
+    "lapradoor_ft": lapradoor_ft,
+    "adapt": adapt,
+    "demo": demo,
+    "tiny": tiny,
+}
+
+
 def get_config(arg=None):
-    variant = arg or "wikigq"
-    c = base()
-    if variant == "generator_msmarco":
-        c.qgen.stage = "generator"
-        c.generator.update(name="facebook/bart-large", dtype="bfloat16", max_input_length=512)
-    elif variant == "wikigq":
-        c.qgen.stage = "retriever"
-    elif variant == "lapradoor_ft":
-        # LaPraDoR-FT: the pretrained LaPraDoR fine-tuned on MS MARCO as BEIR's
-        # train_msmarco_v3 (beir-cellar/beir examples/retrieval/training/
-        # train_msmarco_v3.py:59-65, 165, 182-184): batch 75, 350 tokens, in-batch + one mined
-        # hard negative per query (CE margin 3, 5 per system), MultipleNegativesRankingLoss
-        # (cosine × 20), 10 epochs, 1000 warmup steps, AdamW lr 2e-5 (sentence-transformers'
-        # default). Set model.name (the LaPraDoR export), data.train_dir (BEIR msmarco),
-        # data.hard_negatives and data.dir (the evaluation set).
-        c.qgen.update(stage="retriever", pairs="qrels")
-        c.model.update(
-            name="",
-            shared=True,
-            **cosine_mean_encoder(),
-            max_query_length=350,
-            max_passage_length=350,
-        )
-        c.data.update(train_split="train", dev_split="dev")
-        c.optimizer = _optimizer(2e-5)
-        c.optimizer.update(warmup_fraction=0.0, warmup_steps=1000)
-        c.train = _train(75, 10)
-    elif variant == "adapt":
-        c.generator.update(name="BeIR/query-gen-msmarco-t5-base-v1", max_input_length=350)
-        c.optimizer.update(lr=3e-5)
-        c.train.update(batch_size=400, epochs=10)  # 50 per GPU × 8 GPUs
-    elif variant == "demo":
-        data = ROOT / "data"
-        c.generator.update(
-            tokenizer=minilm_path(),
-            max_input_length=96,
-            max_target_length=24,
-            use_best=True,
-        )
-        c.generator.scratch.update(
-            d_model=128,
-            encoder_ffn_dim=512,
-            decoder_ffn_dim=512,
-            max_position_embeddings=128,
-        )
-        c.generator.data.update(dir=str(data / "squad-dev-open"), split="test", dev_pairs=500)
-        c.generator.optimizer.update(lr=1e-3, warmup_fraction=0.05)
-        c.generator.train.update(
-            steps=300, epochs=0, batch_size=32, eval_every=150, checkpoint_every=150
-        )
-        # 5 samples, keep 3, ≤ 20 tokens (the paper: 10, keep 5, 64): the demo's time budget.
-        c.generate.update(num_samples=5, keep=3, max_length=20, batch_size=64, shard_size=256)
-        c.model.update(
-            name=minilm_path(),
-            **cosine_mean_encoder(),
-            max_query_length=32,
-            max_passage_length=128,
-            dtype="float32",
-        )
-        # No dev split: with one evaluation at the end there is nothing to select, so all
-        # 225 cranfield queries are the test set (baseline = the same MiniLM, untrained).
-        c.data.update(dir=str(data / "cranfield"), dev_fraction=0.0)
-        c.encode.update(batch_size=64)
-        c.optimizer.update(lr=2e-5)
-        c.train.update(steps=80, epochs=0, batch_size=16, eval_every=80, checkpoint_every=80)
-    elif variant == "tiny":
-        data = ROOT / "data" / "adi"
-        c.model.update(
-            name="", projection_dim=8, max_query_length=16, max_passage_length=32, dtype="float32"
-        )
-        c.generator.update(max_input_length=32, max_target_length=12)
-        c.generator.scratch.update(
-            d_model=16,
-            encoder_layers=1,
-            decoder_layers=1,
-            encoder_attention_heads=2,
-            decoder_attention_heads=2,
-            encoder_ffn_dim=32,
-            decoder_ffn_dim=32,
-            max_position_embeddings=64,
-        )
-        c.generator.data.update(dir=str(data), split="test", dev_pairs=16)
-        c.generator.optimizer.update(lr=1e-3)
-        c.generator.train.update(
-            steps=4, epochs=0, batch_size=8, eval_every=2, checkpoint_every=2, progress=False
-        )
-        c.generate.update(num_samples=3, keep=2, max_length=8, batch_size=16, shard_size=32)
-        c.data.update(dir=str(data), dev_fraction=0.5, max_eval_queries=10)
-        c.encode.update(batch_size=32, chunk_rows=64)
-        c.optimizer.update(lr=1e-3)
-        c.train.update(
-            steps=4,
-            epochs=0,
-            batch_size=8,
-            eval_every=2,
-            checkpoint_every=2,
-            keep_checkpoints=2,
-            progress=False,
-        )
-    else:
-        raise ValueError(
-            f"unknown variant {variant!r}; known: generator_msmarco, wikigq, adapt, demo, tiny"
-        )
-    return c
+    return with_variant(base(), VARIANTS, arg or "wikigq")

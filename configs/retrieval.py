@@ -9,42 +9,49 @@ Variants:
 
 import ml_collections
 
-from jaxret.configlib import distributed_config, mesh_config, minilm_path
+from jaxret.configlib import (
+    minilm_path,
+    model_config,
+    run_config,
+    with_variant,
+)
+
+
+def base():
+    c = run_config()
+    c.model = model_config(
+        name=minilm_path(),
+        shared=True,
+        pooling="mean",
+        normalize=True,
+        passage_format="join",
+        dtype="float32",
+    )
+    c.encode = ml_collections.ConfigDict(dict(batch_size=128, index_dtype="float32"))
+    c.search = ml_collections.ConfigDict(dict(k=100, query_batch_size=256, chunk_rows=65536))
+    return c
+
+
+def minilm(c: ml_collections.ConfigDict) -> None:
+    """The base config as it is."""
+
+
+def dpr(c: ml_collections.ConfigDict) -> None:
+    c.model.update(pooling="cls", normalize=False, passage_format="pair", max_query_length=64)
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    c.model.update(max_query_length=16, max_passage_length=32)
+    c.encode.batch_size = 16
+    c.search.update(k=10, query_batch_size=8, chunk_rows=64)
+
+
+VARIANTS = {
+    "minilm": minilm,
+    "dpr": dpr,
+    "tiny": tiny,
+}
 
 
 def get_config(arg=None):
-    variant = arg or "minilm"
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(
-        dict(
-            name=minilm_path(),  # HF folder, hub id, or jaxret export
-            passage_name="",  # separate passage checkpoint (two towers); "" = same as name
-            shared=True,
-            pooling="mean",
-            projection="none",
-            normalize=True,
-            similarity="dot",
-            scale=1.0,
-            passage_format="join",
-            max_query_length=64,
-            max_passage_length=256,
-            dtype="float32",
-            remat="none",  # none | query | passage | both (recompute activations in backward)
-        )
-    )
-    c.mesh = mesh_config()
-    c.distributed = distributed_config()
-    c.encode = ml_collections.ConfigDict(dict(batch_size=128, index_dtype="float32"))
-    c.search = ml_collections.ConfigDict(dict(k=100, query_batch_size=256, chunk_rows=65536))
-    if variant == "minilm":
-        pass
-    elif variant == "dpr":
-        c.model.update(pooling="cls", normalize=False, passage_format="pair", max_query_length=64)
-    elif variant == "tiny":
-        c.model.update(max_query_length=16, max_passage_length=32)
-        c.encode.batch_size = 16
-        c.search.update(k=10, query_batch_size=8, chunk_rows=64)
-    else:
-        raise ValueError(f"unknown variant {variant!r}; known: minilm, dpr, tiny")
-    return c
+    return with_variant(base(), VARIANTS, arg or "minilm")

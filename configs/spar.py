@@ -18,36 +18,25 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxret.configlib import cosine_mean_encoder, distributed_config, mesh_config, minilm_path
+from jaxret.configlib import (
+    cosine_mean_encoder,
+    minilm_path,
+    model_config,
+    optimizer_config,
+    run_config,
+    train_config,
+    with_variant,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def base():
-    c = ml_collections.ConfigDict()
-    c.recipe = "spar"
-    c.seed = 0
-    c.model = ml_collections.ConfigDict(
-        dict(
-            name="bert-base-uncased",
-            passage_name="",
-            shared=False,  # DPR's two towers
-            pooling="cls",
-            projection="none",
-            normalize=False,
-            similarity="dot",
-            scale=1.0,
-            passage_format="pair",
-            # dpr-scale tokenizes queries and passages with one transform, max_seq_len 256
-            # (dpr_scale/conf/task/transform/hf_transform.yaml:4); Λ's queries are sentences.
-            max_query_length=256,
-            max_passage_length=256,
-            dtype="bfloat16",
-            remat="none",
-        )
-    )
-    c.mesh = mesh_config()
-    c.distributed = distributed_config()
+    c = run_config("spar")
+    # DPR's two towers. dpr-scale tokenizes queries and passages with one transform,
+    # max_seq_len 256 (dpr_scale/conf/task/transform/hf_transform.yaml:4); Λ's queries are
+    # sentences.
+    c.model = model_config(max_query_length=256)
     c.data = ml_collections.ConfigDict(
         dict(
             # the corpus whose sentences train Λ: a data folder or a corpus file (no queries
@@ -80,80 +69,69 @@ def base():
     # The contrastive loss scores as model.similarity / model.scale do (one scale per model).
     c.spar = ml_collections.ConfigDict(dict(dropout=True, hard_negatives=1))
     c.encode = ml_collections.ConfigDict(dict(batch_size=256, chunk_rows=32768))
-    c.optimizer = ml_collections.ConfigDict(
-        dict(
-            name="adamw",
-            lr=3e-5,
-            warmup_fraction=0.01,
-            weight_decay=0.0,
-            clip_norm=2.0,
-            b1=0.9,
-            b2=0.999,
-            eps=1e-8,
-        )
-    )
-    c.train = ml_collections.ConfigDict(
-        dict(
-            steps=0,
-            epochs=20,
-            batch_size=2048,  # 32 per GPU × 64 GPUs
-            eval_every=1000,
-            checkpoint_every=1000,
-            keep_checkpoints=3,
-            progress=True,
-            max_skipped_in_a_row=5,
-            allow_config_change=False,
-        )
-    )
+    c.optimizer = optimizer_config(lr=3e-5, clip_norm=2.0)
+    c.train = train_config(epochs=20, batch_size=2048)  # 32 per GPU × 64 GPUs
     c.eval = ml_collections.ConfigDict(dict(at_start=True, test_at_end=True))
     return c
 
 
+def wiki(c: ml_collections.ConfigDict) -> None:
+    c.queries.mode = "pseudo_exponential"
+
+
+def msmarco(c: ml_collections.ConfigDict) -> None:
+    c.queries.mode = "all"
+    c.model.passage_format = "join"
+
+
+def demo(c: ml_collections.ConfigDict) -> None:
+    c.data.update(dir=str(ROOT / "data" / "squad-dev-open"), max_eval_queries=1000)
+    # Λ keeps MiniLM's own embedding (mean, unit norm) and learns with cosine × 20, so its
+    # scores live on the scale of the MiniLM it is combined with and μ ∈ [0.1, 10] fits.
+    c.model.update(
+        name=minilm_path(),
+        shared=False,
+        **cosine_mean_encoder(),
+        # 32 + 96 tokens (the paper: 256 + 256) and batch 16 keep a step near 2.5 s on 2
+        # CPU cores.
+        max_query_length=32,
+        max_passage_length=96,
+        dtype="float32",
+    )
+    c.queries.update(dev=300)
+    # docs/spar.md's demo numbers were measured with this teacher (k1 1.2, b 0.75, no
+    # stemming or stop words), not the paper's Pyserini settings above.
+    c.labels.update(bm25_k1=1.2, bm25_b=0.75, bm25_analyzer="none")
+    c.optimizer.update(lr=5e-5, warmup_fraction=0.05)
+    c.encode.update(batch_size=64, chunk_rows=4096)
+    c.train.update(steps=200, batch_size=16, eval_every=100, checkpoint_every=100)
+
+
+def tiny(c: ml_collections.ConfigDict) -> None:
+    c.data.update(dir=str(ROOT / "data" / "adi"), max_eval_queries=20)
+    c.model.update(
+        name="", max_query_length=16, max_passage_length=32, dtype="float32", shared=True
+    )
+    c.queries.update(dev=20, min_chars=5)
+    c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
+    c.encode.update(batch_size=32, chunk_rows=16)
+    c.train.update(
+        steps=6,
+        batch_size=8,
+        eval_every=3,
+        checkpoint_every=3,
+        keep_checkpoints=2,
+        progress=False,
+    )
+
+
+VARIANTS = {
+    "wiki": wiki,
+    "msmarco": msmarco,
+    "demo": demo,
+    "tiny": tiny,
+}
+
+
 def get_config(arg=None):
-    variant = arg or "wiki"
-    c = base()
-    if variant == "wiki":
-        c.queries.mode = "pseudo_exponential"
-    elif variant == "msmarco":
-        c.queries.mode = "all"
-        c.model.passage_format = "join"
-    elif variant == "demo":
-        c.data.update(dir=str(ROOT / "data" / "squad-dev-open"), max_eval_queries=1000)
-        # Λ keeps MiniLM's own embedding (mean, unit norm) and learns with cosine × 20, so its
-        # scores live on the scale of the MiniLM it is combined with and μ ∈ [0.1, 10] fits.
-        c.model.update(
-            name=minilm_path(),
-            shared=False,
-            **cosine_mean_encoder(),
-            # 32 + 96 tokens (the paper: 256 + 256) and batch 16 keep a step near 2.5 s on 2
-            # CPU cores.
-            max_query_length=32,
-            max_passage_length=96,
-            dtype="float32",
-        )
-        c.queries.update(dev=300)
-        # docs/spar.md's demo numbers were measured with this teacher (k1 1.2, b 0.75, no
-        # stemming or stop words), not the paper's Pyserini settings above.
-        c.labels.update(bm25_k1=1.2, bm25_b=0.75, bm25_analyzer="none")
-        c.optimizer.update(lr=5e-5, warmup_fraction=0.05)
-        c.encode.update(batch_size=64, chunk_rows=4096)
-        c.train.update(steps=200, batch_size=16, eval_every=100, checkpoint_every=100)
-    elif variant == "tiny":
-        c.data.update(dir=str(ROOT / "data" / "adi"), max_eval_queries=20)
-        c.model.update(
-            name="", max_query_length=16, max_passage_length=32, dtype="float32", shared=True
-        )
-        c.queries.update(dev=20, min_chars=5)
-        c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
-        c.encode.update(batch_size=32, chunk_rows=16)
-        c.train.update(
-            steps=6,
-            batch_size=8,
-            eval_every=3,
-            checkpoint_every=3,
-            keep_checkpoints=2,
-            progress=False,
-        )
-    else:
-        raise ValueError(f"unknown variant {variant!r}; known: wiki, msmarco, demo, tiny")
-    return c
+    return with_variant(base(), VARIANTS, arg or "wiki")

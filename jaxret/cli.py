@@ -78,23 +78,59 @@ def _weight(text: str) -> str:
 
 
 def cmd_prepare(cfg: Any, args: argparse.Namespace) -> None:
-    from jaxret.configlib import ConfigError
-    from jaxret.train import art, spar
+    from jaxret.methods import preparer
 
-    recipe = cfg.get("recipe", "art")
-    preparers = {"art": art.prepare, "spar": spar.prepare}
-    if recipe not in preparers:
-        raise ConfigError(
-            f"jaxret prepare builds the stores of {' and '.join(preparers)}; recipe={recipe!r} "
-            "builds its own when it starts (each process its copy, no process waiting for "
-            "another)"
-        )
-    built = preparers[recipe](cfg, args.workdir, args.workers, args.shard_rows)
+    built = preparer(cfg)(cfg, args.workdir, args.workers, args.shard_rows)
     for name, item in built.items():
         if hasattr(item, "max_length"):
             print(f"{name}: {len(item)} rows × {item.max_length} tokens in {item.folder}")
         else:
             print(f"{name}: {len(item)} queries ({int(item.valid().sum())} with a BM25 hit)")
+
+
+def _print_accuracy(title: str, result: dict) -> None:
+    names = ("top1", "top5", "top20", "top100", "ndcg@10", "recall@100", "rbo_bm25")
+    keys = [k for k in names if k in result]
+    print(f"{title:>10}: " + "  ".join(f"{k} {result[k]:.3f}" for k in keys))
+
+
+def cmd_train(cfg: Any, args: argparse.Namespace) -> None:
+    """`jaxret train` / `jaxret demo`: the config's method on the loop, then where it wrote."""
+    from jaxret.methods import trainer
+
+    workdir = str(_writable(args.workdir, "--workdir", folder=True))
+    summary = trainer(cfg)(cfg, workdir)
+    if "preempted_at" in summary:
+        print(f"stopped by SIGTERM after step {summary['preempted_at']}: checkpoint saved")
+        return
+    if "test_before" in summary:
+        n = int(summary["test_after"].get("num_queries", 0))
+        print(f"held-out test questions: {n}")
+        _print_accuracy("baseline", summary["test_before"])
+        _print_accuracy("trained", summary["test_after"])
+    out = Path(summary.get("run_dir", workdir))
+    best = out / "best" if (out / "best").exists() else "none (no dev evaluation)"
+    print(f"checkpoints: {out / 'checkpoints'}  best: {best}")
+    print(f"HF export: {out / 'export'}  plot: {summary.get('plot')}")
+    print(f"metrics: {out / 'metrics.jsonl'}  tensorboard: {out / 'tensorboard'}")
+
+
+# One runnable example per subcommand, shown by its --help (run from a clone's top folder).
+EXAMPLES = {
+    "prepare": "jaxret prepare --config=configs/art.py:demo --workdir runs/demo --workers 2",
+    "train": "jaxret train --config=configs/spar.py:demo --workdir runs/spar",
+    "demo": "jaxret demo --workdir runs/demo",
+    "encode": "jaxret encode --data data/adi --out runs/adi-index",
+    "search": 'jaxret search --index runs/adi-index --query "computer indexing of documents"',
+    "eval": "jaxret eval --data data/adi --retriever bm25",
+    "analyze": "jaxret analyze rbo --data data/adi --max-queries 20",
+    "export": "jaxret export --model runs/demo --out runs/demo-hf",
+    "generate": "jaxret generate --generator runs/qgen/generator/export --data data/adi "
+    "--out runs/adi-queries  (after jaxret train --config=configs/qgen.py:demo "
+    "--workdir runs/qgen)",
+    "convert-megatron": "jaxret convert-megatron --checkpoint ART-NQ-checkpoint/ "
+    "--vocab bert-large-uncased-vocab.txt --out runs/art-nq  (a downloaded ART checkpoint)",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,7 +139,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
+    def command(name: str, help: str, **kw: Any) -> argparse.ArgumentParser:
+        """A subcommand: its function cmd_<name>, its default config, its example."""
+        func = kw.pop("func", None) or globals()["cmd_" + name.replace("-", "_")]
+        s = sub.add_parser(
+            name,
+            help=help,
+            description=kw.pop("description", help),
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        s.set_defaults(func=func, config=kw.pop("config", "configs/retrieval.py"))
+        return s
+
     def model_flags(s: argparse.ArgumentParser) -> None:
+        s.set_defaults(model_flags=True)
         s.add_argument("--model", help="HF folder, hub id, or jaxret export/checkpoint")
         s.add_argument("--pooling", choices=["cls", "mean"])
         s.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
@@ -126,14 +176,14 @@ def _parser() -> argparse.ArgumentParser:
             help="qrels naming unknown documents/queries: refuse (default) or warn and drop",
         )
 
-    pr = sub.add_parser(
+    pr = command(
         "prepare",
         help="build a training run's store before the job (ART, SPAR)",
+        config="configs/art.py",
         description="Builds what a training run reads: ART's corpus text and token tables "
         "(the retriever's passages and, with a T5 teacher, the teacher's); SPAR's passage "
         "tokens, training sentences and BM25 labels. In parallel, resumable after a kill, the "
-        "same bytes for any --workers. Multi-process training refuses to start without them. "
-        "Example: jaxret prepare --config=configs/art.py:demo --workdir runs/demo",
+        "same bytes for any --workers. Multi-process training refuses to start without them.",
     )
     pr.add_argument("--workdir", required=True, help="the training run's workdir (its store/)")
     pr.add_argument(
@@ -141,14 +191,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--shard-rows", type=_positive_int, default=65536, help=argparse.SUPPRESS)
 
-    e = sub.add_parser("encode", help="embed a corpus into a saved sharded index")
+    e = command("encode", help="embed a corpus into a saved sharded index")
     model_flags(e)
     data_flags(e)
     e.add_argument("--out", required=True, help="index folder")
     e.add_argument("--index-dtype", choices=["float32", "bfloat16"])
     e.add_argument("--store", help="tokenized corpus store folder (default: cache)")
 
-    s = sub.add_parser("search", help="search a saved index with a text query")
+    s = command("search", help="search a saved index with a text query")
     model_flags(s)
     s.add_argument("--index", required=True)
     s.add_argument("--query", action="append", required=True, help="repeatable")
@@ -156,7 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["exact", "scann"], default="exact")
     s.add_argument("--json", action="store_true")
 
-    v = sub.add_parser("eval", help="retrieval metrics of a dense model or BM25")
+    v = command("eval", help="retrieval metrics of a dense model or BM25")
     model_flags(v)
     data_flags(v)
     v.add_argument("--qa", help="QA file (jsonl or DPR csv) instead of DATA/qa/SPLIT.jsonl")
@@ -231,7 +281,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--run-out", help="write the run as a TREC run file")
     v.add_argument("--json", action="store_true", help="one JSON object on the last line")
 
-    a = sub.add_parser("analyze", help="SPAR's analyses: RBO with BM25, token-shuffled queries")
+    a = command("analyze", help="SPAR's analyses: RBO with BM25, token-shuffled queries")
     a.add_argument("analysis", choices=["rbo", "shuffled"])
     model_flags(a)
     data_flags(a)
@@ -248,11 +298,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--store")
     a.add_argument("--json", action="store_true", help="one JSON object on the last line")
 
-    x = sub.add_parser("export", help="write the towers as HF folders (+ jaxret.json)")
+    x = command("export", help="write the towers as HF folders (+ jaxret.json)")
     model_flags(x)
     x.add_argument("--out", required=True)
 
-    g = sub.add_parser("generate", help="synthetic queries for a corpus (QGen), as a BEIR folder")
+    g = command("generate", help="synthetic queries for a corpus (QGen), as a BEIR folder")
     g.add_argument("--generator", required=True, help="HF T5 / BART folder or hub id")
     g.add_argument("--data", help="BEIR folder whose corpus gets queries")
     g.add_argument("--corpus", help="a corpus file instead of DATA's")
@@ -286,8 +336,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
-    m = sub.add_parser(
+    m = command(
         "convert-megatron",
+        config=None,
         help="Megatron retriever checkpoint (ART, MSS) → a jaxret export of HF MegatronBERT towers",
     )
     m.add_argument("--checkpoint", required=True, help="Megatron checkpoint folder or .pt file")
@@ -299,27 +350,35 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--num-heads", type=_positive_int, help="when the checkpoint stores no args")
     m.add_argument("--trust-pickle", action="store_true", help="allow arbitrary pickled objects")
 
-    for name, text in (("train", "train a retriever (ART)"), ("demo", "the bundled demo")):
-        t = sub.add_parser(name, help=text)
+    trains = (
+        ("train", "train a retriever: the config's method (ART, SPAR, LaPraDoR, QGen)", ""),
+        ("demo", "the bundled ART demo (configs/art.py:demo)", ":demo"),
+    )
+    for name, text, variant in trains:
+        t = command(name, help=text, config=f"configs/art.py{variant}", func=cmd_train)
         t.add_argument("--workdir", required=name == "train", default="runs/demo")
     return p
 
 
+# The model flags and the `model.` config fields they set (written once: applied by
+# _apply_flags, and an explicit flag overrides a jaxret export's saved spec).
+MODEL_FLAGS = {
+    "model": "name",
+    "pooling": "pooling",
+    "normalize": "normalize",
+    "max_length": "max_passage_length",
+    "max_query_length": "max_query_length",
+    "passage_format": "passage_format",
+    "dtype": "dtype",
+}
+
+
 def _apply_flags(cfg: Any, args: argparse.Namespace) -> None:
-    m = cfg.model
     with cfg.unlocked():
-        for flag, field in (
-            ("model", "name"),
-            ("pooling", "pooling"),
-            ("normalize", "normalize"),
-            ("max_length", "max_passage_length"),
-            ("max_query_length", "max_query_length"),
-            ("passage_format", "passage_format"),
-            ("dtype", "dtype"),
-        ):
+        for flag, field in MODEL_FLAGS.items():
             value = getattr(args, flag, None)
             if value is not None:
-                m[field] = value
+                cfg.model[field] = value
         if getattr(args, "batch_size", None):
             cfg.encode.batch_size = args.batch_size
         if getattr(args, "index_dtype", None):
@@ -327,15 +386,12 @@ def _apply_flags(cfg: Any, args: argparse.Namespace) -> None:
 
 
 def _explicit_spec_fields(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> set[str]:
-    names = {
-        "pooling": "pooling",
-        "normalize": "normalize",
-        "max_length": "max_passage_length",
-        "max_query_length": "max_query_length",
-        "passage_format": "passage_format",
-        "dtype": "dtype",
+    """The encoder-spec fields given on the command line (flags or --config.model.X)."""
+    given = {
+        field
+        for flag, field in MODEL_FLAGS.items()
+        if flag != "model" and getattr(args, flag, None) is not None
     }
-    given = {field for flag, field in names.items() if getattr(args, flag, None) is not None}
     return given | {k.split(".", 1)[1] for k, _ in overrides if k.startswith("model.")}
 
 
@@ -410,7 +466,7 @@ def _eval_splits(cfg: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     return data, ev.subsample(dev, args.max_queries, None, cfg.seed)
 
 
-def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
+def _evaluate(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
     import dataclasses
 
     from jaxret.eval import evaluate as ev
@@ -462,13 +518,13 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
                     data,
                     dev,
                     mesh,
-                    weight,
-                    bm25_weight,
-                    args.combine,
-                    args.k,
-                    args.bm25_depth,
-                    bs,
-                    args.store,
+                    mu=weight,
+                    weight=bm25_weight,
+                    kind=args.combine,
+                    k=args.k,
+                    depth=args.bm25_depth,
+                    batch_size=bs,
+                    store=args.store,
                     mu_grid=mu_grid,
                     bm25_config=bm25_config,
                     metric=args.tune_metric,
@@ -481,11 +537,11 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
                     data,
                     dev,
                     mesh,
-                    weight,
-                    args.combine,
-                    args.k,
-                    bs,
-                    args.store,
+                    mu=weight,
+                    kind=args.combine,
+                    k=args.k,
+                    batch_size=bs,
+                    store=args.store,
                     grid=mu_grid,
                     metric=args.tune_metric,
                 )
@@ -498,11 +554,11 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
                 data,
                 dev,
                 mesh,
-                weight,
-                args.k,
-                args.bm25_depth,
-                bs,
-                args.store,
+                weight=weight,
+                k=args.k,
+                depth=args.bm25_depth,
+                batch_size=bs,
+                store=args.store,
                 grid=hybrid.scaled_grid(args.mu_grid_scale),
                 bm25_config=bm25_config,
                 metric=args.tune_metric,
@@ -511,7 +567,14 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
             info["mu"] = extra["weight"]
         elif args.retriever == "ledr":
             scores, rows, extra = hybrid.ledr_retrieval(
-                model, data, mesh, args.bm25_depth, args.k, bs, args.store, bm25_config
+                model,
+                data,
+                mesh,
+                depth=args.bm25_depth,
+                k=args.k,
+                batch_size=bs,
+                store=args.store,
+                bm25_config=bm25_config,
             )
             info["retriever"] = {"ledr": info["retriever"], **extra}
         else:
@@ -521,11 +584,11 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
                 tokenizer,
                 data,
                 mesh,
-                args.k,
-                bs,
-                cfg.encode.index_dtype,
-                args.store,
-                progress,
+                k=args.k,
+                batch_size=bs,
+                index_dtype=cfg.encode.index_dtype,
+                store=args.store,
+                progress=progress,
             )
     result = ev.compute_metrics(data, scores, rows)
     if args.run_out:
@@ -535,7 +598,7 @@ def cmd_eval(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
     return {**result, **info}
 
 
-def cmd_analyze(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
+def _analyze(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str, Any]:
     import dataclasses
 
     from jaxret.eval import analysis
@@ -597,6 +660,19 @@ def cmd_analyze(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[
     return info
 
 
+def cmd_eval(cfg: Any, args: argparse.Namespace) -> None:
+    result = _evaluate(cfg, args, args.explicit)
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        _print_table(result)
+
+
+def cmd_analyze(cfg: Any, args: argparse.Namespace) -> None:
+    result = _analyze(cfg, args, args.explicit)
+    print(json.dumps(result, default=str, indent=None if args.json else 2))
+
+
 def _print_table(result: dict[str, Any]) -> None:
     keys = [
         k
@@ -655,7 +731,8 @@ def _replace_folder(out: Path, build: Any) -> None:
             shutil.rmtree(previous, ignore_errors=True)
 
 
-def cmd_encode(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
+def cmd_encode(cfg: Any, args: argparse.Namespace) -> None:
+    explicit = args.explicit
     from jaxret.eval import evaluate as ev
 
     if not (args.data or args.corpus):
@@ -692,7 +769,8 @@ def cmd_encode(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
     print(f"wrote {index.num_rows} × {index.dim} {cfg.encode.index_dtype} index to {out}")
 
 
-def cmd_search(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
+def cmd_search(cfg: Any, args: argparse.Namespace) -> None:
+    explicit = args.explicit
     import numpy as np
 
     from jaxret.data.readers import read_corpus
@@ -777,7 +855,8 @@ def cmd_search(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
         print(f"{key}: {value:.3f}")
 
 
-def cmd_export(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
+def cmd_export(cfg: Any, args: argparse.Namespace) -> None:
+    explicit = args.explicit
     from jaxret.models import dual_encoder as de
 
     encoder, params, tokenizer = load_model(cfg, explicit)
@@ -787,57 +866,29 @@ def cmd_export(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> None:
 
 
 def cmd_generate(cfg: Any, args: argparse.Namespace) -> None:
-    from jaxret.data import synthetic
     from jaxret.data.readers import find_corpus, read_corpus
-    from jaxret.models.generate import Decoding
+    from jaxret.methods.qgen import generation
     from jaxret.models.seq2seq import load_generator
     from jaxret.parallel import initialize_distributed
 
     if not (args.data or args.corpus):
         raise SystemExit("jaxret generate: give --data DIR or --corpus FILE")
-    if args.keep < 1:
-        raise ValueError(f"--keep {args.keep}: keep at least one query per passage")
-    if args.decoding == "beam" and args.keep > args.num_beams:
-        raise ValueError(f"--keep {args.keep} of --num-beams {args.num_beams} beams")
-    if args.decoding in ("nucleus", "top_k") and args.keep > args.num_samples:
-        raise ValueError(f"--keep {args.keep} of --num-samples {args.num_samples} samples")
+    flag = lambda key: "--" + key.replace("_", "-")
+    spec = generation.generation_spec(
+        vars(args), args.max_input_length, args.prefix, args.seed, name=flag
+    )
     initialize_distributed(cfg.get("distributed"))
     corpus_path = Path(args.corpus) if args.corpus else find_corpus(args.data)
     corpus = read_corpus(corpus_path)
-    n = args.max_length
-    if args.decoding == "beam":
-        decoding = Decoding("beam", n, num_return=args.keep, num_beams=args.num_beams)
-    elif args.decoding == "greedy":
-        decoding = Decoding("greedy", n)
-    else:
-        top_p = args.top_p if args.decoding == "nucleus" else 1.0
-        decoding = Decoding(
-            "sample",
-            n,
-            num_return=args.num_samples,
-            top_p=top_p,
-            top_k=args.top_k,
-            temperature=args.temperature,
-        )
-    spec = synthetic.GenerationSpec(
-        decoding,
-        args.keep,
-        args.max_input_length,
-        args.prefix,
-        args.seed,
-        args.batch_size,
-        args.shard_size,
-        args.length_normalized,
-    )
     generator, params, tokenizer, _ = load_generator(args.generator, args.dtype)
-    out = synthetic.generate_queries(
+    out = generation.generate_queries(
         generator, params, tokenizer, corpus, corpus_path, args.out, spec, progress=True
     )
     count = sum(1 for _ in open(out / "queries.jsonl")) if (out / "queries.jsonl").exists() else 0
     print(f"wrote {count} queries for {len(corpus)} passages to {out}")
 
 
-def cmd_convert_megatron(args: argparse.Namespace) -> None:
+def cmd_convert_megatron(cfg: Any, args: argparse.Namespace) -> None:
     from jaxret.models import megatron_convert as mc
 
     if args.vocab:
@@ -858,46 +909,19 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv  # anywhere: show the traceback of an expected failure too
     argv = [a for a in argv if a != "--debug"]
     _cpu_devices_per_core()
+    # transformers' "PyTorch was not found" advice at import: jaxret runs its own Flax models
+    # and needs torch only to read PyTorch pickles (it says so when it does).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bm25s").setLevel(logging.WARNING)
     try:
         spec, overrides, rest = split_config_args(argv)
         args = _parser().parse_args(rest)
-        if args.command in ("train", "demo"):
-            from jaxret.train import entry
-
-            _writable(args.workdir, "--workdir", folder=True)
-            return entry.main(args.command, spec, overrides, args.workdir)
-        if args.command == "convert-megatron":
-            cmd_convert_megatron(args)
-            return 0
-        if args.command == "prepare":
-            cmd_prepare(load_config(spec or "configs/art.py", overrides), args)
-            return 0
-        if args.command == "generate":
-            cmd_generate(load_config(spec or "configs/retrieval.py", overrides), args)
-            return 0
-        cfg = load_config(spec or "configs/retrieval.py", overrides)
-        _apply_flags(cfg, args)
-        explicit = _explicit_spec_fields(args, overrides)
-        if args.command == "eval":
-            result = cmd_eval(cfg, args, explicit)
-            if args.json:
-                print(json.dumps(result, default=str))
-            else:
-                _print_table(result)
-        elif args.command == "encode":
-            cmd_encode(cfg, args, explicit)
-        elif args.command == "search":
-            cmd_search(cfg, args, explicit)
-        elif args.command == "export":
-            cmd_export(cfg, args, explicit)
-        elif args.command == "analyze":
-            result = cmd_analyze(cfg, args, explicit)
-            if args.json:
-                print(json.dumps(result, default=str))
-            else:
-                print(json.dumps(result, indent=2, default=str))
+        cfg = load_config(spec or args.config, overrides) if args.config else None
+        if getattr(args, "model_flags", False):
+            _apply_flags(cfg, args)
+        args.explicit = _explicit_spec_fields(args, overrides)
+        args.func(cfg, args)
     except (ConfigError, ValueError, OSError, RunError) as e:
         # Expected failures (bad input, a config to fix, a path that cannot be read or
         # written): one line naming what to fix. Anything else keeps its traceback.

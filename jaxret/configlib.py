@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,72 @@ def mesh_config() -> ml_collections.ConfigDict:
     )
 
 
+def run_config(method: str | None = None, seed: int = 0) -> ml_collections.ConfigDict:
+    """A config's frame: its method (the runner `jaxret train` picks, jaxret.methods), the
+    seed, every device on the data axis and process discovery; the blocks below fill it."""
+    c = ml_collections.ConfigDict()
+    if method is not None:
+        c.method = method
+    c.seed = seed
+    c.mesh = mesh_config()
+    c.distributed = distributed_config()
+    return c
+
+
+def model_config(**fields: Any) -> ml_collections.ConfigDict:
+    """The retriever block every method shares, DPR's encoder by default (BERT-base, two
+    towers, [CLS], no head, dot product, `[CLS] title [SEP] text [SEP]`, 64 / 256 tokens,
+    bf16, no rematerialization); a method's config passes only what differs."""
+    block = dict(
+        name="bert-base-uncased",  # HF folder, hub id, or jaxret export
+        passage_name="",  # separate passage checkpoint (two towers); "" = same as name
+        shared=False,
+        pooling="cls",
+        projection="none",
+        normalize=False,
+        similarity="dot",
+        scale=1.0,
+        passage_format="pair",
+        max_query_length=64,
+        max_passage_length=256,
+        dtype="bfloat16",
+        remat="none",  # none | query | passage | both (recompute activations in backward)
+    )
+    return ml_collections.ConfigDict({**block, **fields})
+
+
+def optimizer_config(**fields: Any) -> ml_collections.ConfigDict:
+    """AdamW (decoupled decay, none on LayerNorm parameters and biases), linear warm-up
+    and decay; a method's config passes only what differs."""
+    block = dict(
+        name="adamw",
+        lr=2e-5,
+        warmup_fraction=0.01,
+        weight_decay=0.0,
+        clip_norm=1.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+    )
+    return ml_collections.ConfigDict({**block, **fields})
+
+
+def train_config(**fields: Any) -> ml_collections.ConfigDict:
+    """The loop's block: length, batch, evaluation / checkpoint cadence, resume rules."""
+    block = dict(
+        steps=0,  # 0: `epochs` passes over the training items
+        epochs=10,
+        batch_size=64,
+        eval_every=1000,
+        checkpoint_every=1000,
+        keep_checkpoints=3,
+        progress=True,
+        max_skipped_in_a_row=5,  # non-finite steps in a row before the run stops
+        allow_config_change=False,  # resume a workdir despite a changed config
+    )
+    return ml_collections.ConfigDict({**block, **fields})
+
+
 def cosine_mean_encoder() -> dict:
     """The sentence-transformers embedding (mean pooling, no head, unit norm, cosine × 20,
     title + " " + text) that LaPraDoR, its fine-tuning and the MiniLM demos train and
@@ -70,6 +136,19 @@ def distributed_config() -> ml_collections.ConfigDict:
             expected_devices=0,  # the global device count the job must see (0 = no check)
         )
     )
+
+
+def with_variant(
+    c: ml_collections.ConfigDict,
+    variants: dict[str, Callable[[ml_collections.ConfigDict], None]],
+    name: str,
+) -> ml_collections.ConfigDict:
+    """`c` changed by the variant `name` of a config file's VARIANTS (the list a wrong name
+    is answered with is that dict, so it cannot drift from the variants)."""
+    if name not in variants:
+        raise ValueError(f"unknown variant {name!r}; known: {', '.join(variants)}")
+    variants[name](c)
+    return c
 
 
 def load_config_file(spec: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -121,7 +200,19 @@ def _coerce(key: str, current: Any, raw: str) -> Any:
     return value
 
 
+# Keys renamed so that one concept has one name in every method: an old name is refused
+# naming the new one.
+RENAMED = {
+    "recipe": "method",
+    "data.max_eval_questions": "data.max_eval_queries",
+    "data.dirs": "data.dir",
+    "data.eval_dirs": "data.eval_dir",
+}
+
+
 def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+    if key in RENAMED and key.split(".")[-1] not in _node_or_none(cfg, key):
+        raise ConfigError(f"config key {key!r} is now {RENAMED[key]!r}: --config.{RENAMED[key]}")
     parts = key.split(".")
     node = cfg
     for i, part in enumerate(parts[:-1]):
@@ -134,6 +225,16 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
         raise ConfigError(f"unknown config key {key!r}; known at that level: {known}")
     with node.unlocked():
         node[leaf] = _coerce(key, node[leaf], raw)
+
+
+def _node_or_none(cfg: ml_collections.ConfigDict, key: str) -> Any:
+    """The ConfigDict that would hold `key` ({} if there is none)."""
+    node: Any = cfg
+    for part in key.split(".")[:-1]:
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+        if node is None:
+            return {}
+    return node if isinstance(node, ml_collections.ConfigDict) else {}
 
 
 def load_config(

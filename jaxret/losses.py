@@ -1,4 +1,4 @@
-"""Losses shared by the recipes."""
+"""Losses shared by the methods."""
 
 from __future__ import annotations
 

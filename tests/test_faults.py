@@ -145,7 +145,7 @@ def test_one_run_per_workdir(tmp_path, tiny_bert):
     a dead process's flock: no stale lock). Fails without WorkdirLock in loop.run (the
     second run trains into the first one's checkpoints)."""
     from jaxret.configlib import ConfigError, load_config
-    from jaxret.train.art import train
+    from jaxret.methods.art.runner import train
 
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -232,7 +232,7 @@ def test_damaged_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
     the same losses as the first run. Before issue 21 flipped bytes were loaded without a
     word (NaN steps); fails if verify() stops comparing the CRCs (flipped) or sizes."""
     from jaxret.configlib import load_config
-    from jaxret.train.art import train
+    from jaxret.methods.art.runner import train
 
     cfg = load_config(
         "configs/art.py:tiny", [("model.name", str(tiny_bert)), ("eval.test_at_end", "false")]

@@ -12,7 +12,7 @@ A build tokenizes fixed shards of `shard_rows` rows, each written atomically int
 number of worker processes (`jaxret prepare --workers N`) writes the same bytes, and the
 table is assembled and renamed into place only when every shard exists. A multi-process
 training run never tokenizes while another process waits for it in a device collective:
-it refuses a missing table and names `jaxret prepare` (or, for recipes that allow it, each
+it refuses a missing table and names `jaxret prepare` (or, for methods that allow it, each
 process builds its own copy without waiting for any other).
 """
 

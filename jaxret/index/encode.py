@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
@@ -22,9 +22,8 @@ from jaxret.index.mips import RowLayout, row_sharding, row_spec
 from jaxret.index.sharded import ShardedIndex, params_fingerprint, process_row_range
 from jaxret.models.dual_encoder import DualEncoder, EncoderSpec, Tower
 from jaxret.parallel.activations import map_rows
+from jaxret.parallel.axes import DATA
 from jaxret.parallel.host_data import global_batch
-
-DATA = PartitionSpec("data")
 
 
 def passage_table(

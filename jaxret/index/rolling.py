@@ -18,7 +18,7 @@ between devices; the passage tower's parameters are gathered as in any forward p
 
 The same update runs either as its own program dispatched after the step
 (`rolling_refresher`) or inside the ART train step (`rolling_update` handed to
-recipes.art.make_train_step), chosen by `art.rolling_program`.
+methods.art.step.make_train_step), chosen by `art.rolling_program`.
 
 `stale[row]` [N_pad] int32 is the step whose parameters produced the row (0 = the initial
 encoding); staleness at step t is t − stale[row]. Its sums are taken in fp32: an int32 sum of
@@ -87,7 +87,7 @@ def rolling_update(
 ) -> Any:
     """update(params, tables, embeddings, stale, done) → (embeddings, stale, stats), not jitted:
     the body of the separate refresh program (`rolling_refresher`) and of the ART step that
-    carries the refresh inside it (recipes.art.make_train_step(roll=…)).
+    carries the refresh inside it (methods.art.step.make_train_step(roll=…)).
 
     params: the dual encoder's parameters (the passage tower is used); tables: token rows
     [N_pad, L] in the index layout; embeddings [N_pad, d] and stale [N_pad] are updated in place

@@ -101,7 +101,7 @@ class ShardedIndex:
         fingerprint: dict[str, Any] | None = None,
     ) -> ShardedIndex:
         """All N rows given on every process (host numpy or a jax.Array)."""
-        mesh = mesh or make_mesh(("data", "model"), (-1, 1))
+        mesh = mesh or make_mesh()
         n, d = embeddings.shape
         layout = RowLayout.for_mesh(n, mesh, chunk_rows)
         host = np.asarray(jax.device_get(embeddings), dtype=np.float32)
@@ -218,7 +218,7 @@ class ShardedIndex:
                     f"index at {directory} was built for {key}={have!r}, not {want!r}; "
                     "rebuild it with `jaxret encode` for this corpus/encoder"
                 )
-        mesh = mesh or make_mesh(("data", "model"), (-1, 1))
+        mesh = mesh or make_mesh()
         # Restored straight into this mesh's layout: each process reads only the rows its
         # devices own; the saved zero padding is cut or extended to this layout's.
         layout = RowLayout.for_mesh(manifest["num_rows"], mesh, manifest["chunk"])

@@ -3,7 +3,7 @@ K passages; the first n_p are positives, the last n_n of the K hard negatives.
 
 Labelling is batched, split over `workers` forked processes (each a contiguous share of the
 queries, the same result for any count), and cached next to the corpus store under a key made
-of the corpus hash, the queries and the settings, so a rerun (or another recipe) reuses it.
+of the corpus hash, the queries and the settings, so a rerun (or another method) reuses it.
 At the paper's size (millions of sentences against 21M passages) labelling takes hours: it is
 done before the job by `jaxret prepare`. A multi-process training run never labels (a
 process would wait for another in a device collective meanwhile): it refuses missing labels.

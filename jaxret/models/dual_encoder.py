@@ -20,6 +20,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from jaxret.models import hf_bert, hf_io
 from jaxret.models.bert import BertConfig, BertModel
@@ -225,6 +226,15 @@ def fit_positions(spec: EncoderSpec, bert: BertConfig) -> EncoderSpec:
     return dataclasses.replace(spec, **over) if over else spec
 
 
+def read_best_params(best: str | os.PathLike, like: Any) -> Any:
+    """Host (numpy) copies of the parameters in a training run's `best/` folder (written by
+    jaxret.train.checkpoint), restored onto the
+    structure, shapes and dtypes of `like` (host arrays)."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
+    restored = ocp.StandardCheckpointer().restore((Path(best) / "params").absolute(), target)
+    return jax.tree.map(np.asarray, restored)
+
+
 def from_pretrained(
     model: str | os.PathLike,
     spec: EncoderSpec | None = None,
@@ -240,8 +250,6 @@ def from_pretrained(
     folder = Path(model)
     if (folder / "params").is_dir() and (folder / "best.json").is_file():
         encoder, params, tok = from_pretrained(folder.parent / "export", spec, passage_model, rng)
-        from jaxret.train.checkpoint import read_best_params  # a training run's output
-
         return encoder, read_best_params(folder, params), tok
     if (folder / "export" / SPEC_FILE).is_file():
         folder = folder / "export"

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxret.parallel.axes import DATA_AXIS
+
 # Logical activation axis -> mesh axis, per parameter-sharding strategy.
 _TENSOR = {"heads": "model", "mlp": "model", "vocab": "model"}
 
@@ -31,12 +33,12 @@ _TENSOR = {"heads": "model", "mlp": "model", "vocab": "model"}
 @dataclasses.dataclass(frozen=True)
 class Activations:
     mesh: Mesh
-    batch: tuple[str, ...] = ("data",)
+    batch: tuple[str, ...] = (DATA_AXIS,)
     rules: tuple[tuple[str, str], ...] = ()  # e.g. (("heads", "model"), ("mlp", "model"))
 
     @classmethod
     def for_strategy(cls, mesh: Mesh, strategy: str = "replicated") -> Activations:
-        batch = tuple(a for a in ("data",) if a in mesh.shape)
+        batch = tuple(a for a in (DATA_AXIS,) if a in mesh.shape)
         rules = ()
         if "tensor" in strategy and mesh.shape.get("model", 1) > 1:
             rules = tuple(_TENSOR.items())

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA = PartitionSpec("data")
+from jaxret.parallel.axes import DATA
 
 
 def global_batch(local: Any, mesh: Mesh, spec: PartitionSpec = DATA) -> Any:

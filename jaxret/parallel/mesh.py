@@ -33,6 +33,7 @@ from jax.sharding import Mesh
 
 from jaxret.configlib import ConfigError
 from jaxret.errors import RunError
+from jaxret.parallel.axes import DATA_AXIS, MODEL_AXIS
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def device_grid(shape: Sequence[int], devices: Sequence[Any]) -> np.ndarray:
 
 
 def make_mesh(
-    axes: Sequence[str] = ("data", "model"),
+    axes: Sequence[str] = (DATA_AXIS, MODEL_AXIS),
     shape: Sequence[int] = (-1, 1),
     devices: Sequence[Any] | None = None,
 ) -> Mesh:
@@ -115,7 +116,7 @@ def data_axis_size(axes: Sequence[str], shape: Sequence[int], num_devices: int) 
         resolved = resolve_shape(shape, num_devices)
     except ValueError:
         return None
-    return resolved[list(axes).index("data")] if "data" in axes else 1
+    return resolved[list(axes).index(DATA_AXIS)] if DATA_AXIS in axes else 1
 
 
 def fit_devices(

@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a run: the train state, a recipe's auxiliary state (e.g. ART's index
+"""Orbax checkpoints of a run: the train state, a method's auxiliary state (e.g. ART's index
 parameters), and JSON metadata (the config, data fingerprints, best dev result). The last N are
 kept. The best-by-dev parameters live in `best/`, replaced atomically: they are written to a
 fresh `best-<step>/` and the `best` symlink is then swapped in one rename.
@@ -14,7 +14,7 @@ Auxiliary state kept in the latest step only (`aux_latest_only`, ART's rolling i
 at the paper's size): once a newer step is complete and sealed, older steps' `aux/` is
 removed, after a `jaxret_aux_dropped` marker is written into the step (so a kill between the
 two leaves a step that is known to have no aux). Such a step restores its train state and
-metadata and no aux; the recipe rebuilds it.
+metadata and no aux; the method rebuilds it.
 """
 
 from __future__ import annotations
@@ -40,21 +40,13 @@ log = logging.getLogger(__name__)
 BEST = "best"
 CHECKSUMS = "jaxret_checksums"  # <step>/jaxret_checksums.<process>.json
 AUX_DROPPED = "jaxret_aux_dropped"  # <step>/jaxret_aux_dropped: its aux/ was removed
-# Orbax refuses an empty item: a recipe without auxiliary state saves this instead.
+# Orbax refuses an empty item: a method without auxiliary state saves this instead.
 _NO_AUX = {"none": np.zeros((), np.int32)}
 
 
 def abstract(tree: Any) -> Any:
     """ShapeDtypeStructs carrying each leaf's sharding: Orbax restores onto that layout."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
-
-
-def read_best_params(best: str | os.PathLike, like: Any) -> Any:
-    """Host (numpy) copies of the parameters in a run's `best/` folder, restored onto the
-    structure, shapes and dtypes of `like` (host arrays)."""
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), like)
-    restored = ocp.StandardCheckpointer().restore((Path(best) / "params").absolute(), target)
-    return jax.tree.map(np.asarray, restored)
 
 
 def _crc32(path: Path) -> int:
@@ -130,6 +122,27 @@ class _Background:
             raise self.error
 
 
+def clear_unlinked_best(root: Path) -> list[Path]:
+    """Removes what a killed `save_best` left in `root`: `best-<step>/` folders that `best`
+    does not point at (a write that never got linked, or a previous one not yet removed) and
+    `.best-<hex>` links never renamed into place. The linked folder is never touched.
+    Returns what was removed."""
+    link = root / BEST
+    current = link.resolve() if link.is_symlink() else None
+    removed = []
+    for p in sorted(root.glob(f"{BEST}-*")) + sorted(root.glob(f".{BEST}-*")):
+        if current is not None and not p.is_symlink() and p.resolve() == current:
+            continue
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    if removed:
+        log.warning("removed %d unfinished best-parameter writes: %s", len(removed), removed)
+    return removed
+
+
 class Manager:
     def __init__(self, directory: Path, keep: int = 3, aux_latest_only: bool = False):
         self.directory = Path(directory).absolute()
@@ -141,6 +154,8 @@ class Manager:
         )
         self._sealer: _Background | None = None
         self._best: _Background | None = None
+        if jax.process_index() == 0:
+            clear_unlinked_best(self.directory.parent)
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -249,7 +264,7 @@ class Manager:
         return dict(out["meta"])
 
     def restore(self, step: int, state_like: Any, aux_like: Any) -> tuple[Any, Any, dict]:
-        """(state, aux, meta) of `step`; aux is None when the recipe has none or the step's
+        """(state, aux, meta) of `step`; aux is None when the method has none or the step's
         was dropped (`aux_latest_only`)."""
         items: dict[str, Any] = {
             "state": ocp.args.StandardRestore(abstract(state_like)),

@@ -1,7 +1,7 @@
-"""The one training loop every recipe runs on.
+"""The one training loop every method runs on.
 
-A recipe (ART, SPAR, QGen, LaPraDoR) hands over a `Recipe`: its placed train state, its jitted
-step, a function from step number to global batch, and optionally a dev evaluation, an
+A method (ART, SPAR, QGen, LaPraDoR) is a `Runner` subclass: its placed train state, its
+jitted step, a function from step number to global batch, and optionally a dev evaluation, an
 after-step hook (ART's index refresh), an auxiliary checkpoint item, an export and a final
 test. The loop owns everything else:
 
@@ -12,14 +12,13 @@ test. The loop owns everything else:
   and ETA, and training.png at the end;
 * best-by-dev parameters in `best/` (atomic), the last N checkpoints, the final HF export;
 * a step whose loss or gradients are not finite is skipped by the step itself
-  (recipes.state.apply_gradients); the loop logs it, stops after
+  (train.state.apply_gradients); the loop logs it, stops after
   `train.max_skipped_in_a_row` skips in a row, and never checkpoints a non-finite state;
 * SIGTERM (preemption) saves a checkpoint after the current step and exits cleanly.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -27,18 +26,18 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from jaxret.configlib import ConfigError
+from jaxret.configlib import RENAMED, ConfigError
 from jaxret.errors import RunError
-from jaxret.recipes.state import TrainState, all_finite
 from jaxret.train.checkpoint import Manager
 from jaxret.train.logs import Logger, plot
+from jaxret.train.state import TrainState, all_finite
 
 log = logging.getLogger(__name__)
 
@@ -60,33 +59,88 @@ RESUMABLE_CHANGES = (
 )
 
 
-@dataclasses.dataclass
-class Recipe:
-    """What one recipe plugs into `run`."""
+class Runner:
+    """A method on the shared loop: subclass it, set the class attributes, and in `__init__`
+    place `state` and set `total_steps` (and `lr_at`); implement `train_step` and `batch_at`.
+    Every other hook does nothing unless overridden. `Runner.train` is the whole run.
+    """
 
-    name: str
-    state: TrainState  # placed on the mesh
-    train_step: Callable[[TrainState, Any], tuple[TrainState, dict]]  # jitted, state donated
-    batch_at: Callable[[int], Any]  # the global batch of step t: a function of t only
-    total_steps: int
-    metric: str = "loss"  # dev metric for best-by-dev
-    higher_is_better: bool = True  # False for a dev loss
-    evaluate: Callable[[TrainState, int], dict[str, float]] | None = None
-    after_step: Callable[[TrainState, int], dict[str, float] | None] | None = None
-    aux: Callable[[], Any] | None = None  # a pytree saved with every checkpoint
-    aux_meta: Callable[[], dict[str, Any]] | None = None  # JSON saved with it
-    restore_aux: Callable[[Any, dict], None] | None = None  # (aux, meta) after a resume
+    name: ClassVar[str] = "run"
+    metric: str = "loss"  # dev metric for best-by-dev (ART sets it per config)
+    higher_is_better: ClassVar[bool] = True  # False for a dev loss
+    loss_label: ClassVar[str] = "loss"
     # aux kept in the newest checkpoint only (older steps restore with aux None): for aux as
     # large as ART's rolling index
     aux_latest_only: bool = False
-    export: Callable[[Any, Path], None] | None = None  # (host params, folder)
-    finish: Callable[[TrainState], dict[str, Any]] | None = None  # final test, etc.
+
+    state: TrainState  # placed on the mesh
+    total_steps: int
     lr_at: Callable[[int], float] | None = None
-    fingerprints: dict[str, Any] = dataclasses.field(default_factory=dict)
-    loss_label: str = "loss"
-    # Called once with the loop's stop check: long work (a corpus encoding, an evaluation)
-    # calls it between its programs; it raises `Preempted` after a SIGTERM.
-    bind_stop: Callable[[Callable[[], None]], None] | None = None
+    # The loop's SIGTERM check, bound before any long work: a corpus encoding or an
+    # evaluation calls it between its programs; it raises `Preempted` after a SIGTERM.
+    check_stop: Callable[[], None] | None = None
+
+    def train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        """The jitted step (state donated)."""
+        raise NotImplementedError
+
+    def batch_at(self, step: int) -> Any:
+        """The global batch of step `step`: a function of the step only (exact resume)."""
+        raise NotImplementedError
+
+    def fingerprints(self) -> dict[str, Any]:
+        """What the run's data was (hashes): a resume on other data is refused."""
+        return {}
+
+    def evaluate(self, state: TrainState, step: int) -> dict[str, float] | None:
+        """Dev metrics of `state` after `step` steps; None: no dev evaluation."""
+        return None
+
+    def after_step(self, state: TrainState, step: int) -> dict[str, float] | None:
+        """Work after step `step` (ART's index refresh); returns event values to log."""
+        return None
+
+    def aux(self) -> Any:
+        """A pytree saved with every checkpoint (also the restore template), or None."""
+        return None
+
+    def aux_meta(self) -> dict[str, Any]:
+        """JSON saved with the aux."""
+        return {}
+
+    def restore_aux(self, aux: Any, meta: dict[str, Any]) -> None:
+        """After a resume: the checkpoint's aux (None when it kept none) and its meta."""
+
+    def export(self, params: Any, folder: Path) -> None:
+        """The final parameters (host copies) written to `folder` (process 0 only)."""
+        raise NotImplementedError
+
+    def finish(self, state: TrainState) -> dict[str, Any]:
+        """After the last step: the final test etc., merged into the summary."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """What `train` returns besides the loop's summary (e.g. ART's final index)."""
+        return {}
+
+    def bind_stop(self, check: Callable[[], None]) -> None:
+        """Called once by the loop with its SIGTERM check, before any long work."""
+        self.check_stop = check
+
+    def has(self, hook: str) -> bool:
+        """Whether this method overrides `hook` (export is optional)."""
+        return getattr(type(self), hook) is not getattr(Runner, hook)
+
+    @classmethod
+    def train(cls, cfg: Any, workdir: str | Path) -> dict[str, Any]:
+        """Builds the method from `cfg` and trains it in `workdir` (resuming a run there)."""
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        runner = cls(cfg, workdir)  # type: ignore[call-arg]
+        summary = run(cfg, runner, workdir)
+        summary["params"] = summary["state"].params
+        summary.update(runner.summary())
+        return summary
 
 
 class Preempted(Exception):
@@ -110,7 +164,9 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Keys whose value differs, ignoring RESUMABLE_CHANGES."""
+    """Keys whose value differs, ignoring RESUMABLE_CHANGES (a run saved before a key was
+    renamed is compared under the new name, configlib.RENAMED)."""
+    saved = {RENAMED.get(k, k): v for k, v in saved.items()}
     keys = sorted(set(saved) | set(current))
     changed = [
         f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
@@ -201,13 +257,13 @@ class WorkdirLock:
             self._file = None
 
 
-def _check_resume(cfg: Any, recipe: Recipe, meta: dict[str, Any], workdir: Path) -> None:
+def _check_resume(cfg: Any, runner: Runner, meta: dict[str, Any], workdir: Path) -> None:
     current = config_dict(cfg)
     problems = []
     saved_cfg = meta.get("config")
     if saved_cfg is not None:
         problems += config_changes(saved_cfg, current)
-    for key, value in recipe.fingerprints.items():
+    for key, value in runner.fingerprints().items():
         saved = meta.get("fingerprints", {}).get(key)
         if saved is not None and saved != value:
             problems.append(f"data fingerprint {key}: {saved!r} -> {value!r}")
@@ -222,43 +278,42 @@ def _check_resume(cfg: Any, recipe: Recipe, meta: dict[str, Any], workdir: Path)
         log.warning("resuming with changed settings:\n  %s", "\n  ".join(problems))
 
 
-def run(cfg: Any, recipe: Recipe, workdir: str | Path) -> dict[str, Any]:
-    """Trains `recipe` to `recipe.total_steps`, resuming from `workdir` if it holds a run."""
+def run(cfg: Any, runner: Runner, workdir: str | Path) -> dict[str, Any]:
+    """Trains `runner` to `runner.total_steps`, resuming from `workdir` if it holds a run."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir)
     if jax.process_index() == 0:
         lock.acquire()  # before anything reads or writes checkpoints and logs
     try:
-        return _run(cfg, recipe, workdir)
+        return _run(cfg, runner, workdir)
     finally:
         lock.release()
 
 
-def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
+def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
     t = cfg.train
-    manager = Manager(workdir / "checkpoints", t.keep_checkpoints, recipe.aux_latest_only)
+    manager = Manager(workdir / "checkpoints", t.keep_checkpoints, runner.aux_latest_only)
     # Installed before any long work (the resume's encoding, the first evaluation).
     preemption = _Preemption()
     preemption.install()
-    if recipe.bind_stop is not None:
-        recipe.bind_stop(preemption.check)
+    runner.bind_stop(preemption.check)
     meta: dict[str, Any] = {
-        "recipe": recipe.name,
+        "method": runner.name,
         "best": None,
         "config": config_dict(cfg),
-        "fingerprints": recipe.fingerprints,
+        "fingerprints": runner.fingerprints(),
     }
-    state = recipe.state
+    state = runner.state
     resumed = manager.newest_good_step()  # verified against its checksums
     while resumed is not None:
         # A step that cannot be read (damaged before it was sealed) is set aside like one
         # whose checksums differ; a changed config is the user's to fix (ConfigError).
         try:
             saved = manager.read_meta(resumed)
-            _check_resume(cfg, recipe, saved, workdir)
-            aux_like = recipe.aux() if recipe.aux else None
-            state, aux, saved = manager.restore(resumed, recipe.state, aux_like)
+            _check_resume(cfg, runner, saved, workdir)
+            aux_like = runner.aux()
+            state, aux, saved = manager.restore(resumed, runner.state, aux_like)
             break
         except ConfigError:
             raise
@@ -272,24 +327,33 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
             resumed = manager.newest_good_step()
     if resumed is not None:
         meta["best"] = saved.get("best")
-        if recipe.restore_aux:
-            recipe.restore_aux(aux, saved)
-        log.warning("%s: resumed from step %d", recipe.name, resumed)
+        runner.restore_aux(aux, saved)
+        log.warning("%s: resumed from step %d", runner.name, resumed)
     elif jax.process_index() == 0:
         (workdir / "config.json").write_text(json.dumps(meta["config"], indent=2, default=str))
     start = int(jax.device_get(state.step))
     logger = Logger(workdir, start)
-    total = recipe.total_steps
+    total = runner.total_steps
 
     def evaluate(done: int) -> None:
-        result = recipe.evaluate(state, done)
+        result = runner.evaluate(state, done)
+        if result is None:  # the method has no dev evaluation
+            return
         logger.write(done, "dev", result)
-        value = result.get(recipe.metric)
+        value = result.get(runner.metric)
         best = meta["best"]
-        better = lambda a, b: a > b if recipe.higher_is_better else a < b
+        better = lambda a, b: a > b if runner.higher_is_better else a < b
         if value is not None and (best is None or better(value, best["value"])):
-            meta["best"] = {"step": done, "value": value, "metric": recipe.metric}
+            meta["best"] = {"step": done, "value": value, "metric": runner.metric}
             manager.save_best(state.params, meta["best"])
+
+    def warm_up(done: int) -> None:
+        """A resumed run evaluates once before its first step, unlogged: the evaluation's
+        programs compile here instead of inside the first scheduled evaluation, a stall in
+        the middle of training (4× a step in the rehearsal, docs/scaling.md)."""
+        t0 = time.perf_counter()
+        if runner.evaluate(state, done) is not None:
+            logger.write(done, "event", {"warm_up_seconds": time.perf_counter() - t0})
 
     # One compiled reduction, compiled here: op by op, its first call at the first
     # checkpoint cost seconds (one small program per parameter), a stall in the middle of
@@ -300,26 +364,28 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
     def checkpoint(done: int) -> None:
         if not bool(jax.device_get(params_finite(state.params))):
             raise RunError(f"step {done}: parameters are not finite; not checkpointing them")
-        extra = recipe.aux_meta() if recipe.aux_meta else {}
+        extra = runner.aux_meta()
         t0 = time.perf_counter()
-        manager.save(done, state, recipe.aux() if recipe.aux else None, {**meta, **extra})
+        manager.save(done, state, runner.aux(), {**meta, **extra})
         # What the save held the training thread for (the writing goes on in the background).
         logger.write(done, "event", {"checkpoint_seconds": time.perf_counter() - t0})
 
-    bar = tqdm(total=total, initial=start, desc=recipe.name, unit="step", disable=not t.progress)
+    bar = tqdm(total=total, initial=start, desc=runner.name, unit="step", disable=not t.progress)
     max_skips = int(t.get("max_skipped_in_a_row", 5))
     last_saved, preempted = None, False
     try:
-        if start == 0 and recipe.evaluate is not None and cfg.eval.get("at_start", True):
+        if start == 0 and cfg.eval.get("at_start", True):
             evaluate(0)
+        elif start > 0:
+            warm_up(start)
         for step in range(start, total):
             t0 = time.perf_counter()
-            state, metrics = recipe.train_step(state, recipe.batch_at(step))
+            state, metrics = runner.train_step(state, runner.batch_at(step))
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             done = step + 1
             values["step_seconds"] = time.perf_counter() - t0
-            if recipe.lr_at is not None:
-                values["lr"] = float(recipe.lr_at(step))
+            if runner.lr_at is not None:
+                values["lr"] = float(runner.lr_at(step))
             if values.get("skipped"):
                 in_a_row = int(jax.device_get(state.skipped_in_a_row))
                 log.warning(
@@ -334,10 +400,10 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
                     )
             info = None
             try:
-                info = recipe.after_step(state, done) if recipe.after_step is not None else None
+                info = runner.after_step(state, done)
             except Preempted:  # mid-refresh: the checkpoint's aux rebuilds the index on resume
                 preempted = True
-            # A step's wall time includes the recipe's work after it (e.g. an index refresh):
+            # A step's wall time includes the method's work after it (e.g. an index refresh):
             # that is the stall a user waits for.
             values["wall_seconds"] = time.perf_counter() - t0
             logger.write(done, "train", values)
@@ -346,7 +412,7 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
             due = done % t.eval_every == 0 or done == total
-            if recipe.evaluate is not None and due and not preempted:
+            if due and not preempted:
                 try:
                     evaluate(done)
                 except Preempted:
@@ -365,7 +431,7 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
         bar.close()
         preemption.uninstall()
         manager.wait()
-    summary: dict[str, Any] = {"recipe": recipe.name, "steps": total, "last_checkpoint": last_saved}
+    summary: dict[str, Any] = {"method": runner.name, "steps": total, "last_checkpoint": last_saved}
     if preempted:
         summary["preempted_at"] = last_saved
         summary["state"] = state
@@ -375,15 +441,14 @@ def _run(cfg: Any, recipe: Recipe, workdir: Path) -> dict[str, Any]:
     train_rows = [r for r in rows if r["kind"] == "train"]
     summary["final_step_loss"] = train_rows[-1]["loss"] if train_rows else None
     summary["skipped_steps"] = int(jax.device_get(state.skipped))
-    if recipe.finish is not None:
-        summary.update(recipe.finish(state))
-        if "test_after" in summary:
-            logger.write(total, "test", summary["test_after"])
-    params = host_tree(state.params) if recipe.export is not None else None
+    summary.update(runner.finish(state))
+    if "test_after" in summary:
+        logger.write(total, "test", summary["test_after"])
+    params = host_tree(state.params) if runner.has("export") else None
     if jax.process_index() == 0:
-        if recipe.export is not None:
-            recipe.export(params, workdir / "export")
-        summary["plot"] = str(plot(workdir, logger.read(), recipe.metric, recipe.loss_label))
+        if runner.has("export"):
+            runner.export(params, workdir / "export")
+        summary["plot"] = str(plot(workdir, logger.read(), runner.metric, runner.loss_label))
         (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     logger.close()
     summary["state"] = state

@@ -89,7 +89,7 @@ def total_steps(train_cfg: Any, num_items: int) -> int:
 
 @dataclasses.dataclass
 class Training:
-    """What a recipe's runner needs to start: the step budget, the optimizer and its
+    """What a method's runner needs to start: the step budget, the optimizer and its
     schedule, and the initial train state placed on the mesh with its shardings."""
 
     total: int
@@ -101,7 +101,7 @@ class Training:
 
 def start_training(cfg: Any, params: Any, mesh: Any, num_items: int) -> Training:
     from jaxret.parallel.host_data import place
-    from jaxret.recipes import state as train_state
+    from jaxret.train import state as train_state
 
     total = total_steps(cfg.train, num_items)
     optimizer = make_optimizer(cfg.optimizer, total)

@@ -128,8 +128,9 @@ def test_prepare_writes_the_text_table_that_training_reads(tiny_bert, tmp_path, 
     corpus from it and never from the corpus file. Fails if prepare skips the table or
     load_art_data ignores the store."""
     from jaxret.configlib import load_config
-    from jaxret.train import art
-    from jaxret.train.art_data import load_art_data
+    from jaxret.methods.art import runner as art
+    from jaxret.methods.art.data import load_art_data
+    from jaxret.train.setup import store_folder
 
     cfg = load_config(
         "configs/art.py:tiny", [("model.name", str(tiny_bert)), ("data.max_docs", "0")]
@@ -141,6 +142,6 @@ def test_prepare_writes_the_text_table_that_training_reads(tiny_bert, tmp_path, 
         raise AssertionError("the corpus file was read")
 
     monkeypatch.setattr("jaxret.eval.evaluate.read_corpus", no_reading)
-    data = load_art_data(cfg.data, art.store_folder(cfg, tmp_path))
+    data = load_art_data(cfg.data, store_folder(cfg, tmp_path))
     assert isinstance(data.corpus, StoredCorpus)
     assert data.dev.corpus is data.corpus

@@ -16,15 +16,15 @@ from jaxret.eval.evaluate import load_eval_data
 from jaxret.index.gather import device_table
 from jaxret.index.mips import row_sharding
 from jaxret.index.sharded import ShardedIndex
+from jaxret.methods.art import step as art
 from jaxret.models import dual_encoder as de
 from jaxret.parallel import global_batch, make_mesh
 from jaxret.parallel.activations import Activations
 from jaxret.parallel.compiled import program
 from jaxret.parallel.partitioning import param_shardings
-from jaxret.recipes import art
-from jaxret.recipes import state as train_state
 from jaxret.teachers import T5Teacher, TeacherSpec
 from jaxret.teachers import t5_teacher as tt
+from jaxret.train import state as train_state
 from jaxret.train.optim import make_optimizer
 
 B, K, LP, LT, LQ = 8, 4, 24, 96, 40

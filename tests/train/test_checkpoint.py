@@ -8,6 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxret.models.dual_encoder import read_best_params
 from jaxret.train import checkpoint
 from jaxret.train.checkpoint import Manager
 
@@ -71,7 +72,7 @@ def test_save_best_links_when_the_write_is_complete(tmp_path, monkeypatch):
     release.set()
     mgr.wait()
     assert best.resolve().name == "best-2" and not (tmp_path / "run" / "best-1").exists()
-    got = checkpoint.read_best_params(best, {"w": np.zeros(4, np.float32)})
+    got = read_best_params(best, {"w": np.zeros(4, np.float32)})
     np.testing.assert_array_equal(got["w"], np.ones(4))
 
 
@@ -87,3 +88,22 @@ def test_a_failed_background_write_is_raised_on_the_training_thread(tmp_path, mo
     mgr.save(1, {"w": jnp.zeros(2)}, None, {})
     with pytest.raises(OSError, match="disk full"):
         mgr.wait()
+
+
+def test_a_killed_best_write_is_cleared_when_the_run_restarts(tmp_path):
+    """A SIGKILL during `save_best` leaves `best-<step>/` half-written (never linked) and
+    maybe a `.best-<hex>` link; the next Manager removes them and keeps what `best` points
+    at. Fails without the `clear_unlinked_best` call in Manager.__init__."""
+    import os
+
+    root = tmp_path / "run"
+    (root / "best-2" / "params").mkdir(parents=True)
+    (root / "best-2" / "best.json").write_text("{}")
+    os.symlink("best-2", root / "best")
+    (root / "best-1" / "params").mkdir(parents=True)  # a previous one not yet removed
+    (root / "best-3" / "params").mkdir(parents=True)  # the killed write
+    os.symlink("best-3", root / ".best-0a1b2c")  # its link, never renamed into place
+    Manager(root / "checkpoints")
+    assert sorted(p.name for p in root.iterdir()) == ["best", "best-2", "checkpoints"]
+    assert (root / "best").resolve() == (root / "best-2").resolve()
+    assert (root / "best" / "best.json").is_file()

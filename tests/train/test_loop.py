@@ -16,8 +16,8 @@ from conftest import train_command
 from safetensors.numpy import load_file
 
 from jaxret.configlib import ConfigError, load_config
-from jaxret.recipes import state as train_state
-from jaxret.train import art as art_train
+from jaxret.methods.art import runner as art_train
+from jaxret.train import state as train_state
 from jaxret.train.checkpoint import Manager
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,7 +120,8 @@ def _cli(tiny_bert, workdir, *extra):
 
 
 # In make test-slow (~90 s, two CLI runs): the fast set checks SIGTERM → save → exact resume
-# in process (test_art_loop.py::test_sigterm_during_a_refresh_stops_it_and_saves).
+# in process (tests/methods/art/test_art_runner.py::
+# test_sigterm_during_a_refresh_stops_it_and_saves).
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_from_which_resume_is_exact(tiny_bert, tmp_path):
     extra = (

@@ -1,0 +1,393 @@
+"""ART on the shared loop: data, device-resident corpus, index refresh, teacher, evaluation.
+
+What the loop gets from here (jaxret.train.loop.Runner's hooks):
+  train_step   methods.art.step's jitted step, closed over the current index, the token tables
+               and the teacher;
+  after_step   the index refresh of `art.refresh` (refresh.py: SyncRefresh, the paper's, or
+               RollingRefresh), which also owns the index's checkpointed item (aux);
+  evaluate     dev top-k accuracy or nDCG@10 / Recall@100 on the training index (its age
+               reported) or on a fresh index of the current parameters (`eval.index`);
+  finish       the test split, before (the initial parameters) and after training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxret.configlib import ConfigError
+from jaxret.data.corpus_store import SHARD_ROWS, TokenTable, open_table, tokenizer_fingerprint
+from jaxret.data.corpus_text import stored_corpus, write_text_table
+from jaxret.data.readers import find_corpus, read_corpus
+from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
+from jaxret.eval import evaluate as ev
+from jaxret.index.encode import empty_index, passage_table, tables_on_device
+from jaxret.index.mips import row_sharding
+from jaxret.index.rolling import (
+    refresh_in_slices,
+)
+from jaxret.index.sharded import ShardedIndex
+from jaxret.methods.art import step as art
+from jaxret.methods.art.data import ArtData, load_art_data, sparse_teacher_table
+from jaxret.methods.art.refresh import make_refresh, tower_of
+from jaxret.models import dual_encoder as de
+from jaxret.models import hf_io
+from jaxret.parallel import global_batch, mesh_from_config
+from jaxret.parallel.axes import DATA
+from jaxret.teachers import t5_teacher
+from jaxret.train.batching import epoch_batch, process_rows
+from jaxret.train.optim import start_training
+from jaxret.train.setup import (
+    RetrieverRunner,
+    batch_shardings,
+    load_retriever,
+    rows_on_devices,
+    store_folder,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _hash_texts(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def teacher_spec(cfg: Any) -> t5_teacher.TeacherSpec:
+    return t5_teacher.TeacherSpec(
+        max_passage_length=cfg.teacher.max_passage_length,
+        max_question_length=cfg.teacher.max_question_length,
+        chunk_pairs=cfg.teacher.chunk_pairs,
+    )
+
+
+def open_tables(
+    cfg: Any,
+    corpus: Any,
+    store: Path,
+    tokenizer: Any,
+    teacher_tokenizer: Any = None,
+    workers: int = 1,
+    shard_rows: int = SHARD_ROWS,
+) -> dict[str, TokenTable]:
+    """ART's token tables of `corpus` — the retriever's passages and, with a T5 teacher, the
+    teacher's verbalized passages — opened from `store` or built there. Training with more
+    than one process never builds them (`jaxret prepare` does, before the job)."""
+    build = {
+        "workers": workers,
+        "shard_rows": shard_rows,
+        "multi_process": "refuse",
+        "prepare_hint": "jaxret prepare --config=<the same config and overrides> "
+        f"--workdir=<the run's workdir> (store {store})",
+    }
+    spec = de.EncoderSpec.from_config(cfg.model)
+    tables = {"passages": passage_table(store, corpus, spec, tokenizer, **build)}
+    tables["passages"].truncation("retriever passages").report(log)
+    if cfg.teacher.kind == "t5":
+        tspec = teacher_spec(cfg)
+        t5_teacher.check_passage_room(teacher_tokenizer, tspec)
+
+        def tokenize(titles: list[str], texts: list[str], trunc: Truncation) -> dict:
+            return t5_teacher.tokenize_passages(teacher_tokenizer, titles, texts, tspec, trunc)
+
+        fp = {
+            "tokenizer": tokenizer_fingerprint(teacher_tokenizer),
+            "vocab_size": len(teacher_tokenizer),
+            "max_length": tspec.max_passage_length,
+            "verbalizer": tspec.verbalize("{t}", "{x}"),
+        }
+        tables["teacher"] = open_table(store, "teacher", corpus, tokenize, fp, **build)
+        tables["teacher"].truncation("teacher passages").report(log)
+    return tables
+
+
+def prepare(
+    cfg: Any, workdir: str | Path, workers: int, shard_rows: int = SHARD_ROWS
+) -> dict[str, TokenTable]:
+    """`jaxret prepare`: ART's token tables built before the training job, by `workers`
+    processes (the same bytes for any count), resumable after a kill. Loads no weights and
+    starts no devices."""
+    from transformers import AutoTokenizer
+
+    if not cfg.model.name:
+        raise ConfigError("model.name is empty: the retriever whose tokenizer the store uses")
+    store = store_folder(cfg, workdir)
+    if cfg.data.dir:  # the corpus text, memory-mapped by every training process
+        source = find_corpus(Path(cfg.data.dir))
+        if stored_corpus(store, source) is None:
+            write_text_table(store, source, read_corpus(source))
+    data = load_art_data(cfg.data, store)
+    tokenizer = load_tokenizer(de.tokenizer_folder(cfg.model.name))
+    teacher_tokenizer = None
+    if cfg.teacher.kind == "t5":
+        folder = hf_io.resolve_checkpoint(cfg.teacher.model)
+        teacher_tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return open_tables(cfg, data.corpus, store, tokenizer, teacher_tokenizer, workers, shard_rows)
+
+
+class ArtRun(RetrieverRunner):
+    """Everything one ART run holds besides the train state."""
+
+    name = "ART"
+    loss_label = "KL loss"
+
+    def __init__(self, cfg: Any, workdir: Path):
+        if not cfg.model.name:
+            raise ConfigError(
+                "model.name is empty: give the retriever to start from with "
+                "--config.model.name=CHECKPOINT (an HF BERT or MegatronBERT folder, a hub id, "
+                "or a jaxret export)"
+            )
+        self.cfg = cfg
+        self.metric = cfg.eval.metric
+        self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
+        store = store_folder(cfg, workdir)
+        self.data: ArtData = load_art_data(cfg.data, store)
+        data = self.data
+        spec = de.EncoderSpec.from_config(cfg.model)
+        self.encoder, params, self.tokenizer = load_retriever(cfg, mesh, spec)
+        encoder, tokenizer = self.encoder, self.tokenizer
+        if tokenizer.pad_token_id != 0:
+            raise ValueError(
+                f"the retriever tokenizer pads with id {tokenizer.pad_token_id}; the ART step "
+                "derives attention masks from pad id 0 (BERT's and T5's)"
+            )
+        self.store = store
+        self.teacher_tokenizer = None
+        if cfg.teacher.kind == "t5":
+            from transformers import AutoTokenizer
+
+            self.teacher_tokenizer = AutoTokenizer.from_pretrained(
+                str(hf_io.resolve_checkpoint(cfg.teacher.model))
+            )
+        self.tables = open_tables(cfg, data.corpus, store, tokenizer, self.teacher_tokenizer)
+        self.p_table = self.tables["passages"]
+        self.corpus_hash = data.corpus.content_hash()
+        self.layout, self.passage_tables = rows_on_devices(self.p_table, mesh, cfg)
+
+        self.art_cfg = art.ArtConfig(
+            top_k=min(cfg.art.top_k, len(data.corpus)),
+            temperature_multiplier=cfg.art.temperature_multiplier,
+            teacher=cfg.teacher.kind,
+            teacher_temperature=cfg.teacher.temperature,
+            dropout=cfg.art.dropout,
+        )
+        q_trunc = Truncation("training questions (retriever)", spec.max_query_length)
+        q_tokens = tokenize_queries(
+            tokenizer, data.train_questions, spec.max_query_length, truncation=q_trunc
+        )
+        q_trunc.report(log)
+        self.host_batch: dict[str, Any] = {"query": q_tokens}
+        self.teacher, self.teacher_params, self.teacher_tables = None, None, {}
+        if self.art_cfg.teacher == "t5":
+            self._setup_t5_teacher()
+        else:
+            ids, scores = sparse_teacher_table(data, self.art_cfg.teacher, cfg.teacher)
+            self.host_batch["teacher_ids"], self.host_batch["teacher_scores"] = ids, scores
+
+        start = start_training(cfg, params, mesh, len(data.train_questions))
+        self.total_steps, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
+        self.state, self.shardings = start.state, start.shardings
+        self.initial_params = params  # host copy: the baseline of the final test
+
+        self.encodings: list[tuple[int, str]] = []  # (step, why): every corpus encoding
+        self.refresh = make_refresh(
+            cfg,
+            encoder=encoder,
+            layout=self.layout,
+            mesh=mesh,
+            encode=self._encode,
+            passage_params=encoder.tower_params(self.state.params, "passage"),
+            passage_tables=self.passage_tables,
+            corpus_hash=self.corpus_hash,
+            total_steps=self.total_steps,
+        )
+        self.aux_latest_only = self.refresh.aux_latest_only
+        in_shardings = (
+            self.shardings,
+            batch_shardings(mesh, self.batch_at(0)),
+            jax.tree.map(lambda x: x.sharding, self.refresh.index),
+            jax.tree.map(lambda _: row_sharding(mesh), self.passage_tables),
+            jax.tree.map(lambda _: row_sharding(mesh), self.teacher_tables),
+            jax.tree.map(lambda x: x.sharding, self.teacher_params),
+        )
+        in_shardings += self.refresh.step_in_shardings()
+        self.step_fn = art.make_train_step(
+            encoder,
+            self.optimizer,
+            self.art_cfg,
+            mesh,
+            in_shardings,
+            self.teacher,
+            self.refresh.fused_update,
+        )
+
+    # -- pieces ----------------------------------------------------------------------------
+
+    def _setup_t5_teacher(self) -> None:
+        cfg, data = self.cfg, self.data
+        tspec = teacher_spec(cfg)
+        # Sharded as it is read: each process loads only its devices' blocks.
+        teacher = t5_teacher.T5Teacher.from_pretrained(
+            cfg.teacher.model, cfg.teacher.dtype, tspec, self.mesh, cfg.teacher.param_sharding
+        )
+        self.teacher = dataclasses.replace(teacher, remat=cfg.teacher.get("remat", False))
+        self.teacher_params = teacher.params
+        ttok = teacher.tokenizer
+        t_table = self.tables["teacher"]
+        self.teacher_tables = tables_on_device(t_table, self.layout, self.mesh, ("input_ids",))
+        trunc = Truncation("training questions (teacher)", tspec.max_question_length)
+        self.host_batch["target"] = t5_teacher.tokenize_questions(
+            ttok, data.train_questions, tspec, trunc
+        )
+        trunc.report(log)
+
+    def _encode(
+        self, passage_params: Any, step: int, why: str, donor: ShardedIndex | None
+    ) -> ShardedIndex:
+        """The corpus encoded on the devices with `passage_params` (donor's memory reused)."""
+        cfg = self.cfg
+        tower = tower_of(self.encoder, passage_params)
+        if donor is None:
+            donor = empty_index(self.layout, self.mesh, self.encoder.dim, cfg.encode.index_dtype)
+        t0 = time.perf_counter()
+        fingerprint = {"corpus_hash": self.corpus_hash, "encoder": {"step": int(step)}}
+        index = refresh_in_slices(
+            self.encoder,
+            tower,
+            self.passage_tables,
+            donor,
+            cfg.encode.device_batch,
+            fingerprint,
+            self.check_stop,
+            cfg.encode.get("calls_per_slice", 16),
+        )
+        index.embeddings.block_until_ready()
+        self.encodings.append((step, why))
+        log.info("encoded the corpus (%s, step %d) in %.1fs", why, step, time.perf_counter() - t0)
+        return index
+
+    def batch_at(self, step: int) -> dict[str, Any]:
+        """This process's rows of global batch `step`, assembled into global arrays."""
+        cfg = self.cfg
+        questions = np.arange(len(self.data.train_questions))
+        idx = epoch_batch(questions, step, cfg.train.batch_size, [cfg.seed])
+        mine = idx[process_rows(cfg.train.batch_size)]
+        local = jax.tree.map(lambda a: np.asarray(a)[mine], self.host_batch)
+        return global_batch(local, self.mesh, DATA)
+
+    def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
+        self.refresh.ensure(state)
+        args = (
+            batch,
+            self.refresh.index,
+            self.passage_tables,
+            self.teacher_tables,
+            self.teacher_params,
+        )
+        return self.refresh.train_step(self.step_fn, state, args)
+
+    def after_step(self, state: Any, done: int) -> dict[str, float] | None:
+        """The index refresh of `art.refresh` (refresh.py), and the encodings it logged."""
+        return {**self.refresh.after_step(state, done), **(self._flush_events() or {})}
+
+    def _flush_events(self) -> dict[str, float] | None:
+        if not self.encodings:
+            return None
+        events = {f"index_{why}": float(step) for step, why in self.encodings}
+        events["index_encodings"] = float(len(self.encodings))
+        self.encodings = []
+        return events
+
+    def aux(self) -> Any:
+        return self.refresh.aux()
+
+    def aux_meta(self) -> dict[str, Any]:
+        return self.refresh.aux_meta()
+
+    def restore_aux(self, aux: Any, meta: dict[str, Any]) -> None:
+        self.refresh.restore(aux, meta)
+
+    def evaluate_params(
+        self, params: Any, data: ev.EvalData, step: int, index: ShardedIndex
+    ) -> dict[str, float]:
+        cfg = self.cfg
+        q = ev.encode_queries(
+            self.encoder,
+            params,
+            self.tokenizer,
+            data.query_texts,
+            self.mesh,
+            cfg.encode.batch_size,
+            False,
+        )
+        scores, rows = ev.search_index(
+            index, q, data.query_ids, data.corpus.ids, 100, cfg.encode.batch_size
+        )
+        return ev.compute_metrics(data, scores, rows)
+
+    def evaluate(self, state: Any, step: int) -> dict[str, float]:
+        """Dev metrics of the current parameters.
+
+        eval.index = "training" (default): on the training index as it is — no stall and no
+        second index; how old its rows are is reported (rolling: per-row staleness; sync:
+        `index_age`, 0 when evaluation falls on a refresh step). "fresh": on a scratch index
+        of the current parameters (exact, but a whole-corpus encoding and a second index of
+        the same size on the devices)."""
+        self.refresh.ensure(state)
+        mode = self.cfg.eval.get("index", "training")
+        if mode not in ("training", "fresh"):
+            raise ConfigError(f"eval.index={mode!r}; expected 'training' or 'fresh'")
+        age = self.refresh.age(step)  # how old the training index's rows are
+        if self.refresh.fresh_at(step) or mode == "training":
+            result = self.evaluate_params(state.params, self.data.dev, step, self.refresh.index)
+            return {**result, **age}
+        passage = self.encoder.tower_params(state.params, "passage")
+        scratch = self._encode(passage, step, "evaluation", None)
+        result = self.evaluate_params(state.params, self.data.dev, step, scratch)
+        scratch.embeddings.delete()
+        return {**result, **age}
+
+    def finish(self, state: Any) -> dict[str, Any]:
+        """The test split once, after training (and with the initial parameters); the
+        training index's memory is reused for both encodings."""
+        if self.data.test is None or not self.cfg.eval.test_at_end:
+            return {}
+        out = {}
+        refresh = self.refresh
+        refresh.ensure(state)
+        passage = self.encoder.tower_params(state.params, "passage")
+        total = self.total_steps
+        if not refresh.fresh_at(total):
+            refresh.replace(self._encode(passage, total, "test", refresh.index), total)
+        out["test_after"] = self.evaluate_params(state.params, self.data.test, total, refresh.index)
+        if self.cfg.eval.get("test_baseline", True):
+            base = self.baseline_params()
+            baseline = self.encoder.tower_params(base, "passage")
+            refresh.replace(self._encode(baseline, 0, "baseline", refresh.index), None)
+            out["test_before"] = self.evaluate_params(base, self.data.test, 0, refresh.index)
+        return out
+
+    def fingerprints(self) -> dict[str, Any]:
+        data = self.data
+        return {
+            "corpus": self.corpus_hash,
+            "train_questions": _hash_texts(data.train_questions),
+            "dev_questions": _hash_texts(data.dev.query_texts),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {"index": self.refresh.index, "index_step": self.refresh.index_step}
+
+
+train = ArtRun.train
