@@ -203,8 +203,10 @@ def build_table(
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError:
         # Another builder (a process of this job, or a concurrent `prepare`) finished the
-        # same table first and removed the spent shards: its table is identical.
+        # same table first: its table is identical. Shards this builder wrote while the
+        # other removed the folder (or re-created it) are spent too.
         if (folder / "manifest.json").is_file():
+            shutil.rmtree(shards, ignore_errors=True)
             return folder
         raise
     shutil.rmtree(shards, ignore_errors=True)  # the table is complete: shards are spent

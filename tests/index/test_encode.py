@@ -185,7 +185,9 @@ def test_killed_build_resumes_and_concurrent_builds_give_one_table(tmp_path):
     from jaxret.data.readers import Corpus
 
     store = tmp_path / "store"
-    victim = _build(store, 0.05)
+    # 0.2 s per shard: a poll starved for a few seconds on a loaded machine still sees the
+    # build before its last shard (at 0.05 s it once saw all 15 done).
+    victim = _build(store, 0.2)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(store.glob(".p-*.shards/*.npz"))) < 3:
         time.sleep(0.01)

@@ -185,8 +185,10 @@ def test_resume_after_sigkill_is_exact(tiny_bert, tmp_path):
     _assert_same_exports(tmp_path / "a", tmp_path / "b")
 
 
-# `fused` (not the default program) in make test-slow: each SIGKILL test takes ~2 minutes.
-@pytest.mark.parametrize("program", ["separate", pytest.param("fused", marks=pytest.mark.slow)])
+# In make test-slow: each SIGKILL test takes ~2 minutes; the fast set checks a rolling
+# resume in process (test_a_resumed_run_compiles_its_evaluation_before_the_first_step).
+@pytest.mark.slow
+@pytest.mark.parametrize("program", ["separate", "fused"])
 def test_rolling_resume_after_sigkill_is_exact(tiny_bert, tmp_path, program):
     """The index and its staleness record are in the checkpoint: nothing is re-encoded on
     resume and the losses (which read the index) and parameters are bit-identical."""
@@ -203,10 +205,25 @@ def test_rolling_resume_after_sigkill_is_exact(tiny_bert, tmp_path, program):
     _assert_same_exports(tmp_path / "a", tmp_path / "b")
 
 
-@pytest.mark.parametrize("program", ["fused", "separate"])
-def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program):
+# `fused` in make test-slow: the fused program equals the separate one step for step
+# (test_art_step.py::test_fused_rolling_step_equals_step_then_separate_refresh).
+@pytest.mark.parametrize("program", ["separate", pytest.param("fused", marks=pytest.mark.slow)])
+def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program, monkeypatch):
     """A cycle of refresh_every steps encodes the corpus exactly once; staleness is logged
-    every step and reported by the evaluation; the run ends with a fresh test index."""
+    every step and reported by the evaluation, which reads the training index (no corpus
+    encoding between the start's and the final test's); the run ends with a fresh test
+    index. Fails if evaluation encodes a scratch index (eval.index=training falling back)."""
+    from jaxret.methods.art import runner as art_run
+
+    whys = []
+    real_encode = art_run.ArtRun._encode
+    monkeypatch.setattr(
+        art_run.ArtRun,
+        "_encode",
+        lambda self, params, step, why, donor: (
+            whys.append(why) or real_encode(self, params, step, why, donor)
+        ),
+    )
     cfg = config(
         tiny_bert,
         **{
@@ -234,6 +251,7 @@ def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program):
     # The test split was searched on a fresh encoding by the final parameters.
     assert summary["index_step"] == 6 and summary["index"].meta["encoder"] == {"step": 6}
     assert "test_after" in summary
+    assert whys == ["start", "test"]  # evaluations at 0, 3 and 6 encoded nothing
 
 
 def _free_port():
@@ -471,7 +489,10 @@ def test_sigterm_during_a_refresh_stops_it_and_saves(tiny_bert, tmp_path, monkey
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("refresh", [pytest.param("sync", marks=pytest.mark.slow), "rolling"])
+# In make test-slow (~30 s each): the fast set checks that rolling evaluations encode nothing
+# in test_rolling_refresh_in_the_loop[separate].
+@pytest.mark.slow
+@pytest.mark.parametrize("refresh", ["sync", "rolling"])
 def test_dev_evaluation_reads_the_training_index(tiny_bert, tmp_path, monkeypatch, refresh):
     """eval.index=training (the default): dev evaluations at steps 3 and 6 encode nothing
     (the run's only corpus encoding is the start's) and report the index's age; "fresh"
@@ -541,16 +562,41 @@ def test_rolling_index_is_kept_in_the_newest_checkpoint_only(tiny_bert, tmp_path
 def test_a_resumed_run_compiles_its_evaluation_before_the_first_step(
     tiny_bert, tmp_path, monkeypatch
 ):
-    """After a resume the evaluation programs (query encoder, search) compile in the loop's
-    warm-up, before training starts; the first scheduled dev evaluation compiles nothing.
-    Before, it compiled mid-training: the rehearsal's largest step-to-step gap (4.1 × p50,
-    docs/scaling.md). Fails without `warm_up(start)` in loop._run (the step-6 evaluation
-    then compiles programs)."""
+    """A rolling run stopped by SIGTERM at step 3 resumes exactly (the losses of an
+    uninterrupted run), and after the resume its evaluation programs (query encoder,
+    search) compile in the loop's warm-up, before training: the first scheduled dev
+    evaluation compiles nothing. Before, it compiled mid-training, the rehearsal's largest
+    step-to-step gap (4.1 × p50, docs/scaling.md). The stopped run evaluates nothing and its
+    query batch (24) is used by no other test, so nothing is compiled for it in advance.
+    Fails without `warm_up(start)` in loop._run (the step-6 evaluation then compiles), or if
+    the rolling index or its staleness record is not restored exactly (losses differ)."""
+    import os
+    import signal
+
     from jaxret.methods.art import runner as art_run
 
-    base = {"eval.test_at_end": False, "train.allow_config_change": True}
-    train(config(tiny_bert, **base, **{"train.steps": 3}), tmp_path)
-    jax.clear_caches()  # as a new process: nothing compiled yet
+    cfg = config(
+        tiny_bert,
+        **{
+            "art.refresh": "rolling",
+            "train.refresh_every": 3,
+            "train.eval_every": 6,
+            "eval.at_start": False,
+            "eval.test_at_end": False,
+            "encode.batch_size": 24,
+        },
+    )
+    real_after_step = art_run.ArtRun.after_step
+
+    def stop_at_3(self, state, done):
+        out = real_after_step(self, state, done)
+        if done == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(art_run.ArtRun, "after_step", stop_at_3)
+    assert train(cfg, tmp_path / "b")["preempted_at"] == 3
+    monkeypatch.setattr(art_run.ArtRun, "after_step", real_after_step)
 
     compiles: list[str] = []
 
@@ -570,11 +616,14 @@ def test_a_resumed_run_compiles_its_evaluation_before_the_first_step(
     monkeypatch.setattr(art_run.ArtRun, "evaluate", evaluate)
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
-        train(config(tiny_bert, **base, **{"train.steps": 6}), tmp_path)
+        train(cfg, tmp_path / "b")
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert per_call[6] == 0  # the scheduled evaluation compiled nothing
     assert per_call[3] > 0  # the warm-up at the resume step compiled them
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "warm_up_seconds" in r] == [3]
-    assert [r["step"] for r in rows if r["kind"] == "dev"] == [0, 3, 6]  # warm-up unlogged
+    assert [r["step"] for r in rows if r["kind"] == "dev"] == [6]  # the warm-up is unlogged
+    train(cfg, tmp_path / "a")  # uninterrupted
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    assert len(train_losses(tmp_path / "b")) == 6
