@@ -27,6 +27,7 @@ from jaxret.configlib import (
     model_config,
     optimizer_config,
     run_config,
+    tiny_train,
     train_config,
     with_variant,
 )
@@ -182,15 +183,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.teacher.update(kind="oracle", max_passage_length=64, max_question_length=24, chunk_pairs=4)
     c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
     c.encode.update(batch_size=32, device_batch=8, index_dtype="float32", chunk_rows=16)
-    c.train.update(
-        steps=6,
-        batch_size=8,
-        refresh_every=2,
-        eval_every=3,
-        checkpoint_every=3,
-        keep_checkpoints=2,
-        progress=False,
-    )
+    c.train.update(**tiny_train(steps=6, refresh_every=2, eval_every=3, checkpoint_every=3))
 
 
 VARIANTS = {

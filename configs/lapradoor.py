@@ -30,6 +30,7 @@ from jaxret.configlib import (
     model_config,
     optimizer_config,
     run_config,
+    tiny_train,
     train_config,
     with_variant,
 )
@@ -128,7 +129,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.icol.update(switch_every=2, queue_size=64)
     c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
     c.encode.update(batch_size=32)
-    c.train.update(steps=6, batch_size=8, checkpoint_every=3, keep_checkpoints=2, progress=False)
+    c.train.update(**tiny_train(steps=6, checkpoint_every=3))
     c.eval.max_length = 0
 
 

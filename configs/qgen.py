@@ -34,6 +34,7 @@ from jaxret.configlib import (
     model_config,
     optimizer_config,
     run_config,
+    tiny_train,
     train_config,
     with_variant,
 )
@@ -240,15 +241,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.data.update(dir=str(data), dev_fraction=0.5, max_eval_queries=10)
     c.encode.update(batch_size=32, chunk_rows=64)
     c.optimizer.update(lr=1e-3)
-    c.train.update(
-        steps=4,
-        epochs=0,
-        batch_size=8,
-        eval_every=2,
-        checkpoint_every=2,
-        keep_checkpoints=2,
-        progress=False,
-    )
+    c.train.update(**tiny_train(steps=4, epochs=0, eval_every=2, checkpoint_every=2))
 
 
 VARIANTS = {

@@ -24,6 +24,7 @@ from jaxret.configlib import (
     model_config,
     optimizer_config,
     run_config,
+    tiny_train,
     train_config,
     with_variant,
 )
@@ -115,14 +116,7 @@ def tiny(c: ml_collections.ConfigDict) -> None:
     c.queries.update(dev=20, min_chars=5)
     c.optimizer.update(lr=1e-3, warmup_fraction=0.1)
     c.encode.update(batch_size=32, chunk_rows=16)
-    c.train.update(
-        steps=6,
-        batch_size=8,
-        eval_every=3,
-        checkpoint_every=3,
-        keep_checkpoints=2,
-        progress=False,
-    )
+    c.train.update(**tiny_train(steps=6, eval_every=3, checkpoint_every=3))
 
 
 VARIANTS = {

@@ -111,6 +111,12 @@ def train_config(**fields: Any) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({**block, **fields})
 
 
+def tiny_train(**fields: Any) -> dict:
+    """The loop settings of the test-sized `tiny` variants (a few steps of batch 8, two
+    checkpoints kept, no progress bar), for `c.train.update(**…)`."""
+    return dict(batch_size=8, keep_checkpoints=2, progress=False, **fields)
+
+
 def cosine_mean_encoder() -> dict:
     """The sentence-transformers embedding (mean pooling, no head, unit norm, cosine × 20,
     title + " " + text) that LaPraDoR, its fine-tuning and the MiniLM demos train and
