@@ -19,6 +19,7 @@ test. The loop owns everything else:
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -59,7 +60,7 @@ RESUMABLE_CHANGES = (
 )
 
 
-class Runner:
+class Runner(abc.ABC):
     """A method on the shared loop: subclass it, set the class attributes, and in `__init__`
     place `state` and set `total_steps` (and `lr_at`); implement `train_step` and `batch_at`.
     Every other hook does nothing unless overridden. `Runner.train` is the whole run.
@@ -80,13 +81,13 @@ class Runner:
     # evaluation calls it between its programs; it raises `Preempted` after a SIGTERM.
     check_stop: Callable[[], None] | None = None
 
+    @abc.abstractmethod
     def train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
         """The jitted step (state donated)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def batch_at(self, step: int) -> Any:
         """The global batch of step `step`: a function of the step only (exact resume)."""
-        raise NotImplementedError
 
     def fingerprints(self) -> dict[str, Any]:
         """What the run's data was (hashes): a resume on other data is refused."""
@@ -110,10 +111,12 @@ class Runner:
 
     def restore_aux(self, aux: Any, meta: dict[str, Any]) -> None:
         """After a resume: the checkpoint's aux (None when it kept none) and its meta."""
+        return None
 
     def export(self, params: Any, folder: Path) -> None:
-        """The final parameters (host copies) written to `folder` (process 0 only)."""
-        raise NotImplementedError
+        """The final parameters (host copies) written to `folder` (process 0 only); the loop
+        gathers them only for a method that overrides this."""
+        return None
 
     def finish(self, state: TrainState) -> dict[str, Any]:
         """After the last step: the final test etc., merged into the summary."""
