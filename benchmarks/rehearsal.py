@@ -126,6 +126,7 @@ def overrides(data: Path, bert: Path, t5: Path, store: Path, args, refresh: str)
         "--config.train.keep_checkpoints=2",
         "--config.eval.test_baseline=false",
         "--config.eval.metric=ndcg@10",
+        f"--config.eval.slices={args.eval_slices}",
     ]
 
 
@@ -238,15 +239,10 @@ def step_stats(workdir: Path, restarts: tuple[int, ...] = (0,), first: int = 2) 
 
 
 def dev_cost(workdir: Path) -> float:
-    """Median seconds of a dev evaluation: its row's time minus the train row before it."""
-    r = rows(workdir)
-    out, last_train = [], {}
-    for x in r:
-        if x["kind"] == "train":
-            last_train[x["step"]] = x["time"]
-        elif x["kind"] == "dev" and x["step"] in last_train:  # (refresh events in between)
-            out.append(x["time"] - last_train[x["step"]])
-    return float(np.median(out)) if out else float("nan")
+    """Median seconds a dev evaluation held the training thread, all its parts (the loop's
+    `eval_seconds`; spread over `eval.slices` steps)."""
+    held = [x["eval_seconds"] for x in rows(workdir) if x["kind"] == "dev"]
+    return float(np.median(held)) if held else float("nan")
 
 
 def checkpoint_hold(workdir: Path) -> tuple[float, float]:
@@ -269,7 +265,13 @@ def main() -> None:
     p.add_argument("--prepare-rate-passages", type=int, default=200_000)
     p.add_argument("--refresh-every", type=int, default=500)
     p.add_argument("--every", type=int, default=250, help="dev evaluation and checkpoint")
+    p.add_argument("--eval-slices", type=int, default=8, help="a dev evaluation's steps")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/jaxret-rehearsal"))
+    p.add_argument(
+        "--modes",
+        default="sync,rolling",
+        help="training runs, comma-separated (empty: only the data and the store)",
+    )
     args = p.parse_args()
     w = args.workdir
     w.mkdir(parents=True, exist_ok=True)
@@ -282,21 +284,22 @@ def main() -> None:
     table: list[tuple[str, str]] = []
 
     # 1. The store, before any training process starts.
-    small = w / f"data-{args.prepare_rate_passages}"
-    if not (small / "qrels" / "test.tsv").exists():
-        write_data(small, args.prepare_rate_passages)
-    for workers in (1, 2):
-        store = w / f"store-rate-{workers}"
-        shutil.rmtree(store, ignore_errors=True)
-        flags = overrides(small, bert, t5, store, args, "sync")
-        seconds = prepare(flags, w / "prep", workers, args.devices)
-        table.append(
-            (
-                f"prepare, {workers} worker(s), {args.prepare_rate_passages:,} passages",
-                f"{seconds:.0f} s, {args.prepare_rate_passages / seconds:,.0f} passages/s",
+    if args.prepare_rate_passages:  # 0: skip (a rerun of the training phases)
+        small = w / f"data-{args.prepare_rate_passages}"
+        if not (small / "qrels" / "test.tsv").exists():
+            write_data(small, args.prepare_rate_passages)
+        for workers in (1, 2):
+            store = w / f"store-rate-{workers}"
+            shutil.rmtree(store, ignore_errors=True)
+            flags = overrides(small, bert, t5, store, args, "sync")
+            seconds = prepare(flags, w / "prep", workers, args.devices)
+            table.append(
+                (
+                    f"prepare, {workers} worker(s), {args.prepare_rate_passages:,} passages",
+                    f"{seconds:.0f} s, {args.prepare_rate_passages / seconds:,.0f} passages/s",
+                )
             )
-        )
-        print(table[-1], flush=True)
+            print(table[-1], flush=True)
     store = w / "store"
     if not (store / "complete").exists():
         seconds = prepare(overrides(data, bert, t5, store, args, "sync"), w / "prep", 2, 2)
@@ -311,7 +314,7 @@ def main() -> None:
 
     # 2. Sync refresh, the paper's.
     results = {}
-    for refresh in ("sync", "rolling"):
+    for refresh in [m for m in args.modes.split(",") if m]:
         run = w / f"train-{refresh}"
         shutil.rmtree(run, ignore_errors=True)
         flags = overrides(data, bert, t5, store, args, refresh)
@@ -361,7 +364,12 @@ def main() -> None:
                 f"{s['gap_max'] / s['gap_p50']:.2f}× p50)",
             )
         )
-        table.append((f"{refresh}: dev evaluation", f"{dev_cost(run):.1f} s"))
+        table.append(
+            (
+                f"{refresh}: dev evaluation, training thread held (over {args.eval_slices} steps)",
+                f"{dev_cost(run):.2f} s",
+            )
+        )
         held = checkpoint_hold(run)
         table.append(
             (
@@ -382,17 +390,18 @@ def main() -> None:
             )
         )
         print("\n".join(f"{a}: {b}" for a, b in table[-7:]), flush=True)
-    sync_refresh = [
-        x["wall_seconds"]
-        for x in rows(w / "train-sync")
-        if x["kind"] == "train" and x["step"] % args.refresh_every == 0
-    ]
-    table.append(
-        (
-            f"sync: refresh steps (every {args.refresh_every})",
-            ", ".join(f"{x:.1f} s" for x in sync_refresh),
+    if "sync" in results:
+        sync_refresh = [
+            x["wall_seconds"]
+            for x in rows(w / "train-sync")
+            if x["kind"] == "train" and x["step"] % args.refresh_every == 0
+        ]
+        table.append(
+            (
+                f"sync: refresh steps (every {args.refresh_every})",
+                ", ".join(f"{x:.1f} s" for x in sync_refresh),
+            )
         )
-    )
     tokens = size(store)
     table.append(("store on disk (text table + both token tables)", f"{tokens / 1e9:.2f} GB"))
 

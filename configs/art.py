@@ -107,8 +107,18 @@ def base():
     # index: dev evaluation on the "training" index as it is (its age reported; no stall,
     # no second index) or on a "fresh" scratch index (a corpus encoding and a second index
     # on the devices). The final test always encodes the corpus with the final parameters.
+    # slices: a dev evaluation on the training index searches its queries over this many
+    # steps (one slice after each), a stall of 1/slices of the search; the parameters
+    # evaluated are kept (one more copy of them) until the last slice.
     c.eval = ml_collections.ConfigDict(
-        dict(metric="top20", at_start=True, test_at_end=True, test_baseline=True, index="training")
+        dict(
+            metric="top20",
+            at_start=True,
+            test_at_end=True,
+            test_baseline=True,
+            index="training",
+            slices=1,
+        )
     )
     return c
 

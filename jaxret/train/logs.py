@@ -85,7 +85,8 @@ def plot(workdir: Path, rows: list[dict], metric: str, loss_label: str = "loss")
     import matplotlib.pyplot as plt
 
     train = [r for r in rows if r["kind"] == "train" and math.isfinite(r.get("loss", math.nan))]
-    dev = [r for r in rows if r["kind"] == "dev" and metric in r]
+    # (sorted: an evaluation spread over steps is written after later steps' rows)
+    dev = sorted((r for r in rows if r["kind"] == "dev" and metric in r), key=lambda r: r["step"])
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     steps, loss = [r["step"] for r in train], np.array([r["loss"] for r in train])
     a.plot(steps, loss, lw=0.6, alpha=0.4, label="per step")

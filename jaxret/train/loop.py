@@ -25,11 +25,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -96,6 +97,17 @@ class Runner(abc.ABC):
     def evaluate(self, state: TrainState, step: int) -> dict[str, float] | None:
         """Dev metrics of `state` after `step` steps; None: no dev evaluation."""
         return None
+
+    def evaluation(
+        self, state: TrainState, step: int
+    ) -> Generator[None, None, dict[str, float] | None]:
+        """`evaluate` in parts, so that a long evaluation need not stall training: the loop
+        runs the part before the first `yield` at once (the only part that may read
+        `state`, whose buffers the next step donates) and each later part after one more
+        training step (ART's search in `eval.slices` slices). Returns `evaluate`'s value.
+        By default one part."""
+        yield from ()
+        return self.evaluate(state, step)
 
     def after_step(self, state: TrainState, step: int) -> dict[str, float] | None:
         """Work after step `step` (ART's index refresh); returns event values to log."""
@@ -338,25 +350,76 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
     logger = Logger(workdir, start)
     total = runner.total_steps
 
-    def evaluate(done: int) -> None:
-        result = runner.evaluate(state, done)
+    # A dev evaluation whose later parts run after later steps (Runner.evaluation):
+    # [evaluated step, its parts, that step's parameters, seconds so far], or empty.
+    pending: list[Any] = []
+    # The parameters of an evaluated step outlive the next step (which donates them) only
+    # while its evaluation runs: a copy, for the best-by-dev save (compiled at the first
+    # spread evaluation: the one at step 0, or a resume's warm-up).
+    copy_params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+
+    def record(done: int, result: dict[str, float] | None, params: Any, seconds: float) -> None:
         if result is None:  # the method has no dev evaluation
             return
-        logger.write(done, "dev", result)
+        logger.write(done, "dev", {**result, "eval_seconds": seconds})
         value = result.get(runner.metric)
         best = meta["best"]
         better = lambda a, b: a > b if runner.higher_is_better else a < b
         if value is not None and (best is None or better(value, best["value"])):
             meta["best"] = {"step": done, "value": value, "metric": runner.metric}
-            manager.save_best(state.params, meta["best"])
+            manager.save_best(params, meta["best"])
+
+    def advance() -> None:
+        """The next part of the pending evaluation (recorded when it was the last)."""
+        done, parts, params, seconds = pending
+        t0 = time.perf_counter()
+        try:
+            next(parts)
+        except StopIteration as stop:
+            pending.clear()
+            record(done, stop.value, params, seconds + time.perf_counter() - t0)
+        except Preempted:
+            pending.clear()
+            logger.write(done, "event", {"dev_evaluation_dropped": float(done)})
+            raise
+        else:
+            pending[3] += time.perf_counter() - t0
+
+    def evaluate(done: int, at_once: bool = True) -> None:
+        """Evaluates the parameters after `done` steps: the first part now, the rest one
+        part after each following step unless `at_once` (or all at once if none is
+        pending; an unfinished earlier evaluation is finished first)."""
+        while pending:
+            advance()
+        parts = runner.evaluation(state, done)
+        t0 = time.perf_counter()
+        try:
+            next(parts)
+        except StopIteration as stop:
+            record(done, stop.value, state.params, time.perf_counter() - t0)
+            return
+        pending[:] = [done, parts, copy_params(state.params), time.perf_counter() - t0]
+        while at_once and pending:
+            advance()
 
     def warm_up(done: int) -> None:
-        """A resumed run evaluates once before its first step, unlogged: the evaluation's
-        programs compile here instead of inside the first scheduled evaluation, a stall in
-        the middle of training (4× a step in the rehearsal, docs/scaling.md)."""
+        """A resumed run evaluates once before its first step: the evaluation's programs
+        compile here instead of inside the first scheduled evaluation, a stall in the
+        middle of training (4× a step in the rehearsal, docs/scaling.md). Unlogged,
+        unless the checkpoint's step was due an evaluation that was never recorded (one
+        spread over steps that a SIGTERM or a kill cut short): then it is that evaluation."""
         t0 = time.perf_counter()
-        if runner.evaluate(state, done) is not None:
-            logger.write(done, "event", {"warm_up_seconds": time.perf_counter() - t0})
+        due = done % t.eval_every == 0
+        if due and not any(r["step"] == done and r["kind"] == "dev" for r in logger.read()):
+            evaluate(done)
+            return
+        parts = runner.evaluation(state, done)
+        try:
+            while True:
+                next(parts)
+        except StopIteration as stop:
+            if stop.value is not None:
+                logger.write(done, "event", {"warm_up_seconds": time.perf_counter() - t0})
 
     # One compiled reduction, compiled here: op by op, its first call at the first
     # checkpoint cost seconds (one small program per parameter), a stall in the middle of
@@ -415,12 +478,18 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
             due = done % t.eval_every == 0 or done == total
-            if due and not preempted:
-                try:
-                    evaluate(done)
-                except Preempted:
-                    preempted = True
+            try:
+                if pending and not preempted:
+                    advance()
+                if due and not preempted:
+                    evaluate(done, at_once=done == total)
+            except Preempted:
+                preempted = True
             preempted = preempted or preemption.requested()
+            if preempted and pending:  # its parameters are gone after this save
+                logger.write(pending[0], "event", {"dev_evaluation_dropped": float(pending[0])})
+                log.warning("SIGTERM: the dev evaluation of step %d is dropped", pending[0])
+                pending.clear()
             if done % t.checkpoint_every == 0 or done == total or preempted:
                 checkpoint(done)
                 last_saved = done

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -321,20 +322,23 @@ class ArtRun(RetrieverRunner):
     def evaluate_params(
         self, params: Any, data: ev.EvalData, step: int, index: ShardedIndex
     ) -> dict[str, float]:
-        cfg = self.cfg
-        q = ev.encode_queries(
-            self.encoder,
-            params,
-            self.tokenizer,
-            data.query_texts,
-            self.mesh,
-            cfg.encode.batch_size,
-            False,
-        )
+        q = self._encode_queries(params, data)
         scores, rows = ev.search_index(
-            index, q, data.query_ids, data.corpus.ids, 100, cfg.encode.batch_size
+            index, q, data.query_ids, data.corpus.ids, 100, self.cfg.encode.batch_size
         )
         return ev.compute_metrics(data, scores, rows)
+
+    def _encode_queries(self, params: Any, data: ev.EvalData) -> np.ndarray:  # [Q, d]
+        batch = self.cfg.encode.batch_size
+        return ev.encode_queries(
+            self.encoder, params, self.tokenizer, data.query_texts, self.mesh, batch, False
+        )
+
+    def _eval_mode(self) -> str:
+        mode = self.cfg.eval.get("index", "training")
+        if mode not in ("training", "fresh"):
+            raise ConfigError(f"eval.index={mode!r}; expected 'training' or 'fresh'")
+        return mode
 
     def evaluate(self, state: Any, step: int) -> dict[str, float]:
         """Dev metrics of the current parameters.
@@ -345,9 +349,7 @@ class ArtRun(RetrieverRunner):
         of the current parameters (exact, but a whole-corpus encoding and a second index of
         the same size on the devices)."""
         self.refresh.ensure(state)
-        mode = self.cfg.eval.get("index", "training")
-        if mode not in ("training", "fresh"):
-            raise ConfigError(f"eval.index={mode!r}; expected 'training' or 'fresh'")
+        mode = self._eval_mode()
         age = self.refresh.age(step)  # how old the training index's rows are
         if self.refresh.fresh_at(step) or mode == "training":
             result = self.evaluate_params(state.params, self.data.dev, step, self.refresh.index)
@@ -357,6 +359,41 @@ class ArtRun(RetrieverRunner):
         result = self.evaluate_params(state.params, self.data.dev, step, scratch)
         scratch.embeddings.delete()
         return {**result, **age}
+
+    def evaluation(self, state: Any, step: int) -> Generator[None, None, dict[str, float]]:
+        """`evaluate` on the training index spread over `eval.slices` steps: the dev
+        queries are encoded now with these parameters, and each following step searches
+        one slice of them (one program call of ⌈Q / slices⌉ queries) in the training index
+        as it is then — a stall of 1/slices of the search instead of all of it (the search
+        grows with the corpus: at NQ's 21M rows it dominates an evaluation)."""
+        slices = int(self.cfg.eval.get("slices", 1))
+        if slices < 1:
+            raise ConfigError(f"eval.slices={slices}; expected an integer ≥ 1")
+        if slices == 1 or self._eval_mode() == "fresh":
+            yield from ()
+            return self.evaluate(state, step)
+        self.refresh.ensure(state)
+        age = self.refresh.age(step)
+        data = self.data.dev
+        q = self._encode_queries(state.params, data)  # [Q, d]
+        per_slice = -(-len(q) // min(slices, len(q)))
+        found = []
+        for start in range(0, len(q), per_slice):
+            yield
+            part = slice(start, start + per_slice)
+            found.append(
+                ev.search_index(
+                    self.refresh.index,  # read now: a rolling step replaces it
+                    q[part],
+                    data.query_ids[part],
+                    data.corpus.ids,
+                    100,
+                    per_slice,
+                )
+            )
+        scores = np.concatenate([f[0] for f in found])
+        rows = np.concatenate([f[1] for f in found])
+        return {**ev.compute_metrics(data, scores, rows), **age}
 
     def finish(self, state: Any) -> dict[str, Any]:
         """The test split once, after training (and with the initial parameters); the

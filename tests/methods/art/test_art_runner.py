@@ -212,7 +212,13 @@ def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program, monkeypatch):
     """A cycle of refresh_every steps encodes the corpus exactly once; staleness is logged
     every step and reported by the evaluation, which reads the training index (no corpus
     encoding between the start's and the final test's); the run ends with a fresh test
-    index. Fails if evaluation encodes a scratch index (eval.index=training falling back)."""
+    index. Fails if evaluation encodes a scratch index (eval.index=training falling back).
+
+    The dev evaluations are spread over steps (eval.slices=3): step 3's queries are
+    searched one third after each of steps 4, 5 and 6, each in the training index of that
+    step (the rolling refresh replaces it every step: a search of a captured index fails
+    on its donated buffer); the one at step 0 gives the metrics of an evaluation at once.
+    Fails if the slices are searched together, or in the first part."""
     from jaxret.methods.art import runner as art_run
 
     whys = []
@@ -224,6 +230,27 @@ def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program, monkeypatch):
             whys.append(why) or real_encode(self, params, step, why, donor)
         ),
     )
+    trained, searches, at_once = [0], [], {}
+    real_step, real_search = art_run.ArtRun.train_step, art_run.ev.search_index
+    real_evaluation = art_run.ArtRun.evaluation
+
+    def train_step(self, state, batch):
+        trained[0] += 1
+        return real_step(self, state, batch)
+
+    def search_index(index, queries, *a, **k):
+        searches.append((trained[0], len(queries)))
+        return real_search(index, queries, *a, **k)
+
+    def evaluation(self, state, step):
+        if step == 0:
+            at_once[0] = self.evaluate(state, 0)
+            searches.clear()
+        return real_evaluation(self, state, step)
+
+    monkeypatch.setattr(art_run.ArtRun, "train_step", train_step)
+    monkeypatch.setattr(art_run.ArtRun, "evaluation", evaluation)
+    monkeypatch.setattr(art_run.ev, "search_index", search_index)
     cfg = config(
         tiny_bert,
         **{
@@ -234,9 +261,14 @@ def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program, monkeypatch):
             "train.eval_every": 3,
             "eval.test_at_end": True,
             "eval.test_baseline": False,
+            "eval.slices": 3,
         },
     )
     summary = train(cfg, tmp_path)
+    sizes = [14, 14, 12]  # 40 dev queries in 3 slices (each one program call of 14)
+    assert searches[:3] == [(0, n) for n in sizes]  # the start's: at once, in slices
+    assert searches[3:9] == [(4, 14), (5, 14), (6, 12)] + [(6, n) for n in sizes]
+    assert len(searches) == 10  # and the final test's, at once
     n = summary["index"].layout.num_rows
     events = [r for r in _events(tmp_path) if "refresh_encoded" in r]
     assert [r["step"] for r in events] == [1, 2, 3, 4, 5, 6]
@@ -246,6 +278,9 @@ def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program, monkeypatch):
     dev = [
         json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"dev"' in x
     ]
+    assert [r["step"] for r in dev] == [0, 3, 6]
+    metrics = {k: v for k, v in dev[0].items() if k not in ("time", "eval_seconds")}
+    assert metrics == pytest.approx({"step": 0, "kind": "dev", **at_once[0]}, abs=1e-6)
     at3 = [r for r in dev if r["step"] == 3][0]
     assert at3["index_staleness_max"] == 2 and 0 < at3["index_staleness_mean"] < 2
     # The test split was searched on a fresh encoding by the final parameters.
