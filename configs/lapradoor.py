@@ -54,6 +54,7 @@ def base():
             eval_dir="",
             eval_split="test",
             max_eval_queries=0,
+            store="",  # corpus text and sentence counts (default WORKDIR/store)
             splitter="sentencex",
             ict_remove_prob=1.0,  # LaPraDoR removes the query sentence from its document
         )

@@ -33,7 +33,7 @@ from typing import Any, overload
 import numpy as np
 
 from jaxret.data.corpus_store import table_folder
-from jaxret.data.readers import Corpus
+from jaxret.data.readers import Corpus, DataError, find_corpus, join_corpora, read_corpus
 
 FIELDS = ("ids", "titles", "texts")
 
@@ -198,3 +198,24 @@ def stored_corpus(store: str | os.PathLike | None, source: str | os.PathLike) ->
     if not (folder / "manifest.json").is_file():
         return None
     return StoredCorpus(folder)
+
+
+def training_corpus(
+    sources: Sequence[str | os.PathLike], store: str | os.PathLike | None, write: bool = False
+) -> Corpus:
+    """The corpora `sources` (data folders or corpus files) as one (`join_corpora`), each
+    read from its text table in `store` when there is one; `write` (prepare) writes the
+    missing tables first."""
+    corpora = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            path = find_corpus(path)
+        elif not path.is_file():
+            raise DataError(f"{source}: no such corpus folder or file")
+        corpus = stored_corpus(store, path)
+        if corpus is None and write and store:
+            write_text_table(store, path, read_corpus(path))
+            corpus = stored_corpus(store, path)
+        corpora.append(corpus if corpus is not None else read_corpus(path))
+    return join_corpora(corpora)

@@ -356,6 +356,8 @@ def read_training_corpus(source: str | Path) -> Corpus:
 def join_corpora(corpora: list[Corpus]) -> Corpus:
     """One corpus of several; ids prefixed "<i>:" when there is more than one (ids of
     different corpora may collide)."""
+    if len(corpora) == 1:  # as it is (a memory-mapped corpus stays one)
+        return corpora[0]
     ids, titles, texts = [], [], []
     for i, c in enumerate(corpora):
         prefix = f"{i}:" if len(corpora) > 1 else ""

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxret.data.corpus_store import SHARD_ROWS, TokenTable, open_table
 from jaxret.data.readers import Corpus, DataError
 
 Splitter = Literal["sentencex", "moses"]
@@ -47,6 +48,41 @@ def splitter(name: Splitter = "sentencex", language: str = "en") -> Callable[[st
     else:
         raise ValueError(f"sentence splitter {name!r}; expected 'sentencex' or 'moses'")
     return lambda text: [s.strip() for s in seg(text) if s.strip()]
+
+
+def sentence_table(
+    store: str | os.PathLike,
+    corpus: Corpus,
+    splitter_name: Splitter,
+    workers: int = 1,
+    shard_rows: int = SHARD_ROWS,
+    multi_process: str = "each",
+    prepare_hint: str = "",
+) -> TokenTable:
+    """Sentences per passage (`.arrays["sentences"]` [N, 1], capped at 65,535), kept in
+    `store` as a one-column table:
+    split once for the corpus, by `jaxret prepare` (`workers` processes, resumable, the same
+    bytes for any count) or by the first run that needs it; `open_table`'s rules for a
+    multi-process run (`multi_process`, `prepare_hint`). Splitting a C4- or Wikipedia-sized
+    corpus takes hours on one core: no training process should repeat it at start."""
+    split = splitter(splitter_name, "en")
+
+    def count(titles: list[str], texts: list[str], trunc: Any) -> dict[str, np.ndarray]:
+        n = np.array([len(split(t)) for t in texts], np.int64)
+        return {"sentences": np.minimum(n, 2**16 - 1)[:, None]}
+
+    fingerprint = {"splitter": splitter_name, "language": "en", "vocab_size": 2**16}
+    return open_table(
+        store,
+        "sentences",
+        corpus,
+        count,
+        fingerprint,
+        multi_process=multi_process,
+        workers=workers,
+        shard_rows=shard_rows,
+        prepare_hint=prepare_hint,
+    )
 
 
 def documents(corpus: Corpus) -> list[int]:

@@ -48,9 +48,10 @@ def preparer(cfg: Any) -> Callable[..., dict[str, Any]]:
     name = method_of(cfg)
     module = importlib.import_module(METHODS[name])
     if not hasattr(module, "prepare"):
-        able = [m for m in METHODS if hasattr(importlib.import_module(METHODS[m]), "prepare")]
+        modules = {m: importlib.import_module(METHODS[m]) for m in sorted(METHODS)}
+        able = [m for m, module in modules.items() if hasattr(module, "prepare")]
         raise ConfigError(
-            f"jaxret prepare builds the stores of {' and '.join(able)}; method={name!r} "
+            f"jaxret prepare builds the stores of {', '.join(able)}; method={name!r} "
             "builds its own when it starts (each process its copy, no process waiting for "
             "another)"
         )

@@ -189,6 +189,14 @@ def tokenizer_folder(model: str | os.PathLike) -> Path:
     return hf_io.resolve_checkpoint(model)
 
 
+def spec_for(model: str | os.PathLike, spec: EncoderSpec) -> EncoderSpec:
+    """`spec` as `from_pretrained(model, spec)` uses it (lengths cut to the model's position
+    table), read from the model's config.json alone: what `jaxret prepare` tokenizes for
+    without loading weights, so that the training run finds the table it built."""
+    config = json.loads((tokenizer_folder(model) / "config.json").read_text())
+    return fit_positions(spec, int(config["max_position_embeddings"]))
+
+
 def _with_pooler(cfg: BertConfig, params: dict, rng: jax.Array) -> tuple[BertConfig, dict]:
     """Adds a freshly initialized pooler when the checkpoint has none but dense_tanh needs one."""
     if cfg.add_pooler:
@@ -214,10 +222,9 @@ def _load_head(folder: Path) -> dict | None:
     return load_file(folder / HEAD_FILE) if (folder / HEAD_FILE).is_file() else None
 
 
-def fit_positions(spec: EncoderSpec, bert: BertConfig) -> EncoderSpec:
-    """`spec` with lengths beyond the model's position table cut to it, with a warning (as
+def fit_positions(spec: EncoderSpec, n: int) -> EncoderSpec:
+    """`spec` with lengths beyond the model's `n` positions cut to them, with a warning (as
     sentence-transformers caps max_seq_length): longer inputs cannot be encoded."""
-    n = bert.max_position_embeddings
     over = {f: n for f in ("max_query_length", "max_passage_length") if getattr(spec, f) > n}
     for field in over:
         log.warning(
@@ -263,7 +270,7 @@ def from_pretrained(
         loaded = {t: hf_bert.load_bert(folder / sub) for t, sub in towers.items()}
         cfg = next(iter(loaded.values()))[0]
         params = {t: p for t, (_, p, _) in loaded.items()}
-        encoder = DualEncoder(cfg, fit_positions(spec, cfg))
+        encoder = DualEncoder(cfg, fit_positions(spec, cfg.max_position_embeddings))
         for t, sub in towers.items():
             head = _load_head(folder / sub)
             if encoder.separate_head and head is None:
@@ -285,7 +292,8 @@ def from_pretrained(
         ):
             raise ValueError("query and passage checkpoints must share one BERT architecture")
         params["passage"] = p_params
-    encoder = DualEncoder(dataclasses.replace(cfg, add_pooler=False), fit_positions(spec, cfg))
+    spec = fit_positions(spec, cfg.max_position_embeddings)
+    encoder = DualEncoder(dataclasses.replace(cfg, add_pooler=False), spec)
     if encoder.separate_head:
         params = {
             t: {

@@ -28,6 +28,14 @@ def store_folder(cfg: Any, workdir: str | Path) -> Path:
     return Path(cfg.data.store) if cfg.data.store else Path(workdir) / "store"
 
 
+def prepare_hint(store: Path) -> str:
+    """The command that builds a missing store before a multi-process job."""
+    return (
+        "jaxret prepare --config=<the same config and overrides> --workdir=<the run's "
+        f"workdir> (store {store})"
+    )
+
+
 def load_retriever(
     cfg: Any, mesh: Mesh, spec: de.EncoderSpec | None = None
 ) -> tuple[de.DualEncoder, Any, Any]:

@@ -34,6 +34,6 @@ def test_an_unknown_method_and_a_method_without_prepare_are_named():
     cfg = load_config("configs/art.py:tiny", [("method", "dpr")])
     with pytest.raises(ConfigError, match=r"method='dpr'; known: art, lapradoor, qgen, spar"):
         trainer(cfg)
-    with pytest.raises(ConfigError, match="jaxret prepare builds the stores of art and spar"):
-        preparer(load_config("configs/lapradoor.py:tiny"))
+    with pytest.raises(ConfigError, match="the stores of art, lapradoor, spar; method='qgen'"):
+        preparer(load_config("configs/qgen.py:tiny"))
     assert preparer(load_config("configs/spar.py:tiny")).__module__ == METHODS["spar"]

@@ -49,6 +49,7 @@ from jaxret.train.setup import (
     RetrieverRunner,
     batch_shardings,
     load_retriever,
+    prepare_hint,
     rows_on_devices,
     store_folder,
 )
@@ -74,6 +75,7 @@ def teacher_spec(cfg: Any) -> t5_teacher.TeacherSpec:
 
 def open_tables(
     cfg: Any,
+    spec: de.EncoderSpec,
     corpus: Any,
     store: Path,
     tokenizer: Any,
@@ -83,15 +85,14 @@ def open_tables(
 ) -> dict[str, TokenTable]:
     """ART's token tables of `corpus` — the retriever's passages and, with a T5 teacher, the
     teacher's verbalized passages — opened from `store` or built there. Training with more
-    than one process never builds them (`jaxret prepare` does, before the job)."""
+    than one process never builds them (`jaxret prepare` does, before the job). `spec`: the
+    retriever's, its lengths cut to the model's positions (`de.spec_for`)."""
     build = {
         "workers": workers,
         "shard_rows": shard_rows,
         "multi_process": "refuse",
-        "prepare_hint": "jaxret prepare --config=<the same config and overrides> "
-        f"--workdir=<the run's workdir> (store {store})",
+        "prepare_hint": prepare_hint(store),
     }
-    spec = de.EncoderSpec.from_config(cfg.model)
     tables = {"passages": passage_table(store, corpus, spec, tokenizer, **build)}
     tables["passages"].truncation("retriever passages").report(log)
     if cfg.teacher.kind == "t5":
@@ -133,7 +134,10 @@ def prepare(
     if cfg.teacher.kind == "t5":
         folder = hf_io.resolve_checkpoint(cfg.teacher.model)
         teacher_tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return open_tables(cfg, data.corpus, store, tokenizer, teacher_tokenizer, workers, shard_rows)
+    spec = de.spec_for(cfg.model.name, de.EncoderSpec.from_config(cfg.model))
+    return open_tables(
+        cfg, spec, data.corpus, store, tokenizer, teacher_tokenizer, workers, shard_rows
+    )
 
 
 class ArtRun(RetrieverRunner):
@@ -171,7 +175,9 @@ class ArtRun(RetrieverRunner):
             self.teacher_tokenizer = AutoTokenizer.from_pretrained(
                 str(hf_io.resolve_checkpoint(cfg.teacher.model))
             )
-        self.tables = open_tables(cfg, data.corpus, store, tokenizer, self.teacher_tokenizer)
+        self.tables = open_tables(
+            cfg, encoder.spec, data.corpus, store, tokenizer, self.teacher_tokenizer
+        )
         self.p_table = self.tables["passages"]
         self.corpus_hash = data.corpus.content_hash()
         self.layout, self.passage_tables = rows_on_devices(self.p_table, mesh, cfg)

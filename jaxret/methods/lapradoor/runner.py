@@ -20,7 +20,8 @@ import numpy as np
 
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
-from jaxret.data.readers import join_corpora, read_training_corpus
+from jaxret.data.corpus_store import SHARD_ROWS
+from jaxret.data.corpus_text import training_corpus
 from jaxret.data.tokenization import tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.eval import hybrid
@@ -33,9 +34,31 @@ from jaxret.train import state as train_state
 from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.loop import Runner
 from jaxret.train.optim import make_optimizer, schedule, total_steps
-from jaxret.train.setup import batch_shardings, load_retriever
+from jaxret.train.setup import batch_shardings, load_retriever, prepare_hint, store_folder
 
 log = logging.getLogger(__name__)
+
+
+def corpus_dirs(cfg: Any) -> list[str]:
+    dirs = [d for d in cfg.data.dir.split(",") if d]
+    if not dirs:
+        raise ConfigError(
+            "data.dir is empty: the corpora to pretrain on (comma-separated data folders "
+            "or corpus files; no queries needed)"
+        )
+    return dirs
+
+
+def prepare(
+    cfg: Any, workdir: str | Path, workers: int, shard_rows: int = SHARD_ROWS
+) -> dict[str, Any]:
+    """`jaxret prepare` for LaPraDoR: the corpora's text tables and the sentences per
+    passage (which passages ICT can pair), built before the job by `workers` processes; a
+    multi-process run refuses to start without them. Loads no weights."""
+    store = store_folder(cfg, workdir)
+    corpus = training_corpus(corpus_dirs(cfg), store, write=True)
+    table = sent.sentence_table(store, corpus, cfg.data.splitter, workers, shard_rows)
+    return {"sentences": table}
 
 
 def icol_config(cfg: Any) -> icol.IcolConfig:
@@ -50,16 +73,13 @@ class LapradoorRun(Runner):
     def __init__(self, cfg: Any, workdir: Path):
         if not cfg.model.name:
             raise ConfigError("model.name is empty: the BERT checkpoint both towers start from")
-        dirs = [d for d in cfg.data.dir.split(",") if d]
-        if not dirs:
-            raise ConfigError(
-                "data.dir is empty: the corpora to pretrain on (comma-separated data folders "
-                "or corpus files; no queries needed)"
-            )
+        dirs = corpus_dirs(cfg)
         self.cfg = cfg
         self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
-        # Pretraining reads corpora only; the evaluation sets are their own folders.
-        self.corpus = join_corpora([read_training_corpus(d) for d in dirs])
+        # Pretraining reads corpora only (memory-mapped from the store when prepared); the
+        # evaluation sets are their own folders.
+        store = store_folder(cfg, workdir)
+        self.corpus = training_corpus(dirs, store)
         eval_dirs = [d for d in cfg.data.get("eval_dir", "").split(",") if d]
         self.eval_sets = [ev.load_eval_data(d, cfg.data.eval_split) for d in eval_dirs]
         spec = dataclasses.replace(de.EncoderSpec.from_config(cfg.model), shared=False)
@@ -67,8 +87,14 @@ class LapradoorRun(Runner):
         # ICoL's similarity is the model's (model.scale × cosine), as evaluation scores it.
         self.icol = dataclasses.replace(icol_config(cfg), scale=self.encoder.logit_scale)
         self.split = sent.splitter(cfg.data.splitter, "en")
-        counts = [len(self.split(t)) for t in self.corpus.texts]
-        self.eligible = np.flatnonzero(np.asarray(counts) >= 2)
+        counts = sent.sentence_table(
+            store,
+            self.corpus,
+            cfg.data.splitter,
+            multi_process="refuse",
+            prepare_hint=prepare_hint(store),
+        ).arrays["sentences"][:, 0]
+        self.eligible = np.flatnonzero(counts >= 2)
         if not len(self.eligible):
             raise ConfigError("no passage has two sentences: ICT has nothing to pair")
         log.info(

@@ -41,6 +41,7 @@ from jaxret.train.setup import (
     RetrieverRunner,
     batch_shardings,
     load_retriever,
+    prepare_hint,
     rows_on_devices,
     store_folder,
 )
@@ -56,11 +57,6 @@ def draw(candidates: np.ndarray, rng: np.random.Generator, fallback: int) -> np.
         valid = row[row >= 0]
         out[i] = valid[rng.integers(len(valid))] if len(valid) else rng.integers(fallback)
     return out
-
-
-PREPARE_HINT = (
-    "jaxret prepare --config=<the same config and overrides> --workdir=<the run's workdir>"
-)
 
 
 def teacher_bm25(cfg: Any, corpus: Any, progress: bool = False) -> BM25:
@@ -88,7 +84,7 @@ def prepare(
     store = store_folder(cfg, workdir)
     corpus = read_training_corpus(cfg.data.dir)
     tokenizer = load_tokenizer(de.tokenizer_folder(cfg.model.name))
-    spec = de.EncoderSpec.from_config(cfg.model)
+    spec = de.spec_for(cfg.model.name, de.EncoderSpec.from_config(cfg.model))
     table = passage_table(store, corpus, spec, tokenizer, workers=workers, shard_rows=shard_rows)
     queries, _ = sent.load_or_sample(corpus, query_spec(cfg), store)
     bm25 = teacher_bm25(cfg, corpus, progress=True)
@@ -124,7 +120,7 @@ class SparRun(RetrieverRunner):
         encoder, tokenizer = self.encoder, self.tokenizer
         store = store_folder(cfg, workdir)
         # Each process of a multi-process run reads what `jaxret prepare` built.
-        build = {"multi_process": "refuse", "prepare_hint": PREPARE_HINT}
+        build = {"multi_process": "refuse", "prepare_hint": prepare_hint(store)}
         self.table = passage_table(store, corpus, encoder, tokenizer, **build)
         self.table.truncation("passages").report(log)
         self.layout, self.tables = rows_on_devices(self.table, mesh, cfg)
@@ -140,7 +136,7 @@ class SparRun(RetrieverRunner):
             corpus.content_hash(),
             queries.texts,
             lspec,
-            prepare_hint=PREPARE_HINT,
+            prepare_hint=prepare_hint(store),
         )
         keep = np.flatnonzero(labels.valid())
         if len(keep) < len(queries):
@@ -235,7 +231,12 @@ class SparRun(RetrieverRunner):
         texts = read_questions(Path(path))
         dspec = dataclasses.replace(lspec, positives=1)
         labels = cached_labels(
-            store, self.bm25, self.corpus.content_hash(), texts, dspec, prepare_hint=PREPARE_HINT
+            store,
+            self.bm25,
+            self.corpus.content_hash(),
+            texts,
+            dspec,
+            prepare_hint=prepare_hint(store),
         )
         keep = np.flatnonzero(labels.valid())
         log.info("Λ validation: %d of %d dev questions from %s", len(keep), len(texts), path)
