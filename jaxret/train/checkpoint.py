@@ -150,7 +150,14 @@ class Manager:
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=("state", "aux", "meta"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                # The aux is ART's rolling index: embeddings do not compress (zstd saves ~8 %)
+                # and compressing them costs ~13× the CPU of writing them (0.79 vs 0.06 CPU-s
+                # per 128 MB here), work that competes with the next training steps.
+                "aux": ocp.PyTreeCheckpointHandler(use_compression=False),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
         self._sealer: _Background | None = None
         self._best: _Background | None = None
@@ -238,7 +245,7 @@ class Manager:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                aux=ocp.args.StandardSave(aux if aux is not None else _NO_AUX),
+                aux=ocp.args.PyTreeSave(aux if aux is not None else _NO_AUX),
                 meta=ocp.args.JsonSave({**meta, "step": step}),
             ),
         )
@@ -272,7 +279,9 @@ class Manager:
         }
         if self.has_aux(step):
             template = abstract(aux_like) if aux_like is not None else _NO_AUX
-            items["aux"] = ocp.args.StandardRestore(template)
+            items["aux"] = ocp.args.PyTreeRestore(
+                template, restore_args=ocp.checkpoint_utils.construct_restore_args(template)
+            )
         out = self._mgr.restore(step, args=ocp.args.Composite(**items))
         aux = out["aux"] if aux_like is not None and "aux" in items else None
         return out["state"], aux, dict(out["meta"])

@@ -479,7 +479,9 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
             due = done % t.eval_every == 0 or done == total
             try:
-                if pending and not preempted:
+                # Not in the step after a checkpoint: that step already carries the save's
+                # hold and its background writing (one stall per step at most).
+                if pending and not preempted and last_saved != step:
                     advance()
                 if due and not preempted:
                     evaluate(done, at_once=done == total)

@@ -80,7 +80,8 @@ def test_a_spread_evaluation_scores_and_saves_the_parameters_of_its_step(tmp_pat
     """Evaluations at steps 3 and 6 run one part after each of the next two steps; the dev
     row names the evaluated step and its metric is that step's (w = 3, the best), written
     after later steps' rows; `best/` holds w = 3, although the step that finished the
-    evaluation (5) had w = 5; the last evaluation (7) runs at once. Fails if the loop saves
+    evaluation (5) had w = 5; the last evaluation (7) runs at once; with a checkpoint at
+    step 3 its parts skip step 4 (the save's step). Fails if the loop saves
     `state.params` when the evaluation finishes (best w = 5), or if it does not keep a copy
     of the evaluated parameters (the next step donates them: deleted-array error)."""
     # No checkpoint at step 3: a save in flight keeps the step's buffers from being donated.
@@ -94,6 +95,10 @@ def test_a_spread_evaluation_scores_and_saves_the_parameters_of_its_step(tmp_pat
     assert all(r["eval_seconds"] >= 0 for r in dev)
     np.testing.assert_array_equal(best_w(tmp_path), np.full(4, 3.0))
     assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 3
+    # With a checkpoint at the evaluated step, the step after it runs no part.
+    runner = Counter(config(checkpoint_every=3), parts=2)
+    run(config(checkpoint_every=3), runner, tmp_path / "c")
+    assert runner.part_steps[3] == [3, 5, 6]
 
 
 def test_sigterm_drops_an_unfinished_evaluation_and_a_kill_redoes_it_at_resume(tmp_path):

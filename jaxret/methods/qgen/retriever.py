@@ -113,8 +113,9 @@ class RetrieverRun(RetrieverRunner):
         else:
             self.layout, self.tables = None, {}
             self.split = sent.splitter(cfg.data.splitter, "en")
-            counts = [len(self.split(x)) for x in corpus.texts]
-            self.items = np.flatnonzero(np.asarray(counts) >= 2)
+            # (kept in the store: LaPraDoR's table, split once per corpus and splitter)
+            counts = sent.sentence_table(store, corpus, cfg.data.splitter)
+            self.items = np.flatnonzero(counts.arrays["sentences"][:, 0] >= 2)
             if not len(self.items):
                 raise ConfigError("no passage has two sentences: ICT has nothing to pair")
         start = start_training(cfg, params, mesh, len(self.items))

@@ -215,8 +215,8 @@ def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program, monkeypatch):
     index. Fails if evaluation encodes a scratch index (eval.index=training falling back).
 
     The dev evaluations are spread over steps (eval.slices=3): step 3's queries are
-    searched one third after each of steps 4, 5 and 6, each in the training index of that
-    step (the rolling refresh replaces it every step: a search of a captured index fails
+    searched one third per step after step 4 (which carries step 3's checkpoint), each in
+    the training index of that step (the rolling refresh replaces it every step: a search of a captured index fails
     on its donated buffer); the one at step 0 gives the metrics of an evaluation at once.
     Fails if the slices are searched together, or in the first part."""
     from jaxret.methods.art import runner as art_run
@@ -267,7 +267,9 @@ def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program, monkeypatch):
     summary = train(cfg, tmp_path)
     sizes = [14, 14, 12]  # 40 dev queries in 3 slices (each one program call of 14)
     assert searches[:3] == [(0, n) for n in sizes]  # the start's: at once, in slices
-    assert searches[3:9] == [(4, 14), (5, 14), (6, 12)] + [(6, n) for n in sizes]
+    # step 3's: after step 5 (step 4 carries step 3's checkpoint), then the rest at step 6,
+    # where the next evaluation is due
+    assert searches[3:9] == [(5, 14), (6, 14), (6, 12)] + [(6, n) for n in sizes]
     assert len(searches) == 10  # and the final test's, at once
     n = summary["index"].layout.num_rows
     events = [r for r in _events(tmp_path) if "refresh_encoded" in r]
