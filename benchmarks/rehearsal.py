@@ -216,10 +216,14 @@ def rows(workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def step_stats(workdir: Path, restarts: tuple[int, ...] = (0,), first: int = 2) -> dict:
+def step_stats(
+    workdir: Path, restarts: tuple[int, ...] = (0,), first: int = 2, busy: set[int] = frozenset()
+) -> dict:
     """Step times, leaving out the `first` steps after each (re)start (compilation):
     wall_seconds and the gaps between consecutive train rows (evaluations and checkpoints
-    included; the gap across a restart left out)."""
+    included; the gap across a restart left out). `busy`: the steps whose gap carries an
+    evaluation part or a checkpoint; the other ("plain") steps show the machine's own noise
+    (4 processes on 2 shared cores)."""
     r = rows(workdir)
     warm = lambda s: not any(0 <= s - 1 - start < first for start in restarts)
     train = [x for x in r if x["kind"] == "train" and warm(x["step"])]
@@ -227,15 +231,29 @@ def step_stats(workdir: Path, restarts: tuple[int, ...] = (0,), first: int = 2) 
     times = {x["step"]: x["time"] for x in r if x["kind"] == "train"}
     steps = [s for s in sorted(times) if s - 1 in times and warm(s)]
     gaps = np.array([times[s] - times[s - 1] for s in steps])
+    plain = np.array([g for s, g in zip(steps, gaps) if s not in busy])
+    at_work = [(g, s) for s, g in zip(steps, gaps) if s in busy] or [(float("nan"), 0)]
     return {
         "p50": float(np.median(wall)),
         "p99": float(np.percentile(wall, 99)),
         "max": float(wall.max()),
         "gap_p50": float(np.median(gaps)),
+        "gap_p99": float(np.percentile(gaps, 99)),
         "gap_max": float(gaps.max()),
         "gap_max_step": int(steps[int(np.argmax(gaps))]) if len(gaps) else 0,
+        "plain_p99": float(np.percentile(plain, 99)),
+        "plain_max": float(plain.max()),
+        "busy_max": float(max(at_work)[0]),
+        "busy_max_step": int(max(at_work)[1]),
         "total": float(max(times.values()) - min(times.values())),
     }
+
+
+def busy_steps(steps: int, every: int, slices: int) -> set[int]:
+    """Steps whose gap holds a checkpoint or a dev evaluation's part: each evaluation and
+    checkpoint step e (every `every`), and the `slices` + 1 steps after it (its parts, which
+    skip the step after a checkpoint)."""
+    return {e + i for e in range(every, steps + 1, every) for i in range(1, slices + 3)}
 
 
 def dev_cost(workdir: Path) -> float:
@@ -349,7 +367,10 @@ def main() -> None:
                 ("sync: start to first step (all processes)", f"{time.time() - first:.1f} s")
             )
             job.wait()
-        s = step_stats(run, restarts)
+        busy = busy_steps(args.steps, args.every, args.eval_slices)
+        if refresh == "rolling":  # the resume's first checkpoint and evaluation steps too
+            busy |= {restarts[-1] + i for i in range(1, 3)}
+        s = step_stats(run, restarts, busy=busy)
         results[refresh] = s
         table.append(
             (
@@ -359,9 +380,18 @@ def main() -> None:
         )
         table.append(
             (
-                f"{refresh}: step-to-step gap p50 / max (evals, checkpoints in)",
-                f"{s['gap_p50']:.3f} / {s['gap_max']:.3f} s (max at step {s['gap_max_step']}; "
-                f"{s['gap_max'] / s['gap_p50']:.2f}× p50)",
+                f"{refresh}: step-to-step gap p50 / p99 / max (evals, checkpoints in)",
+                f"{s['gap_p50']:.3f} / {s['gap_p99']:.3f} / {s['gap_max']:.3f} s (max at step "
+                f"{s['gap_max_step']}; {s['gap_max'] / s['gap_p50']:.2f}× p50)",
+            )
+        )
+        table.append(
+            (
+                f"{refresh}: longest gap at a step with an evaluation part or a checkpoint / "
+                "at a plain step (p99)",
+                f"{s['busy_max']:.3f} s at step {s['busy_max_step']} "
+                f"({s['busy_max'] / s['gap_p50']:.2f}× p50) / {s['plain_max']:.3f} s "
+                f"({s['plain_max'] / s['gap_p50']:.2f}× p50; p99 {s['plain_p99']:.3f} s)",
             )
         )
         table.append(
@@ -389,7 +419,7 @@ def main() -> None:
                 " / ".join(f"{r / 1e9:.2f}" for r in job.rss) + " GB",
             )
         )
-        print("\n".join(f"{a}: {b}" for a, b in table[-7:]), flush=True)
+        print("\n".join(f"{a}: {b}" for a, b in table[-8:]), flush=True)
     if "sync" in results:
         sync_refresh = [
             x["wall_seconds"]
