@@ -216,8 +216,9 @@ def test_rolling_refresh_in_the_loop(tiny_bert, tmp_path, program, monkeypatch):
 
     The dev evaluations are spread over steps (eval.slices=3): step 3's queries are
     searched one third per step after step 4 (which carries step 3's checkpoint), each in
-    the training index of that step (the rolling refresh replaces it every step: a search of a captured index fails
-    on its donated buffer); the one at step 0 gives the metrics of an evaluation at once.
+    the training index of that step (the rolling refresh replaces it every step: a search
+    of a captured index fails on its donated buffer); the one at step 0 gives the metrics
+    of an evaluation at once.
     Fails if the slices are searched together, or in the first part."""
     from jaxret.methods.art import runner as art_run
 
