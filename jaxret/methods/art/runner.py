@@ -369,9 +369,9 @@ class ArtRun(RetrieverRunner):
     def evaluation(self, state: Any, step: int) -> Generator[None, None, dict[str, float]]:
         """`evaluate` on the training index spread over `eval.slices` steps: the dev
         queries are encoded now with these parameters, and each following step searches
-        one slice of them (one program call of ⌈Q / slices⌉ queries) in the training index
-        as it is then — a stall of 1/slices of the search instead of all of it (the search
-        grows with the corpus: at NQ's 21M rows it dominates an evaluation)."""
+        one slice of them (⌈Q / slices⌉ queries, in calls of at most `encode.batch_size`)
+        in the training index as it is then — a stall of 1/slices of the search instead of
+        all of it (the search grows with the corpus: at NQ's 21M rows it dominates)."""
         slices = int(self.cfg.eval.get("slices", 1))
         if slices < 1:
             raise ConfigError(f"eval.slices={slices}; expected an integer ≥ 1")
@@ -394,7 +394,9 @@ class ArtRun(RetrieverRunner):
                     data.query_ids[part],
                     data.corpus.ids,
                     100,
-                    per_slice,
+                    # no larger a program than the evaluation at once runs (NQ's 8,757 dev
+                    # questions in 8 slices would be 1,095 queries × each row chunk)
+                    min(per_slice, self.cfg.encode.batch_size),
                 )
             )
         scores = np.concatenate([f[0] for f in found])
