@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 _NO_ID = jnp.iinfo(jnp.int32).max
+ROW_ALIGN = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,9 @@ class RowLayout:
             raise ValueError("an index needs at least one row")
         shards = mesh.size
         per_shard = math.ceil(num_rows / shards)
-        chunk = max(1, min(chunk_rows, per_shard))
+        # A device's rows in whole blocks of ROW_ALIGN when they are fewer than a chunk, so
+        # that the two-pass selection's blocks divide them (at most ROW_ALIGN - 1 padding rows).
+        chunk = max(1, min(chunk_rows, -(-per_shard // ROW_ALIGN) * ROW_ALIGN))
         per_shard = math.ceil(per_shard / chunk) * chunk
         return cls(num_rows, shards, per_shard, chunk)
 
@@ -62,76 +65,143 @@ def _merge(a_s: jax.Array, a_i: jax.Array, b_s: jax.Array, b_i: jax.Array, k: in
     return s, jnp.take_along_axis(i, pos, axis=1)
 
 
-def block_size(chunk: int, k: int) -> int:
-    """Rows per block of the block-max selection over a [B, chunk] score block: ≈ √(chunk /
-    k), so that its two selections (over ⌈chunk / m⌉ block maxima, then over k·m
-    candidates) are about the same size; 0 (plain `top_k`) when that saves nothing."""
-    if chunk < 4096 or 4 * k > chunk:
-        return 0
-    m = int(math.sqrt(chunk / k))
-    return m if m >= 2 and k * m < chunk // 2 else 0
+@dataclasses.dataclass(frozen=True)
+class TwoPassPlan:
+    """Shapes of the two-pass selection on one device (see `two_pass_top_k`)."""
+
+    scan_rows: int  # rows per pass-1 matmul: its [B, scan_rows] fp32 scores stay in cache
+    block: int  # m: rows per block, whose maximum pass 1 keeps
+    query_tile: int  # queries per pass-2 gather of [tile, k·m, d] candidate rows
 
 
-def block_top_k(scores: jax.Array, ids: jax.Array, k: int, m: int) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k (k ≤ C) of scores [B, C] (ids [C] ascending), ties to the lower id, without
-    sorting all C scores: the blocks of m consecutive columns are ranked by their maximum;
-    the top-k blocks hold the top-k scores (a block outside them has k blocks ahead of it,
-    each with a score ahead of all of its own, ties included: blocks tie-break by position
-    as their rows do), so top_k runs over C / m maxima and over k·m candidates, the selected
-    blocks taken in column order so that ties still go to the lower id. m = 0: plain top_k."""
-    if m == 0:
-        s, pos = jax.lax.top_k(scores, k)
+# Pass 1 keeps its [B, scan_rows] fp32 score block within this many bytes: XLA:CPU's dot
+# writing a 16 MB block ran at ~150 GFLOP/s on this project's machine (32 MB L3), a 128 MB
+# one at ~70 (the scores went to memory and back). Measured in benchmarks/mips.py.
+SCORE_BLOCK_BYTES = 16 << 20
+MAXIMA_BYTES = 256 << 20  # the [B, rows / m] block maxima pass 1 keeps
+GATHER_BYTES = 16 << 20  # one pass-2 tile of gathered candidate rows
+# Two-pass only where the k·m candidates are at most this fraction of a device's rows: at
+# 1/20 (100,000 rows, k = 100, m = 32) the gathers made it 0.6-0.8x the running top-k, at
+# 1/160 (1M rows) it was 1.2-2.0x faster at every batch size (benchmarks/mips.py, 2026-12-02).
+CANDIDATE_SHARE = 64
+
+
+def two_pass_plan(
+    batch: int,
+    layout: RowLayout,
+    k: int,
+    dim: int,
+    itemsize: int,
+    block: int | None = None,
+    worthwhile: bool = True,
+) -> TwoPassPlan | None:
+    """The two-pass shapes for a [batch, dim] query block over `layout`, or None: when the
+    rows' chunk is not a multiple of the block (default: the first of 32, 16, 8 that divides
+    it), and, if `worthwhile`, when the k·m candidates are more than 1 / CANDIDATE_SHARE of
+    a device's rows (pass 2 would cost more than it saves) or the maxima need more than
+    MAXIMA_BYTES."""
+    if block is None:
+        block = next((m for m in (32, 16, 8) if layout.chunk % m == 0), 0)
+    if not block or layout.chunk % block:
+        return None
+    n = layout.rows_per_shard
+    kb = min(k, n // block)
+    if worthwhile and (CANDIDATE_SHARE * kb * block > n or batch * (n // block) * 4 > MAXIMA_BYTES):
+        return None
+    limit = max(block, SCORE_BLOCK_BYTES // (4 * batch))
+    scan = next(
+        layout.chunk // j
+        for j in range(1, layout.chunk + 1)
+        if layout.chunk % j == 0
+        and (layout.chunk // j) % block == 0
+        and (layout.chunk // j <= limit or layout.chunk // j == block)
+    )
+    tile = max(1, GATHER_BYTES // (kb * block * dim * itemsize))
+    return TwoPassPlan(scan, block, min(tile, batch))
+
+
+def two_pass_top_k(
+    rows: jax.Array,  # [n, d] this device's rows
+    queries: jax.Array,  # [B, d], rows.dtype
+    k: int,
+    row_offset: jax.Array,  # first global row id of `rows`
+    num_rows: int,
+    plan: TwoPassPlan,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k (k ≤ n) of queries · rowsᵀ, ties to the lower row id, sorting almost
+    nothing: pass 1 scores the rows scan_rows at a time and keeps only each block of m rows'
+    maximum ([B, n / m]); the top-k blocks by maximum hold the top-k rows (a block outside
+    them has k blocks ahead of it, each with a row ahead of all of its own, ties included:
+    blocks tie-break by position as rows do); pass 2 gathers those k·m rows, in row order so
+    that ties still go to the lower id, scores them again and takes their top-k. Pass 1 is
+    the matmul with its scores still in cache and one max per m; the only sorts are over
+    n / m maxima and k·m candidates."""
+    n, d = rows.shape
+    b = queries.shape[0]
+    m = plan.block
+    kb = min(k, n // m)
+
+    def scan_maxima(maxima: jax.Array, c: jax.Array):
+        part = jax.lax.dynamic_slice_in_dim(rows, c * plan.scan_rows, plan.scan_rows)
+        s = jnp.einsum("bd,nd->bn", queries, part, preferred_element_type=jnp.float32)
+        ids = row_offset + c * plan.scan_rows + jnp.arange(plan.scan_rows, dtype=jnp.int32)
+        s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)  # [B, scan_rows]
+        block_max = s.reshape(b, plan.scan_rows // m, m).max(axis=2)
+        at = c * (plan.scan_rows // m)
+        return jax.lax.dynamic_update_slice_in_dim(maxima, block_max, at, axis=1), None
+
+    maxima = jnp.full((b, n // m), -jnp.inf, jnp.float32)
+    steps = jnp.arange(n // plan.scan_rows, dtype=jnp.int32)
+    maxima, _ = jax.lax.scan(scan_maxima, maxima, steps)  # [B, n / m]
+    _, chosen = jax.lax.top_k(maxima, kb)  # [B, kb]
+    chosen = jnp.sort(chosen, axis=1)  # row order: ties keep going to the lower id
+    local = (chosen[:, :, None] * m + jnp.arange(m, dtype=jnp.int32)).reshape(b, kb * m)
+
+    def rescore(tile: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        q, cand = tile  # [d], [kb·m]
+        s = jnp.einsum("d,cd->c", q, rows[cand], preferred_element_type=jnp.float32)
+        ids = row_offset + cand
+        s = jnp.where(ids < num_rows, s, -jnp.inf)
+        s, pos = jax.lax.top_k(s, k)
         return s, ids[pos]
-    b, c = scores.shape
-    pad = -c % m  # -inf columns past the end: behind every real column, ties included
-    if pad:
-        scores = jnp.pad(scores, ((0, 0), (0, pad)), constant_values=-jnp.inf)
-        ids = jnp.pad(ids, (0, pad), constant_values=_NO_ID)
-        c += pad
-    blocks = scores.reshape(b, c // m, m)
-    kb = min(k, c // m)
-    _, chosen = jax.lax.top_k(blocks.max(axis=2), kb)  # [B, kb]
-    chosen = jnp.sort(chosen, axis=1)  # column order: ties keep going to the lower id
-    cand = jnp.take_along_axis(blocks, chosen[:, :, None], axis=1).reshape(b, kb * m)
-    cols = (chosen[:, :, None] * m + jnp.arange(m)[None, None, :]).reshape(b, kb * m)
-    s, pos = jax.lax.top_k(cand, k)
-    return s, ids[jnp.take_along_axis(cols, pos, axis=1)]
+
+    return jax.lax.map(rescore, (queries, local), batch_size=plan.query_tile)
 
 
-def _local_top_k(
+def _running_top_k(
     block: jax.Array,  # [n, d] this device's rows
-    queries: jax.Array,  # [B, d]
+    queries: jax.Array,  # [B, d], block.dtype
     k: int,
     row_offset: jax.Array,  # first global row id of the block
     num_rows: int,
     chunk: int,
-    blocks: int = 0,  # block_top_k's m (0: plain top_k)
 ) -> tuple[jax.Array, jax.Array]:
+    """Scores chunk by chunk with a running top-k: `lax.top_k` over each [B, chunk] block,
+    merged into the best k so far."""
     n, d = block.shape
-    k_local = min(k, n)
-    kc = min(k_local, chunk)
-    q = queries.astype(block.dtype)
+    kc = min(k, chunk)
 
     def score_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
         # A window of the block, not a copy of it: the index is read once, in place.
         rows = jax.lax.dynamic_slice_in_dim(block, c * chunk, chunk)
-        s = jnp.einsum("bd,nd->bn", q, rows, preferred_element_type=jnp.float32)  # [B, chunk]
+        s = jnp.einsum("bd,nd->bn", queries, rows, preferred_element_type=jnp.float32)
         ids = row_offset + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)
-        return block_top_k(s, ids, kc, blocks)
+        s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)  # [B, chunk]
+        s, pos = jax.lax.top_k(s, kc)
+        return s, ids[pos]
 
     n_chunks = n // chunk
     if n_chunks == 1:
         return score_chunk(jnp.int32(0))
     b = queries.shape[0]
     init = (
-        jnp.full((b, k_local), -jnp.inf, jnp.float32),
-        jnp.full((b, k_local), _NO_ID, jnp.int32),
+        jnp.full((b, k), -jnp.inf, jnp.float32),
+        jnp.full((b, k), _NO_ID, jnp.int32),
     )
 
     def step(carry: tuple[jax.Array, jax.Array], c: jax.Array):
         s, i = score_chunk(c)
-        return _merge(*carry, s, i, k_local), None
+        return _merge(*carry, s, i, k), None
 
     (best_s, best_i), _ = jax.lax.scan(step, init, jnp.arange(n_chunks, dtype=jnp.int32))
     return best_s, best_i
@@ -143,23 +213,35 @@ def mips_top_k(
     k: int,
     layout: RowLayout,
     mesh: Mesh,
-    blocks: int | str = 0,
+    selection: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-k by inner product: (scores [B, k] fp32, row ids [B, k] int32), replicated.
 
-    blocks: the per-chunk selection. 0 (default): `lax.top_k` over each [B, chunk] score
-    block — on this project's 2-core CPU it measured faster than the block-max selection at
-    every size tried (benchmarks/mips.py, docs/measurements.md); "auto" (`block_size`) or an
-    m ≥ 2: `block_top_k`, exact as well (tests/index/test_mips.py), for backends whose top_k
-    is a full sort."""
+    selection, per device: "running" (`lax.top_k` over each [B, chunk] score block, merged
+    into a running top-k), "two_pass" (`two_pass_top_k`: block maxima, then the rows of the
+    best blocks scored again; only where `two_pass_plan` has shapes for it, else running)
+    or "auto" (two-pass wherever `two_pass_plan` finds it worthwhile). All are exact, ties
+    to the lower row id (tests/index/test_mips.py)."""
     if not 0 < k <= layout.num_rows:
         raise ValueError(f"k={k} must be in [1, {layout.num_rows}] (the number of indexed rows)")
+    if selection not in ("auto", "running", "two_pass"):
+        raise ValueError(f"selection={selection!r}: one of auto, running, two_pass")
     axes = tuple(mesh.axis_names)
-    m = block_size(layout.chunk, min(k, layout.chunk)) if blocks == "auto" else int(blocks)
+    n = layout.rows_per_shard
+    k_local = min(k, n)
+    batch, dim = queries.shape
+    plan = None
+    if selection != "running":
+        itemsize = embeddings.dtype.itemsize
+        plan = two_pass_plan(batch, layout, k_local, dim, itemsize, worthwhile=selection == "auto")
 
     def per_device(block: jax.Array, q: jax.Array):
-        offset = jax.lax.axis_index(axes).astype(jnp.int32) * layout.rows_per_shard
-        s, i = _local_top_k(block, q, k, offset, layout.num_rows, layout.chunk, m)
+        offset = jax.lax.axis_index(axes).astype(jnp.int32) * n
+        q = q.astype(block.dtype)
+        if plan is None:
+            s, i = _running_top_k(block, q, k_local, offset, layout.num_rows, layout.chunk)
+        else:
+            s, i = two_pass_top_k(block, q, k_local, offset, layout.num_rows, plan)
         s = jax.lax.all_gather(s, axes, axis=1, tiled=True)  # [B, shards * k_local], row order
         i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
         s, pos = jax.lax.top_k(s, k)

@@ -170,51 +170,83 @@ def test_index_saved_on_8_devices_loads_on_fewer(data, tmp_path, devices):
     )
 
 
-def _reference_top_k(scores, k):
-    """(scores desc, ties to the lower column) — the exact rule, by a stable lexsort."""
-    cols = np.broadcast_to(np.arange(scores.shape[1]), scores.shape)
-    order = np.lexsort((cols, -scores), axis=1)[:, :k]
-    return np.take_along_axis(scores, order, 1), order
-
-
 @pytest.mark.parametrize(
-    "k,m", [(1, 64), (10, 16), (100, 32), (100, 7), (256, 16), (4096, 8), (4096, 7)]
+    "k,m,rows,real",
+    [
+        (1, 64, 4096, 4096),
+        (10, 16, 4096, 4000),
+        (100, 32, 4096, 4096),
+        (100, 7, 4200, 3501),
+        (256, 16, 4096, 4096),
+        (4096, 8, 4096, 4096),
+        (4000, 7, 4200, 4200),
+    ],
 )
-def test_block_top_k_is_exact_with_ties_across_blocks(k, m):
-    """The block-max selection equals a full sort, ids included, on scores with ties
-    everywhere: small integers (many blocks share their maximum), a value repeated once per
-    block, -inf padding, and k up to C. Fails if the selected blocks are not taken in column
-    order (ties go to a higher column) or if fewer than k blocks are kept (a row is missed)."""
-    from jaxret.index.mips import block_top_k
+def test_two_pass_is_exact_with_ties_across_blocks(k, m, rows, real):
+    """The two-pass selection on one device equals a float64 full sort, ids included, on
+    data where everything ties: entries in {-1, 0, 1} (a handful of distinct scores, so many
+    blocks share their maximum), one query that ties every row (all-zero), rows past `real`
+    padding, k up to all rows, blocks that do not divide k. Fails if the chosen blocks are
+    not taken in row order (ties go to a higher id), if fewer than k blocks are kept (a row
+    is missed) or if padding is returned."""
+    from jaxret.index.mips import TwoPassPlan, two_pass_top_k
 
     r = np.random.RandomState(k + m)
-    c = 4096
-    scores = r.randint(0, 6, (5, c)).astype(np.float32)
-    scores[1] = 3.0  # every column ties
-    scores[2, ::m] = 9.0  # one maximum per block, all equal
-    scores[3, -700:] = -np.inf  # padding rows
-    scores[4] = r.randn(c).astype(np.float32)
-    ids = jnp.arange(c, dtype=jnp.int32)
-    got_s, got_i = jax.jit(lambda s: block_top_k(s, ids, k, m))(jnp.asarray(scores))
-    ref_s, ref_i = _reference_top_k(scores, k)
-    np.testing.assert_array_equal(np.asarray(got_s), ref_s)
-    np.testing.assert_array_equal(np.asarray(got_i), ref_i)
-
-
-def test_sharded_search_with_the_block_selection_stays_exact():
-    """`mips_top_k(blocks="auto")` over chunks of 4,191 rows per device (not a multiple of
-    the block: the last block padded) gives the float64 reference's ids on tied integer
-    data, on 8 devices. Fails if the padding is returned or shifts ids."""
-    from jaxret.index.mips import block_size, mips_top_k
-
-    assert block_size(4096, 100) > 0 and block_size(4096, 2000) == 0
-    r = np.random.RandomState(5)
-    emb = r.randint(-3, 4, (8 * 4200 - 77, 8)).astype(np.float32)
-    q = r.randint(-3, 4, (4, 8)).astype(np.float32)
-    index = ShardedIndex.from_embeddings(emb, make_mesh(), jnp.float32, chunk_rows=8192)
-    assert index.layout.chunk == 4191 and block_size(4191, 100) == 6  # 4191 % 6 = 3: padded
-    search = jax.jit(lambda e, q: mips_top_k(e, q, 100, index.layout, index.mesh, "auto"))
-    scores, ids = search(index.embeddings, jnp.asarray(q))
-    ref_s, ref_i = brute_force(emb, q, 100)
+    emb = r.randint(-1, 2, (rows, 3)).astype(np.float32)
+    q = r.randint(-1, 2, (6, 3)).astype(np.float32)
+    q[0] = 0.0  # every row ties
+    q[1] = [1, 1, 1]
+    plan = TwoPassPlan(
+        scan_rows=m * (rows // m // 3 if rows // m % 3 == 0 else 1), block=m, query_tile=4
+    )
+    assert rows % plan.scan_rows == 0
+    k = min(k, real)
+    search = jax.jit(lambda e, q: two_pass_top_k(e, q, k, jnp.int32(0), real, plan))
+    scores, ids = search(jnp.asarray(emb), jnp.asarray(q))
+    ref_s, ref_i = brute_force(emb[:real], q, k)
     np.testing.assert_array_equal(np.asarray(ids), ref_i)
     np.testing.assert_array_equal(np.asarray(scores), ref_s)
+
+
+@pytest.mark.parametrize("selection", ["two_pass", "auto"])
+def test_sharded_two_pass_search_stays_exact(selection):
+    """`mips_top_k` with the two-pass selection on 8 devices, 4,191 rows per device (aligned
+    to 4,192) and the last 77 rows padding, gives the float64 reference's ids and scores on
+    tied integer data; "auto" picks it for k = 2 (64 candidates of 4,192 rows per device).
+    Fails if a device's row offset or the padding mask is lost."""
+    from jaxret.index.mips import mips_top_k, two_pass_plan
+
+    r = np.random.RandomState(5)
+    emb = r.randint(-3, 4, (8 * 4200 - 77, 8)).astype(np.float32)
+    q = r.randint(-3, 4, (20, 8)).astype(np.float32)
+    index = ShardedIndex.from_embeddings(emb, make_mesh(), jnp.float32, chunk_rows=4200)
+    assert index.layout.chunk == 4192  # 4,191 rows per device, aligned to blocks of 32
+    k = 60 if selection == "two_pass" else 2
+    plan = two_pass_plan(20, index.layout, k, 8, 4, worthwhile=selection == "auto")
+    assert plan is not None and plan.block == 32
+    search = jax.jit(lambda e, q: mips_top_k(e, q, k, index.layout, index.mesh, selection))
+    scores, ids = search(index.embeddings, jnp.asarray(q))
+    ref_s, ref_i = brute_force(emb, q, k)
+    np.testing.assert_array_equal(np.asarray(ids), ref_i)
+    np.testing.assert_array_equal(np.asarray(scores), ref_s)
+
+
+def test_two_pass_plan_shapes():
+    """At the benchmark's size (1M rows over 2 devices, chunks of 32,768) the plan keeps the
+    [B, scan] scores within 16 MB, gathers at most 16 MB of candidate rows per tile and is
+    taken at every batch size; it is refused where the candidates are a large share of the
+    rows (100k rows, k = 100), where the maxima would exceed their budget and where no block
+    size divides the chunk. Fails if the scan ignores the batch (a 128 MB score block at
+    B = 1024) or if the candidate share stops being checked."""
+    from jaxret.index.mips import RowLayout, TwoPassPlan, two_pass_plan
+
+    big = RowLayout(1_000_000, 2, 524_288, 32_768)
+    assert two_pass_plan(1024, big, 100, 128, 4) == TwoPassPlan(4096, 32, 10)
+    assert two_pass_plan(64, big, 100, 128, 4) == TwoPassPlan(32_768, 32, 10)
+    assert two_pass_plan(1, big, 10, 128, 2) == TwoPassPlan(32_768, 32, 1)
+    small = RowLayout(100_000, 2, 65_536, 32_768)
+    assert two_pass_plan(64, small, 100, 128, 4) is None
+    assert two_pass_plan(64, small, 100, 128, 4, worthwhile=False) is not None
+    assert two_pass_plan(64, small, 10, 128, 4) is not None
+    assert two_pass_plan(4096, RowLayout(40_000_000, 1, 40_000_000, 32_768), 10, 128, 4) is None
+    assert two_pass_plan(8, RowLayout(2687 * 16, 16, 2687, 2687), 1, 128, 4) is None
