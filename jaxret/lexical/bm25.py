@@ -65,22 +65,37 @@ def english_analyzer() -> Any:
 
 
 class BM25:
+    """BM25 over `corpus`. The index is built on first use (`retrieve`, `score_pairs`,
+    `build`): a run whose labels are already in the store never tokenizes the corpus."""
+
     def __init__(
         self, corpus: Corpus, config: BM25Config | None = None, show_progress: bool = True
     ):
-        import bm25s
-
         config = config or BM25Config()
         self.config = config
         self.corpus = corpus
+        self.show_progress = show_progress
         self._pattern = re.compile(config.token_pattern)
         self._english = english_analyzer() if config.analyzer == "english" else None
-        docs = [f"{t} {x}" if config.use_title else x for t, x in zip(corpus.titles, corpus.texts)]
-        tokens = [
-            self.tokenize(d) for d in tqdm(docs, desc="bm25 tokenize", disable=not show_progress)
-        ]
-        self._bm25 = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
-        self._bm25.index(tokens, show_progress=False)
+        self._index: Any = None
+
+    def build(self) -> BM25:
+        """Builds the index now (before forking workers that should share it)."""
+        if self._index is None:
+            import bm25s
+
+            config, corpus = self.config, self.corpus
+            docs = (
+                f"{t} {x}" if config.use_title else x for t, x in zip(corpus.titles, corpus.texts)
+            )
+            bar = tqdm(
+                docs, desc="bm25 tokenize", total=len(corpus), disable=not self.show_progress
+            )
+            tokens = [self.tokenize(d) for d in bar]
+            index = bm25s.BM25(k1=config.k1, b=config.b, method=config.method)
+            index.index(tokens, show_progress=False)
+            self._index = index
+        return self
 
     def tokenize(self, text: str) -> list[str]:
         if self._english is not None:
@@ -97,7 +112,7 @@ class BM25:
     ) -> tuple[np.ndarray, np.ndarray]:
         """(scores [B, k], row ids [B, k]); hits with score 0 (no shared term) get id -1."""
         k = min(k, len(self.corpus))
-        ids, scores = self._bm25.retrieve(
+        ids, scores = self.build()._index.retrieve(
             [self.tokenize(q) for q in queries], k=k, show_progress=show_progress, n_threads=0
         )
         ids = np.where(scores > 0, ids, -1).astype(np.int64)
@@ -107,7 +122,8 @@ class BM25:
         """BM25 score of each (query b, row row_ids[b, j]) → [B, K]."""
         row_ids = np.asarray(row_ids)
         out = np.zeros(row_ids.shape, np.float32)
+        index = self.build()._index
         for b, q in enumerate(queries):
-            all_scores = self._bm25.get_scores(self.tokenize(q))
+            all_scores = index.get_scores(self.tokenize(q))
             out[b] = all_scores[row_ids[b]]
         return out

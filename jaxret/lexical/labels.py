@@ -135,6 +135,7 @@ def _label_in_workers(
     bounds = [w * n // workers for w in range(workers + 1)]
     parts = [folder / f".labels-{key}.part{w}of{workers}.npz" for w in range(workers)]
     ctx = multiprocessing.get_context("fork")
+    bm25.build()  # once, here: every forked worker shares it
 
     def work(w: int) -> None:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -23,7 +23,8 @@ import numpy as np
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
 from jaxret.data.corpus_store import SHARD_ROWS
-from jaxret.data.readers import DataError, read_questions, read_training_corpus
+from jaxret.data.corpus_text import training_corpus
+from jaxret.data.readers import DataError, read_questions
 from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_queries
 from jaxret.eval import analysis
 from jaxret.eval import evaluate as ev
@@ -74,15 +75,17 @@ def label_spec(cfg: Any) -> LabelSpec:
 def prepare(
     cfg: Any, workdir: str | Path, workers: int, shard_rows: int = SHARD_ROWS
 ) -> dict[str, Any]:
-    """`jaxret prepare` for SPAR: the passage token table, the training sentences and the BM25
-    labels of the sentences and of the dev questions, built before the job by `workers`
-    processes (a multi-process run refuses to start without them). Loads no weights."""
+    """`jaxret prepare` for SPAR: the corpus text table, the passage token table, the training
+    sentences and the BM25 labels of the sentences and of the dev questions, built before the
+    job by `workers` processes (a multi-process run refuses to start without them). Loads no
+    weights."""
     if not cfg.model.name:
         raise ConfigError("model.name is empty: the retriever whose tokenizer the store uses")
     if not cfg.data.dir:
         raise ConfigError("data.dir is empty: the corpus whose sentences train Λ")
     store = store_folder(cfg, workdir)
-    corpus = read_training_corpus(cfg.data.dir)
+    # The corpus text as a table, memory-mapped by every training process.
+    corpus = training_corpus([cfg.data.dir], store, write=True)
     tokenizer = load_tokenizer(de.tokenizer_folder(cfg.model.name))
     spec = de.spec_for(cfg.model.name, de.EncoderSpec.from_config(cfg.model))
     table = passage_table(store, corpus, spec, tokenizer, workers=workers, shard_rows=shard_rows)
@@ -112,13 +115,14 @@ class SparRun(RetrieverRunner):
             raise ConfigError("data.dir is empty: the corpus whose sentences train Λ")
         self.cfg = cfg
         self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
-        # Λ trains on the corpus alone; its queries, if any, only evaluate (`_eval_data`).
-        self.corpus = corpus = read_training_corpus(cfg.data.dir)
+        store = store_folder(cfg, workdir)
+        # Λ trains on the corpus alone; its queries, if any, only evaluate (`_eval_data`). The
+        # text is the store's memory-mapped table when `jaxret prepare` wrote one.
+        self.corpus = corpus = training_corpus([cfg.data.dir], store)
         self.eval_data = self._eval_data()
         spec = de.EncoderSpec.from_config(cfg.model)
         self.encoder, params, self.tokenizer = load_retriever(cfg, mesh, spec)
         encoder, tokenizer = self.encoder, self.tokenizer
-        store = store_folder(cfg, workdir)
         # Each process of a multi-process run reads what `jaxret prepare` built.
         build = {"multi_process": "refuse", "prepare_hint": prepare_hint(store)}
         self.table = passage_table(store, corpus, encoder, tokenizer, **build)
@@ -128,6 +132,8 @@ class SparRun(RetrieverRunner):
         self.qspec = qspec = query_spec(cfg)
         queries, path = sent.load_or_sample(corpus, qspec, store)
         log.info("training queries: %s (%s)", sent.describe(queries, corpus), path)
+        # Its index is built only if something below needs it (labels missing from the store,
+        # the final BM25 overlap), not by every process of a prepared run at start.
         self.bm25 = teacher_bm25(cfg, corpus)
         lspec = label_spec(cfg)
         labels = cached_labels(
