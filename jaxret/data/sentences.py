@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +84,31 @@ def sentence_table(
         shard_rows=shard_rows,
         prepare_hint=prepare_hint,
     )
+
+
+def rows_with_sentences(table: TokenTable, at_least: int = 2) -> np.ndarray:
+    """The rows of a `sentence_table` with ≥ `at_least` sentences (ICT's passages), ascending,
+    memory-mapped from `<table>/rows_with_<at_least>_sentences.npy`: computed once (the
+    first caller, or `jaxret prepare`) in chunks, int32 where the rows fit, written whole
+    under a private name and renamed. At C4's ~365M passages it would be a 2.9 GB int64
+    array in every training process otherwise."""
+    path = table.folder / f"rows_with_{at_least}_sentences.npy"
+    if not path.is_file():
+        counts = table.arrays["sentences"]
+        n = len(counts)
+        dtype = np.int32 if n < 2**31 else np.int64
+        step = 1 << 24
+        parts = [
+            (np.flatnonzero(counts[s : s + step, 0] >= at_least) + s).astype(dtype)
+            for s in range(0, n, step)
+        ]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.npy")
+        np.save(tmp, np.concatenate(parts) if parts else np.zeros(0, dtype))
+        os.replace(tmp, path)
+    try:
+        return np.load(path, mmap_mode="r")
+    except ValueError:  # no such row: an empty array cannot be mapped
+        return np.load(path)
 
 
 def documents(corpus: Corpus) -> list[int]:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
@@ -58,6 +57,7 @@ def prepare(
     store = store_folder(cfg, workdir)
     corpus = training_corpus(corpus_dirs(cfg), store, write=True)
     table = sent.sentence_table(store, corpus, cfg.data.splitter, workers, shard_rows)
+    sent.rows_with_sentences(table)  # ICT's passages, memory-mapped by every process
     return {"sentences": table}
 
 
@@ -93,8 +93,8 @@ class LapradoorRun(Runner):
             cfg.data.splitter,
             multi_process="refuse",
             prepare_hint=prepare_hint(store),
-        ).arrays["sentences"][:, 0]
-        self.eligible = np.flatnonzero(counts >= 2)
+        )
+        self.eligible = sent.rows_with_sentences(counts)  # memory-mapped
         if not len(self.eligible):
             raise ConfigError("no passage has two sentences: ICT has nothing to pair")
         log.info(

@@ -115,7 +115,7 @@ class RetrieverRun(RetrieverRunner):
             self.split = sent.splitter(cfg.data.splitter, "en")
             # (kept in the store: LaPraDoR's table, split once per corpus and splitter)
             counts = sent.sentence_table(store, corpus, cfg.data.splitter)
-            self.items = np.flatnonzero(counts.arrays["sentences"][:, 0] >= 2)
+            self.items = sent.rows_with_sentences(counts)
             if not len(self.items):
                 raise ConfigError("no passage has two sentences: ICT has nothing to pair")
         start = start_training(cfg, params, mesh, len(self.items))

@@ -24,7 +24,8 @@ def test_prepare_stores_the_corpus_and_its_sentence_counts(
     the example batch), and its ICT rows are the passages with ≥ 2 sentences. A
     multi-process run without the store refuses at once, naming `jaxret prepare`. Fails if
     the runner counts sentences over the corpus itself again (82 splits at start), or reads
-    the corpus file instead of the table, or if the multi-process run builds the table."""
+    the corpus file instead of the table, or if the multi-process run builds the table, or
+    if the ICT rows are an array in RAM instead of the store's memory-mapped list."""
     (source,) = (data_dir / "adi").glob("corpus.jsonl*")
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -61,6 +62,8 @@ def test_prepare_stores_the_corpus_and_its_sentence_counts(
     assert isinstance(run.corpus, StoredCorpus) and len(run.corpus) == len(expected)
     assert 0 < len(splits) <= run.cfg.train.batch_size
     np.testing.assert_array_equal(run.eligible, np.flatnonzero(np.array(expected) >= 2))
+    assert isinstance(run.eligible, np.memmap) and run.eligible.dtype == np.int32
+    assert (one.folder / "rows_with_2_sentences.npy").is_file()  # written by prepare
 
     two_processes = types.SimpleNamespace(
         distributed=types.SimpleNamespace(is_initialized=lambda: True), process_count=lambda: 2
