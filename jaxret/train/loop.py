@@ -488,10 +488,15 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
             except Preempted:
                 preempted = True
             preempted = preempted or preemption.requested()
-            if preempted and pending:  # its parameters are gone after this save
-                logger.write(pending[0], "event", {"dev_evaluation_dropped": float(pending[0])})
-                log.warning("SIGTERM: the dev evaluation of step %d is dropped", pending[0])
-                pending.clear()
+            if preempted and pending:
+                # Its parameters live only in memory: finish it before saving. What is left
+                # of a spread evaluation is searches of queries encoded already (ART: the
+                # whole dev search is seconds at NQ's size), far inside SLURM's 300 s.
+                try:
+                    while pending:
+                        advance()
+                except Preempted:  # a part that stops on the signal: dropped (advance logs)
+                    log.warning("SIGTERM: an unfinished dev evaluation is dropped")
             if done % t.checkpoint_every == 0 or done == total or preempted:
                 checkpoint(done)
                 last_saved = done

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxret.configlib import train_config
-from jaxret.train.loop import Runner, run
+from jaxret.train.loop import Preempted, Runner, run
 from jaxret.train.state import init_state
 
 
@@ -101,27 +101,60 @@ def test_a_spread_evaluation_scores_and_saves_the_parameters_of_its_step(tmp_pat
     assert runner.part_steps[3] == [3, 5, 6]
 
 
-def test_sigterm_drops_an_unfinished_evaluation_and_a_kill_redoes_it_at_resume(tmp_path):
-    """SIGTERM after step 4, while step 3's evaluation is half done: the run saves step 4,
-    logs `dev_evaluation_dropped` for step 3 and exits; the resume goes on (its warm-up at
-    step 4 is unlogged). A crash after step 4 instead (checkpoint 3 is the newest): the
-    resumed run starts at step 3, finds no dev row for it and records that evaluation
-    then (best = step 3's w). Fails if the loop checkpoints step 4 with the evaluation
-    still pending and nothing logged, or if the warm-up never records (no dev row for 3)."""
+def test_sigterm_finishes_an_unfinished_evaluation_and_a_kill_redoes_it_at_resume(tmp_path):
+    """SIGTERM after step 4, while step 3's evaluation is half done: the run finishes that
+    evaluation (its dev row and `best/` are step 3's), saves step 4 and exits; the resume
+    goes on (its warm-up at step 4 is unlogged). A part that stops on the signal itself
+    (raises Preempted) is dropped instead, logged. A crash after step 4 (checkpoint 3 is the
+    newest): the resumed run starts at step 3, finds no dev row for it and records that
+    evaluation then (best = step 3's w). Fails if the loop checkpoints step 4 with the
+    evaluation still pending and nothing logged, if it drops an evaluation it could finish
+    (no dev row for 3 in the first run), or if the warm-up never records (no dev row for 3
+    after the crash)."""
 
     def sigterm_at_4(step):
         if step == 4:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    summary = run(config(), Counter(config(), 2, sigterm_at_4), tmp_path / "t")
+    runner = Counter(config(checkpoint_every=7), 2, sigterm_at_4)
+    summary = run(config(checkpoint_every=7), runner, tmp_path / "t")
     assert summary["preempted_at"] == 4
     r = rows(tmp_path / "t")
+    assert [(x["step"], x["w"]) for x in r if x["kind"] == "dev"] == [(0, 0.0), (3, 3.0)]
+    assert runner.part_steps[3] == [3, 4, 4]  # the second part right after the signal
+    assert not [x for x in r if "dev_evaluation_dropped" in x]
+    np.testing.assert_array_equal(best_w(tmp_path / "t"), np.full(4, 3.0))
+    run(config(checkpoint_every=7), Counter(config(), 2), tmp_path / "t")
+    r = rows(tmp_path / "t")
+    assert [x["step"] for x in r if x["kind"] == "dev"] == [0, 3, 6, 7]
+    assert [x["step"] for x in r if "warm_up_seconds" in x] == [4]
+
+    class Stubborn(Counter):
+        """Its parts stop on a SIGTERM (raise Preempted)."""
+
+        def evaluation(self, state, step):
+            parts = super().evaluation(state, step)
+            yield next(parts)
+            while True:
+                if self.signalled:
+                    raise Preempted
+                try:
+                    yield next(parts)
+                except StopIteration as stop:
+                    return stop.value
+
+    stubborn = Stubborn(config(), 2)
+    stubborn.signalled = False
+
+    def signal_at_4(step):
+        stubborn.signalled = step >= 4
+        sigterm_at_4(step)
+
+    stubborn.after = signal_at_4
+    run(config(), stubborn, tmp_path / "s")
+    r = rows(tmp_path / "s")
     assert [x["step"] for x in r if "dev_evaluation_dropped" in x] == [3]
     assert [x["step"] for x in r if x["kind"] == "dev"] == [0]
-    run(config(), Counter(config(), 2), tmp_path / "t")
-    r = rows(tmp_path / "t")
-    assert [x["step"] for x in r if x["kind"] == "dev"] == [0, 6, 7]
-    assert [x["step"] for x in r if "warm_up_seconds" in x] == [4]
 
     class Crash(Exception):
         pass
