@@ -38,15 +38,27 @@ class RowLayout:
 
     @classmethod
     def for_mesh(cls, num_rows: int, mesh: Mesh, chunk_rows: int = 32768) -> RowLayout:
+        return cls.for_shards(num_rows, mesh.size, chunk_rows)
+
+    @classmethod
+    def for_shards(cls, num_rows: int, shards: int, chunk_rows: int = 32768) -> RowLayout:
+        """Each device's rows in chunks of at most `chunk_rows`, of equal size and as little
+        padding as the alignment allows: a multiple of 1,024 rows above 8,192 (the two-pass
+        selection's score blocks divide them), else of ROW_ALIGN (its row blocks do). 1M rows
+        over 2 devices: 16 chunks of 31,744 (1.6 % padding; whole 32,768-row chunks were
+        4.9 %, and 31 % for 100,000 rows)."""
         if num_rows <= 0:
             raise ValueError("an index needs at least one row")
-        shards = mesh.size
-        per_shard = math.ceil(num_rows / shards)
-        # A device's rows in whole blocks of ROW_ALIGN when they are fewer than a chunk, so
-        # that the two-pass selection's blocks divide them (at most ROW_ALIGN - 1 padding rows).
-        chunk = max(1, min(chunk_rows, -(-per_shard // ROW_ALIGN) * ROW_ALIGN))
-        per_shard = math.ceil(per_shard / chunk) * chunk
-        return cls(num_rows, shards, per_shard, chunk)
+        need = math.ceil(num_rows / shards)
+        chunks = math.ceil(need / chunk_rows)
+        even = math.ceil(need / chunks)  # ≤ chunk_rows
+        round_up = lambda x, a: -(-x // a) * a
+        chunk = round_up(even, 1024 if even > 8192 else ROW_ALIGN)
+        if chunk > chunk_rows:
+            chunk = round_up(even, ROW_ALIGN)
+        if chunk > chunk_rows:
+            chunk = chunk_rows
+        return cls(num_rows, shards, chunks * chunk, max(1, chunk))
 
 
 def row_spec(mesh: Mesh) -> PartitionSpec:
@@ -116,6 +128,8 @@ def two_pass_plan(
         and (layout.chunk // j) % block == 0
         and (layout.chunk // j <= limit or layout.chunk // j == block)
     )
+    if worthwhile and 4 * scan < min(limit, layout.chunk):  # the chunk factors badly
+        return None
     tile = max(1, GATHER_BYTES // (kb * block * dim * itemsize))
     return TwoPassPlan(scan, block, min(tile, batch))
 

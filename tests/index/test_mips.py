@@ -163,7 +163,8 @@ def test_index_saved_on_8_devices_loads_on_fewer(data, tmp_path, devices):
     mesh = make_mesh(("data", "model"), (devices, 1), devices=jax.devices()[:devices])
     loaded = ShardedIndex.load(tmp_path / "idx", mesh)
     assert loaded.embeddings.sharding.mesh.size == devices
-    assert loaded.layout.padded_rows == loaded.embeddings.shape[0] != index.layout.padded_rows
+    assert loaded.layout.padded_rows == loaded.embeddings.shape[0]
+    assert loaded.layout.rows_per_shard != index.layout.rows_per_shard  # laid out anew
     np.testing.assert_array_equal(loaded.rows(), index.rows())
     np.testing.assert_array_equal(
         np.asarray(loaded.search(q, 9)[1]), np.asarray(index.search(q, 9)[1])
@@ -231,20 +232,40 @@ def test_sharded_two_pass_search_stays_exact(selection):
     np.testing.assert_array_equal(np.asarray(scores), ref_s)
 
 
+def test_layouts_pad_little_and_factor_well():
+    """Rows per device in equal chunks of at most chunk_rows with little padding, multiples
+    of 1,024 above 8,192 rows and of 32 below. Fails if whole chunk_rows chunks come back
+    (100,000 rows over 2 devices padded by 31 %) or the alignment is dropped."""
+    from jaxret.index.mips import RowLayout
+
+    for rows, shards, chunk_rows, per_shard, chunk in [
+        (1_000_000, 2, 32768, 507_904, 31_744),
+        (100_000, 2, 32768, 51_200, 25_600),
+        (21_015_324, 16, 32768, 1_343_488, 32_768),  # ART's NQ run on 16 GPUs
+        (1003, 8, 32768, 128, 128),
+        (1003, 8, 16, 128, 16),
+        (40, 8, 5, 5, 5),
+    ]:
+        layout = RowLayout.for_shards(rows, shards, chunk_rows)
+        assert (layout.rows_per_shard, layout.chunk) == (per_shard, chunk), rows
+        assert layout.rows_per_shard % layout.chunk == 0 and layout.chunk <= chunk_rows
+        assert layout.padded_rows >= rows
+
+
 def test_two_pass_plan_shapes():
-    """At the benchmark's size (1M rows over 2 devices, chunks of 32,768) the plan keeps the
-    [B, scan] scores within 16 MB, gathers at most 16 MB of candidate rows per tile and is
-    taken at every batch size; it is refused where the candidates are a large share of the
-    rows (100k rows, k = 100), where the maxima would exceed their budget and where no block
-    size divides the chunk. Fails if the scan ignores the batch (a 128 MB score block at
-    B = 1024) or if the candidate share stops being checked."""
+    """At the benchmark's size (1M rows over 2 devices) the plan keeps the [B, scan] scores
+    within 16 MB, gathers at most 16 MB of candidate rows per tile and is taken at every
+    batch size; it is refused where the candidates are a large share of the rows (100k rows,
+    k = 100), where the maxima would exceed their budget and where no block size divides
+    the chunk. Fails if the scan ignores the batch (a 127 MB score block at B = 1024) or if
+    the candidate share stops being checked."""
     from jaxret.index.mips import RowLayout, TwoPassPlan, two_pass_plan
 
-    big = RowLayout(1_000_000, 2, 524_288, 32_768)
-    assert two_pass_plan(1024, big, 100, 128, 4) == TwoPassPlan(4096, 32, 10)
-    assert two_pass_plan(64, big, 100, 128, 4) == TwoPassPlan(32_768, 32, 10)
-    assert two_pass_plan(1, big, 10, 128, 2) == TwoPassPlan(32_768, 32, 1)
-    small = RowLayout(100_000, 2, 65_536, 32_768)
+    big = RowLayout.for_shards(1_000_000, 2)
+    assert two_pass_plan(1024, big, 100, 128, 4) == TwoPassPlan(3968, 32, 10)
+    assert two_pass_plan(64, big, 100, 128, 4) == TwoPassPlan(31_744, 32, 10)
+    assert two_pass_plan(1, big, 10, 128, 2) == TwoPassPlan(31_744, 32, 1)
+    small = RowLayout.for_shards(100_000, 2)
     assert two_pass_plan(64, small, 100, 128, 4) is None
     assert two_pass_plan(64, small, 100, 128, 4, worthwhile=False) is not None
     assert two_pass_plan(64, small, 10, 128, 4) is not None
