@@ -88,14 +88,26 @@ class TwoPassPlan:
 
 # Pass 1 keeps its [B, scan_rows] fp32 score block within this many bytes: XLA:CPU's dot
 # writing a 16 MB block ran at ~150 GFLOP/s on this project's machine (32 MB L3), a 128 MB
-# one at ~70 (the scores went to memory and back). Measured in benchmarks/mips.py.
+# one at ~70 (the scores went to memory and back); see the two-pass column of
+# benchmarks/mips.py.
 SCORE_BLOCK_BYTES = 16 << 20
 MAXIMA_BYTES = 256 << 20  # the [B, rows / m] block maxima pass 1 keeps
 GATHER_BYTES = 16 << 20  # one pass-2 tile of gathered candidate rows
 # Two-pass only where the k·m candidates are at most this fraction of a device's rows: at
 # 1/20 (100,000 rows, k = 100, m = 32) the gathers made it 0.6-0.8x the running top-k, at
-# 1/160 (1M rows) it was 1.2-2.0x faster at every batch size (benchmarks/mips.py, 2026-12-02).
+# 1/64 (m = 8) 0.9-1.1x, at 1/160 (1M rows) 1.2-2.0x faster at every batch size (the
+# running and two-pass columns of benchmarks/mips.py, 2026-12-02).
 CANDIDATE_SHARE = 64
+
+
+def block_rows(rows: int, k: int, dim: int, chunk: int) -> int:
+    """m for the two-pass selection over a device's `rows`: the power of two in [8, 64]
+    dividing `chunk` nearest to √(9 · rows / (k · dim)), which balances the two costs m
+    sets — the top-k over rows / m maxima (~2.7 ns each on this project's CPU) and pass 2's
+    gather and dot of k · m rows of dim values (~0.3 ns per value); 0 if none divides."""
+    target = math.sqrt(9 * rows / max(1, k * dim))
+    options = [m for m in (8, 16, 32, 64) if chunk % m == 0]
+    return min(options, key=lambda m: abs(math.log(m / target)), default=0)
 
 
 def two_pass_plan(
@@ -108,15 +120,14 @@ def two_pass_plan(
     worthwhile: bool = True,
 ) -> TwoPassPlan | None:
     """The two-pass shapes for a [batch, dim] query block over `layout`, or None: when the
-    rows' chunk is not a multiple of the block (default: the first of 32, 16, 8 that divides
-    it), and, if `worthwhile`, when the k·m candidates are more than 1 / CANDIDATE_SHARE of
-    a device's rows (pass 2 would cost more than it saves) or the maxima need more than
-    MAXIMA_BYTES."""
+    rows' chunk is not a multiple of the block (default: `block_rows`), and, if
+    `worthwhile`, when the k·m candidates are more than 1 / CANDIDATE_SHARE of a device's
+    rows (pass 2 would cost more than it saves) or the maxima need more than MAXIMA_BYTES."""
+    n = layout.rows_per_shard
     if block is None:
-        block = next((m for m in (32, 16, 8) if layout.chunk % m == 0), 0)
+        block = block_rows(n, k, dim, layout.chunk)
     if not block or layout.chunk % block:
         return None
-    n = layout.rows_per_shard
     kb = min(k, n // block)
     if worthwhile and (CANDIDATE_SHARE * kb * block > n or batch * (n // block) * 4 > MAXIMA_BYTES):
         return None

@@ -224,7 +224,7 @@ def test_sharded_two_pass_search_stays_exact(selection):
     assert index.layout.chunk == 4192  # 4,191 rows per device, aligned to blocks of 32
     k = 60 if selection == "two_pass" else 2
     plan = two_pass_plan(20, index.layout, k, 8, 4, worthwhile=selection == "auto")
-    assert plan is not None and plan.block == 32
+    assert plan is not None and plan.block == (8 if selection == "two_pass" else 32)
     search = jax.jit(lambda e, q: mips_top_k(e, q, k, index.layout, index.mesh, selection))
     scores, ids = search(index.embeddings, jnp.asarray(q))
     ref_s, ref_i = brute_force(emb, q, k)
@@ -254,20 +254,21 @@ def test_layouts_pad_little_and_factor_well():
 
 def test_two_pass_plan_shapes():
     """At the benchmark's size (1M rows over 2 devices) the plan keeps the [B, scan] scores
-    within 16 MB, gathers at most 16 MB of candidate rows per tile and is taken at every
-    batch size; it is refused where the candidates are a large share of the rows (100k rows,
-    k = 100), where the maxima would exceed their budget and where no block size divides
-    the chunk. Fails if the scan ignores the batch (a 127 MB score block at B = 1024) or if
-    the candidate share stops being checked."""
+    within 16 MB, gathers at most 16 MB of candidate rows per tile, takes blocks of 16 rows
+    for k = 100 and 64 for k = 10 (`block_rows`) and is taken at every batch size; it is
+    refused where the candidates are a large share of the rows (100k rows, k = 200), where
+    the maxima would exceed their budget and where no block size divides the chunk. Fails
+    if the scan ignores the batch (a 127 MB score block at B = 1024) or if the candidate
+    share stops being checked."""
     from jaxret.index.mips import RowLayout, TwoPassPlan, two_pass_plan
 
     big = RowLayout.for_shards(1_000_000, 2)
-    assert two_pass_plan(1024, big, 100, 128, 4) == TwoPassPlan(3968, 32, 10)
-    assert two_pass_plan(64, big, 100, 128, 4) == TwoPassPlan(31_744, 32, 10)
-    assert two_pass_plan(1, big, 10, 128, 2) == TwoPassPlan(31_744, 32, 1)
+    assert two_pass_plan(1024, big, 100, 128, 4) == TwoPassPlan(3968, 16, 20)
+    assert two_pass_plan(64, big, 100, 128, 4) == TwoPassPlan(31_744, 16, 20)
+    assert two_pass_plan(1, big, 10, 128, 2) == TwoPassPlan(31_744, 64, 1)
     small = RowLayout.for_shards(100_000, 2)
-    assert two_pass_plan(64, small, 100, 128, 4) is None
-    assert two_pass_plan(64, small, 100, 128, 4, worthwhile=False) is not None
-    assert two_pass_plan(64, small, 10, 128, 4) is not None
+    assert two_pass_plan(64, small, 200, 128, 4) is None  # 1,600 candidates of 51,200 rows
+    assert two_pass_plan(64, small, 200, 128, 4, worthwhile=False) is not None
+    assert two_pass_plan(64, small, 100, 128, 4) == TwoPassPlan(25_600, 8, 40)
     assert two_pass_plan(4096, RowLayout(40_000_000, 1, 40_000_000, 32_768), 10, 128, 4) is None
     assert two_pass_plan(8, RowLayout(2687 * 16, 16, 2687, 2687), 1, 128, 4) is None
