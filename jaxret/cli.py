@@ -81,6 +81,8 @@ def cmd_prepare(cfg: Any, args: argparse.Namespace) -> None:
     from jaxret.methods import preparer
 
     built = preparer(cfg)(cfg, args.workdir, args.workers, args.shard_rows)
+    if not built:
+        print("nothing to prepare for this config")
     for name, item in built.items():
         if hasattr(item, "max_length"):
             print(f"{name}: {len(item)} rows × {item.max_length} tokens in {item.folder}")

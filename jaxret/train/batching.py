@@ -13,14 +13,22 @@ def epoch_batch(
     items: Sequence[int] | np.ndarray, step: int, batch_size: int, key: Sequence[int]
 ) -> np.ndarray:
     """The `batch_size` items of global batch `step`: positions [pos·B, (pos+1)·B) of a fresh
-    permutation of `items` per epoch, keyed by (key, epoch) (`permuted`); positions past
-    the end wrap around to the epoch's first. Reads only the batch's items: LaPraDoR's
-    ~365M C4 passages would be a 2.9 GB permutation, drawn at every step, otherwise."""
+    permutation of `items` per epoch, keyed by (key, epoch); positions past the end wrap
+    around to the epoch's first. Above SMALL_EPOCH items the permutation is `permuted`,
+    which reads only the batch's items: LaPraDoR's ~365M C4 passages would otherwise be a
+    2.9 GB permutation drawn at every step."""
     n = len(items)
     per_epoch = max(1, n // batch_size)
     epoch, pos = divmod(step, per_epoch)
     positions = (pos * batch_size + np.arange(batch_size, dtype=np.int64)) % n
+    if n <= SMALL_EPOCH:  # a few ms per step: numpy's permutation, the orders of earlier runs
+        return np.asarray(items)[np.random.default_rng([*key, epoch]).permutation(n)[positions]]
     return np.asarray(items[permuted(positions, n, [*key, epoch])])
+
+
+# Up to this many items an epoch's permutation is drawn whole (≤ ~10 ms per step); beyond,
+# `permuted` maps the batch's positions alone.
+SMALL_EPOCH = 1 << 20
 
 
 _ROUNDS = 4

@@ -62,5 +62,7 @@ def test_an_epoch_covers_every_item_once():
     epoch1 = np.concatenate([epoch_batch(items, s, 8, [5]) for s in range(12, 24)])
     assert sorted(epoch0.tolist()) == items.tolist() == sorted(epoch1.tolist())
     assert epoch0.tolist() != epoch1.tolist()
+    # below SMALL_EPOCH items, numpy's permutation of the epoch: the orders of earlier runs
+    assert epoch0.tolist() == np.random.default_rng([5, 0]).permutation(items)[:96].tolist()
     small = epoch_batch(np.arange(3), 0, 8, [5])  # fewer items than a batch: wraps
     assert len(small) == 8 and set(small.tolist()) == {0, 1, 2}

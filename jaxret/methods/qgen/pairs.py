@@ -30,10 +30,11 @@ class Pairs:
     rows: np.ndarray  # [P] int: the passage row of each query
 
 
-def read_pairs(folder: str | Path, split: str) -> Pairs:
+def read_pairs(folder: str | Path, split: str, corpus: Corpus | None = None) -> Pairs:
     """Every (query, relevant passage) of a BEIR folder's `qrels/<split>.tsv` (relevance > 0),
-    in query order; a query with several relevant passages gives several pairs."""
-    data = ev.load_eval_data(folder, split)
+    in query order; a query with several relevant passages gives several pairs. `corpus`:
+    the folder's corpus already open (the store's memory-mapped table)."""
+    data = ev.load_eval_data(folder, split, corpus=corpus)
     if data.qrels is None:
         raise DataError(f"{folder}: no qrels/{split}.tsv to take (query, passage) pairs from")
     queries, rows = [], []
@@ -47,11 +48,13 @@ def read_pairs(folder: str | Path, split: str) -> Pairs:
     return Pairs(data.corpus, queries, np.asarray(rows, np.int64))
 
 
-def mined_pairs(cfg: Any) -> tuple[Pairs, list[tuple[list[int], list[int]]]]:
+def mined_pairs(
+    cfg: Any, corpus: Corpus | None = None
+) -> tuple[Pairs, list[tuple[list[int], list[int]]]]:
     """The queries of `data.train_dir`'s `train_split` that the mined hard-negatives file
     (`data.hard_negatives`) gives a positive and a hard negative: (Pairs with each query's
     first positive, [(positive rows, negative rows shuffled by the seed)] per query)."""
-    data = ev.load_eval_data(cfg.data.train_dir, cfg.data.train_split)
+    data = ev.load_eval_data(cfg.data.train_dir, cfg.data.train_split, corpus=corpus)
     mined = read_hard_negatives(
         cfg.data.hard_negatives,
         set(data.query_ids),

@@ -15,11 +15,8 @@ import numpy as np
 
 from jaxret.configlib import ConfigError
 from jaxret.data import sentences as sent
-from jaxret.data.readers import (
-    Corpus,
-    find_corpus,
-    read_corpus,
-)
+from jaxret.data.corpus_text import training_corpus
+from jaxret.data.readers import Corpus
 from jaxret.data.tokenization import Truncation, tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.index.encode import passage_table
@@ -35,6 +32,7 @@ from jaxret.train.setup import (
     RetrieverRunner,
     batch_shardings,
     load_retriever,
+    prepare_hint,
     rows_on_devices,
     store_folder,
 )
@@ -80,28 +78,32 @@ class RetrieverRun(RetrieverRunner):
         self.mesh = mesh = mesh_from_config(cfg, {"train.batch_size": cfg.train.batch_size})
         self.mode = cfg.qgen.pairs
         self.mined = None
+        if self.mode not in ("qrels", "ict"):
+            raise ConfigError(f"qgen.pairs={self.mode!r}; expected 'qrels' or 'ict'")
+        self.store = store = store_folder(cfg, workdir)
+        # The training corpus: the store's memory-mapped text table when `jaxret prepare`
+        # wrote one (else the file, read here).
+        text = training_corpus([cfg.data.train_dir], store)
         if self.mode == "qrels" and cfg.data.get("hard_negatives", ""):
             # Supervised fine-tuning with mined hard negatives (LaPraDoR-FT, BEIR's
             # train_msmarco_v3): one positive and one hard negative per query and step.
-            self.pairs, self.mined = mined_pairs(cfg)
+            self.pairs, self.mined = mined_pairs(cfg, text)
             corpus = self.pairs.corpus
         elif self.mode == "qrels":
-            self.pairs = read_pairs(cfg.data.train_dir, cfg.data.train_split)
+            self.pairs = read_pairs(cfg.data.train_dir, cfg.data.train_split, text)
             corpus = self.pairs.corpus
-        elif self.mode == "ict":
-            corpus = read_corpus(find_corpus(cfg.data.train_dir))
-            self.pairs = None
         else:
-            raise ConfigError(f"qgen.pairs={self.mode!r}; expected 'qrels' or 'ict'")
+            corpus, self.pairs = text, None
         self.corpus = corpus
         same = cfg.data.dir and Path(cfg.data.dir).resolve() == Path(cfg.data.train_dir).resolve()
         self.dev, self.test = target_sets(cfg, corpus if same else None)
         spec = de.EncoderSpec.from_config(cfg.model)
         self.encoder, params, self.tokenizer = load_retriever(cfg, mesh, spec)
         encoder, tokenizer = self.encoder, self.tokenizer
-        self.store = store = store_folder(cfg, workdir)
+        # Each process of a multi-process run reads what `jaxret prepare` built.
+        build = {"multi_process": "refuse", "prepare_hint": prepare_hint(store)}
         if self.mode == "qrels":
-            self.table = passage_table(store, corpus, encoder, tokenizer)
+            self.table = passage_table(store, corpus, encoder, tokenizer, **build)
             self.table.truncation("passages").report(log)
             self.layout, self.tables = rows_on_devices(self.table, mesh, cfg)
             trunc = Truncation("synthetic queries", spec.max_query_length)
@@ -114,7 +116,7 @@ class RetrieverRun(RetrieverRunner):
             self.layout, self.tables = None, {}
             self.split = sent.splitter(cfg.data.splitter, "en")
             # (kept in the store: LaPraDoR's table, split once per corpus and splitter)
-            counts = sent.sentence_table(store, corpus, cfg.data.splitter)
+            counts = sent.sentence_table(store, corpus, cfg.data.splitter, **build)
             self.items = sent.rows_with_sentences(counts)
             if not len(self.items):
                 raise ConfigError("no passage has two sentences: ICT has nothing to pair")

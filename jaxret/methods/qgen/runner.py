@@ -26,13 +26,20 @@ import jax
 from jax.experimental import multihost_utils
 
 from jaxret.configlib import ConfigError
+from jaxret.data import sentences as sent
+from jaxret.data.corpus_store import SHARD_ROWS
+from jaxret.data.corpus_text import training_corpus
 from jaxret.data.readers import Corpus, find_corpus
+from jaxret.data.tokenization import load_tokenizer
 from jaxret.eval import evaluate as ev
+from jaxret.index.encode import passage_table
 from jaxret.methods.qgen import generation
 from jaxret.methods.qgen.generator import GeneratorRun
 from jaxret.methods.qgen.retriever import RetrieverRun
+from jaxret.models import dual_encoder as de
 from jaxret.models.dual_encoder import read_best_params
 from jaxret.models.seq2seq import load_generator, save_generator
+from jaxret.train.setup import store_folder
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +129,39 @@ def _examples(folder: Path, corpus: Corpus, n: int) -> str:
         text = corpus.texts[corpus.row_of[row["passage"]]][:80]
         out.append(f"\n  {text!r}… → {row['text']!r}")
     return "".join(out)
+
+
+def prepare(
+    cfg: Any, workdir: str | Path, workers: int, shard_rows: int = SHARD_ROWS
+) -> dict[str, Any]:
+    """`jaxret prepare` for the retriever stage (qgen.stage=retriever, or the retriever that
+    adapt ends with, in WORKDIR/retriever): its corpus's text table and, for qrels pairs, the
+    passage token table, for ICT pairs, the sentences per passage and the rows with two or
+    more — built before the job by `workers` processes (a multi-process retriever refuses to
+    start without them). Adapt's corpus is `data.dir`'s: the synthetic folder links it, so
+    the tables built from it are the ones the retriever opens. Loads no weights."""
+    stage = cfg.qgen.stage
+    if stage == "generator":  # (the launch scripts prepare before every job: not an error)
+        log.warning("qgen.stage=generator: nothing to prepare (the generator tokenizes its pairs)")
+        return {}
+    if not cfg.model.name:
+        raise ConfigError("model.name is empty: the retriever whose tokenizer the store uses")
+    source, workdir = cfg.data.train_dir, Path(workdir)
+    if stage == "adapt":
+        source, workdir = cfg.data.dir, workdir / "retriever"
+    if not source:
+        key = "data.dir" if stage == "adapt" else "data.train_dir"
+        raise ConfigError(f"{key} is empty: the corpus the retriever trains on")
+    store = store_folder(cfg, workdir)
+    corpus = training_corpus([source], store, write=True)
+    if cfg.qgen.pairs == "ict" and stage != "adapt":
+        table = sent.sentence_table(store, corpus, cfg.data.splitter, workers, shard_rows)
+        sent.rows_with_sentences(table)
+        return {"sentences": table}
+    tokenizer = load_tokenizer(de.tokenizer_folder(cfg.model.name))
+    spec = de.spec_for(cfg.model.name, de.EncoderSpec.from_config(cfg.model))
+    table = passage_table(store, corpus, spec, tokenizer, workers=workers, shard_rows=shard_rows)
+    return {"passages": table}
 
 
 def train(cfg: Any, workdir: str | Path) -> dict[str, Any]:
