@@ -4,7 +4,9 @@ Layout: [N_pad, d] rows split into equal contiguous blocks over *every* device o
 (PartitionSpec over all mesh axes), each block a whole number of `chunk` rows. Rows ≥ N are
 padding and never returned.
 
-Per device: scores = q · blockᵀ chunk by chunk (fp32 accumulation), a running local top-k;
+Per device: scores = q · blockᵀ chunk by chunk (fp32 accumulation) and a local top-k, by
+one of two selections chosen by shape (`mips_top_k`): a running top-k over each chunk's
+scores, or the two-pass selection (block maxima, then the best blocks' rows scored again);
 then all_gather of the local candidates and one global top-k. lax.top_k keeps the lower
 index among equal scores and candidates are concatenated in row order, so ties always go to
 the lower row id, on any device count.
