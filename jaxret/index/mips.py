@@ -86,15 +86,18 @@ class TwoPassPlan:
     scan_rows: int  # rows per pass-1 matmul: its [B, scan_rows] fp32 scores stay in cache
     block: int  # m: rows per block, whose maximum pass 1 keeps
     query_tile: int  # queries per pass-2 gather of [tile, k·m, d] candidate rows
+    group: int = 0  # g: blocks per group of the grouped block selection (0: one top-k)
 
 
 # Pass 1 keeps its [B, scan_rows] fp32 score block within this many bytes: XLA:CPU's dot
 # writing a 16 MB block ran at ~150 GFLOP/s on this project's machine (32 MB L3), a 128 MB
-# one at ~70 (the scores went to memory and back); see the two-pass column of
-# benchmarks/mips.py.
-SCORE_BLOCK_BYTES = 16 << 20
-MAXIMA_BYTES = 256 << 20  # the [B, rows / m] block maxima pass 1 keeps
-GATHER_BYTES = 16 << 20  # one pass-2 tile of gathered candidate rows
+# one at ~70 (the scores went to memory and back); 4 MB blocks took 3-6 % less than 16 MB
+# ones at B = 1024 (the block maxima read them back from cache); see the two-pass column
+# of benchmarks/mips.py.
+SCORE_BLOCK_BYTES = 4 << 20
+MAXIMA_BYTES = 512 << 20  # the [B, rows / m] block maxima pass 1 keeps
+GROUP = 16  # blocks per group when the best blocks are chosen group-first (`_best_blocks`)
+GATHER_BYTES = 4 << 20  # one pass-2 tile of gathered candidate rows (4 MB: 10 % faster than 16)
 # Two-pass only where the k·m candidates are at most this fraction of a device's rows: at
 # 1/20 (100,000 rows, k = 100, m = 32) the gathers made it 0.6-0.8x the running top-k, at
 # 1/64 (m = 8) 0.9-1.1x, at 1/160 (1M rows) 1.2-2.0x faster at every batch size (the
@@ -104,10 +107,11 @@ CANDIDATE_SHARE = 64
 
 def block_rows(rows: int, k: int, dim: int, chunk: int) -> int:
     """m for the two-pass selection over a device's `rows`: the power of two in [8, 64]
-    dividing `chunk` nearest to √(9 · rows / (k · dim)), which balances the two costs m
-    sets — the top-k over rows / m maxima (~2.7 ns each on this project's CPU) and pass 2's
-    gather and dot of k · m rows of dim values (~0.3 ns per value); 0 if none divides."""
-    target = math.sqrt(9 * rows / max(1, k * dim))
+    dividing `chunk` nearest to √(6 · rows / (k · dim)), which balances the two costs m
+    sets — each of the rows / m block maxima (~2.4 ns to reduce in pass 1 and ~1.1 ns to
+    choose among, grouped, on this project's CPU) against pass 2's gather and dot of
+    k · m rows of dim values (~0.6 ns per value); 0 if none divides."""
+    target = math.sqrt(6 * rows / max(1, k * dim))
     options = [m for m in (8, 16, 32, 64) if chunk % m == 0]
     return min(options, key=lambda m: abs(math.log(m / target)), default=0)
 
@@ -124,7 +128,9 @@ def two_pass_plan(
     """The two-pass shapes for a [batch, dim] query block over `layout`, or None: when the
     rows' chunk is not a multiple of the block (default: `block_rows`), and, if
     `worthwhile`, when the k·m candidates are more than 1 / CANDIDATE_SHARE of a device's
-    rows (pass 2 would cost more than it saves) or the maxima need more than MAXIMA_BYTES."""
+    rows (pass 2 would cost more than it saves) or the maxima need more than MAXIMA_BYTES.
+    The best blocks are chosen group-first (GROUP blocks a group) where the maxima divide
+    into at least 4 · k groups."""
     n = layout.rows_per_shard
     if block is None:
         block = block_rows(n, k, dim, layout.chunk)
@@ -144,7 +150,30 @@ def two_pass_plan(
     if worthwhile and 4 * scan < min(limit, layout.chunk):  # the chunk factors badly
         return None
     tile = max(1, GATHER_BYTES // (kb * block * dim * itemsize))
-    return TwoPassPlan(scan, block, min(tile, batch))
+    blocks = n // block
+    group = GROUP if blocks % GROUP == 0 and blocks >= 4 * kb * GROUP else 0
+    return TwoPassPlan(scan, block, min(tile, batch), group)
+
+
+def _best_blocks(maxima: jax.Array, kb: int, group: int) -> jax.Array:
+    """[B, kb] positions of the kb largest of maxima [B, blocks], ascending, ties to the
+    lower position. With `group` g: the kb best groups of g consecutive blocks (by their
+    maximum), then the kb best of those groups' kb·g blocks — the same blocks (a block
+    outside the kb best groups has kb groups ahead of it, each holding a block ahead of it,
+    ties included since groups, like blocks, tie-break by position), from top-ks over
+    blocks / g + kb·g values instead of one over all the blocks."""
+    b = maxima.shape[0]
+    if group:
+        group_max = maxima.reshape(b, -1, group).max(axis=2)  # [B, blocks / g]
+        _, best = jax.lax.top_k(group_max, kb)
+        best = jnp.sort(best, axis=1)  # position order: ties keep going to the lower block
+        g = jnp.arange(group, dtype=jnp.int32)
+        blocks = (best[:, :, None] * group + g).reshape(b, kb * group)  # [B, kb·g]
+        _, pos = jax.lax.top_k(jnp.take_along_axis(maxima, blocks, axis=1), kb)
+        chosen = jnp.take_along_axis(blocks, pos, axis=1)
+    else:
+        _, chosen = jax.lax.top_k(maxima, kb)
+    return jnp.sort(chosen, axis=1)
 
 
 def two_pass_top_k(
@@ -162,7 +191,7 @@ def two_pass_top_k(
     blocks tie-break by position as rows do); pass 2 gathers those k·m rows, in row order so
     that ties still go to the lower id, scores them again and takes their top-k. Pass 1 is
     the matmul with its scores still in cache and one max per m; the only sorts are over
-    n / m maxima and k·m candidates."""
+    the maxima (`_best_blocks`) and k·m candidates."""
     n, d = rows.shape
     b = queries.shape[0]
     m = plan.block
@@ -180,8 +209,7 @@ def two_pass_top_k(
     maxima = jnp.full((b, n // m), -jnp.inf, jnp.float32)
     steps = jnp.arange(n // plan.scan_rows, dtype=jnp.int32)
     maxima, _ = jax.lax.scan(scan_maxima, maxima, steps)  # [B, n / m]
-    _, chosen = jax.lax.top_k(maxima, kb)  # [B, kb]
-    chosen = jnp.sort(chosen, axis=1)  # row order: ties keep going to the lower id
+    chosen = _best_blocks(maxima, kb, plan.group)  # [B, kb], row order: ties to the lower id
     local = (chosen[:, :, None] * m + jnp.arange(m, dtype=jnp.int32)).reshape(b, kb * m)
 
     def rescore(tile: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:

@@ -172,24 +172,29 @@ def test_index_saved_on_8_devices_loads_on_fewer(data, tmp_path, devices):
 
 
 @pytest.mark.parametrize(
-    "k,m,rows,real",
+    "k,m,rows,real,group",
     [
-        (1, 64, 4096, 4096),
-        (10, 16, 4096, 4000),
-        (100, 32, 4096, 4096),
-        (100, 7, 4200, 3501),
-        (256, 16, 4096, 4096),
-        (4096, 8, 4096, 4096),
-        (4000, 7, 4200, 4200),
+        (1, 64, 4096, 4096, 0),
+        (10, 16, 4096, 4000, 0),
+        (100, 32, 4096, 4096, 0),
+        (100, 7, 4200, 3501, 0),
+        (256, 16, 4096, 4096, 0),
+        (4096, 8, 4096, 4096, 0),
+        (4000, 7, 4200, 4200, 0),
+        (10, 16, 4096, 4000, 16),  # 16 groups of 16 blocks
+        (16, 16, 4096, 4096, 16),  # every group chosen
+        (37, 7, 4200, 3501, 4),
+        (3, 8, 4096, 4096, 16),
     ],
 )
-def test_two_pass_is_exact_with_ties_across_blocks(k, m, rows, real):
+def test_two_pass_is_exact_with_ties_across_blocks(k, m, rows, real, group):
     """The two-pass selection on one device equals a float64 full sort, ids included, on
     data where everything ties: entries in {-1, 0, 1} (a handful of distinct scores, so many
     blocks share their maximum), one query that ties every row (all-zero), rows past `real`
     padding, k up to all rows, blocks that do not divide k. Fails if the chosen blocks are
     not taken in row order (ties go to a higher id), if fewer than k blocks are kept (a row
-    is missed) or if padding is returned."""
+    is missed) or if padding is returned; with groups, if the chosen groups are not taken
+    in position order or a group's blocks are not all candidates (`_best_blocks`)."""
     from jaxret.index.mips import TwoPassPlan, two_pass_top_k
 
     r = np.random.RandomState(k + m)
@@ -198,7 +203,10 @@ def test_two_pass_is_exact_with_ties_across_blocks(k, m, rows, real):
     q[0] = 0.0  # every row ties
     q[1] = [1, 1, 1]
     plan = TwoPassPlan(
-        scan_rows=m * (rows // m // 3 if rows // m % 3 == 0 else 1), block=m, query_tile=4
+        scan_rows=m * (rows // m // 3 if rows // m % 3 == 0 else 1),
+        block=m,
+        query_tile=4,
+        group=group,
     )
     assert rows % plan.scan_rows == 0
     k = min(k, real)
@@ -207,6 +215,21 @@ def test_two_pass_is_exact_with_ties_across_blocks(k, m, rows, real):
     ref_s, ref_i = brute_force(emb[:real], q, k)
     np.testing.assert_array_equal(np.asarray(ids), ref_i)
     np.testing.assert_array_equal(np.asarray(scores), ref_s)
+
+
+def test_grouped_selection_breaks_ties_by_row_across_groups():
+    """A tie at the k-th block between groups of different maxima: group 2 (rows 8-11,
+    max 2) ranks before group 0 (rows 0-3, max 1), and block 5 (row 10) ties block 0
+    (row 0) at 1; the answer is rows 8 and 0. Fails if the best groups are not put back
+    in position order before their blocks compete (row 10 would win the tie)."""
+    from jaxret.index.mips import TwoPassPlan, two_pass_top_k
+
+    emb = np.zeros((16, 1), np.float32)
+    emb[[0, 8, 10], 0] = [1, 2, 1]
+    plan = TwoPassPlan(scan_rows=16, block=2, query_tile=1, group=2)
+    scores, ids = two_pass_top_k(jnp.asarray(emb), jnp.ones((1, 1)), 2, jnp.int32(0), 16, plan)
+    assert np.asarray(ids).tolist() == [[8, 0]]
+    assert np.asarray(scores).tolist() == [[2.0, 1.0]]
 
 
 @pytest.mark.parametrize("selection", ["two_pass", "auto"])
@@ -254,21 +277,23 @@ def test_layouts_pad_little_and_factor_well():
 
 def test_two_pass_plan_shapes():
     """At the benchmark's size (1M rows over 2 devices) the plan keeps the [B, scan] scores
-    within 16 MB, gathers at most 16 MB of candidate rows per tile, takes blocks of 16 rows
-    for k = 100 and 64 for k = 10 (`block_rows`) and is taken at every batch size; it is
-    refused where the candidates are a large share of the rows (100k rows, k = 200), where
-    the maxima would exceed their budget and where no block size divides the chunk. Fails
-    if the scan ignores the batch (a 127 MB score block at B = 1024) or if the candidate
-    share stops being checked."""
+    within 4 MB, gathers at most 4 MB of candidate rows per tile, takes blocks of 16 rows
+    for k = 100 and 64 for k = 10 (`block_rows`), chooses blocks group-first and is taken
+    at every batch size; it is refused where the candidates are a large share of the rows
+    (100k rows, k = 200), where the maxima would exceed their budget and where no block
+    size divides the chunk, and it chooses blocks in one top-k where the groups would be
+    fewer than 4 k. Fails if the scan ignores the batch (a 127 MB score block at
+    B = 1024) or if the candidate share stops being checked."""
     from jaxret.index.mips import RowLayout, TwoPassPlan, two_pass_plan
 
     big = RowLayout.for_shards(1_000_000, 2)
-    assert two_pass_plan(1024, big, 100, 128, 4) == TwoPassPlan(3968, 16, 20)
-    assert two_pass_plan(64, big, 100, 128, 4) == TwoPassPlan(31_744, 16, 20)
-    assert two_pass_plan(1, big, 10, 128, 2) == TwoPassPlan(31_744, 64, 1)
+    assert two_pass_plan(1024, big, 100, 128, 4) == TwoPassPlan(1024, 16, 5, 16)
+    assert two_pass_plan(64, big, 100, 128, 4) == TwoPassPlan(15_872, 16, 5, 16)
+    assert two_pass_plan(1, big, 10, 128, 2) == TwoPassPlan(31_744, 64, 1, 16)
     small = RowLayout.for_shards(100_000, 2)
     assert two_pass_plan(64, small, 200, 128, 4) is None  # 1,600 candidates of 51,200 rows
-    assert two_pass_plan(64, small, 200, 128, 4, worthwhile=False) is not None
-    assert two_pass_plan(64, small, 100, 128, 4) == TwoPassPlan(25_600, 8, 40)
+    # 6,400 blocks in 400 groups, fewer than 4 · 200: one top-k over the blocks
+    assert two_pass_plan(64, small, 200, 128, 4, worthwhile=False).group == 0
+    assert two_pass_plan(64, small, 100, 128, 4) == TwoPassPlan(12_800, 8, 10, 16)
     assert two_pass_plan(4096, RowLayout(40_000_000, 1, 40_000_000, 32_768), 10, 128, 4) is None
     assert two_pass_plan(8, RowLayout(2687 * 16, 16, 2687, 2687), 1, 128, 4) is None
