@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +97,13 @@ class TwoPassPlan:
 # of benchmarks/mips.py.
 SCORE_BLOCK_BYTES = 4 << 20
 MAXIMA_BYTES = 512 << 20  # the [B, rows / m] block maxima pass 1 keeps
+# bf16 rows on CPU (see `mips_top_k`): up to this many queries, padded to it, one dot over
+# a device's whole block, whose [16, rows] fp32 scores must fit WHOLE_BLOCK_BYTES. At 1M
+# rows on 2 cores: B = 1 4x and B = 16 5x faster than slicing the rows, 2x fp32 at B = 16
+# (XLA:CPU's bf16 dot is slow below 16 rows of queries; a 64-query dot's scores no longer
+# stay in cache).
+WHOLE_BLOCK_BATCH = 16
+WHOLE_BLOCK_BYTES = 256 << 20
 GROUP = 16  # blocks per group when the best blocks are chosen group-first (`_best_blocks`)
 GATHER_BYTES = 4 << 20  # one pass-2 tile of gathered candidate rows (4 MB: 10 % faster than 16)
 # Two-pass only where the k·m candidates are at most this fraction of a device's rows: at
@@ -183,6 +191,7 @@ def two_pass_top_k(
     row_offset: jax.Array,  # first global row id of `rows`
     num_rows: int,
     plan: TwoPassPlan,
+    view: Callable[[jax.Array], jax.Array] = lambda x: x,  # stored rows -> rows to multiply
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-k (k ≤ n) of queries · rowsᵀ, ties to the lower row id, sorting almost
     nothing: pass 1 scores the rows scan_rows at a time and keeps only each block of m rows'
@@ -198,7 +207,7 @@ def two_pass_top_k(
     kb = min(k, n // m)
 
     def scan_maxima(maxima: jax.Array, c: jax.Array):
-        part = jax.lax.dynamic_slice_in_dim(rows, c * plan.scan_rows, plan.scan_rows)
+        part = view(jax.lax.dynamic_slice_in_dim(rows, c * plan.scan_rows, plan.scan_rows))
         s = jnp.einsum("bd,nd->bn", queries, part, preferred_element_type=jnp.float32)
         ids = row_offset + c * plan.scan_rows + jnp.arange(plan.scan_rows, dtype=jnp.int32)
         s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)  # [B, scan_rows]
@@ -214,13 +223,32 @@ def two_pass_top_k(
 
     def rescore(tile: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         q, cand = tile  # [d], [kb·m]
-        s = jnp.einsum("d,cd->c", q, rows[cand], preferred_element_type=jnp.float32)
+        s = jnp.einsum("d,cd->c", q, view(rows[cand]), preferred_element_type=jnp.float32)
         ids = row_offset + cand
         s = jnp.where(ids < num_rows, s, -jnp.inf)
         s, pos = jax.lax.top_k(s, k)
         return s, ids[pos]
 
     return jax.lax.map(rescore, (queries, local), batch_size=plan.query_tile)
+
+
+def _whole_block_top_k(
+    block: jax.Array,  # [n, d] this device's rows
+    queries: jax.Array,  # [B, d], block.dtype
+    k: int,
+    row_offset: jax.Array,  # first global row id of the block
+    num_rows: int,
+) -> tuple[jax.Array, jax.Array]:
+    """One dot over all of a device's rows (no row loop, so nothing is sliced) and one top-k
+    over the [B, n] scores; the queries padded to WHOLE_BLOCK_BATCH rows for the dot."""
+    n = block.shape[0]
+    b = queries.shape[0]
+    padded = jnp.pad(queries, ((0, max(0, WHOLE_BLOCK_BATCH - b)), (0, 0)))
+    s = jnp.einsum("bd,nd->bn", padded, block, preferred_element_type=jnp.float32)[:b]
+    ids = row_offset + jnp.arange(n, dtype=jnp.int32)
+    s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)  # [B, n]
+    s, pos = jax.lax.top_k(s, k)
+    return s, ids[pos]
 
 
 def _running_top_k(
@@ -230,6 +258,7 @@ def _running_top_k(
     row_offset: jax.Array,  # first global row id of the block
     num_rows: int,
     chunk: int,
+    view: Callable[[jax.Array], jax.Array] = lambda x: x,  # stored rows -> rows to multiply
 ) -> tuple[jax.Array, jax.Array]:
     """Scores chunk by chunk with a running top-k: `lax.top_k` over each [B, chunk] block,
     merged into the best k so far."""
@@ -238,7 +267,7 @@ def _running_top_k(
 
     def score_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
         # A window of the block, not a copy of it: the index is read once, in place.
-        rows = jax.lax.dynamic_slice_in_dim(block, c * chunk, chunk)
+        rows = view(jax.lax.dynamic_slice_in_dim(block, c * chunk, chunk))
         s = jnp.einsum("bd,nd->bn", queries, rows, preferred_element_type=jnp.float32)
         ids = row_offset + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
         s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)  # [B, chunk]
@@ -290,13 +319,29 @@ def mips_top_k(
         itemsize = embeddings.dtype.itemsize
         plan = two_pass_plan(batch, layout, k_local, dim, itemsize, worthwhile=selection == "auto")
 
+    # XLA:CPU does not slice bf16 arrays: it widens a sliced bf16 operand to fp32, and for a
+    # slice inside the row loop it hoists that widening out of the loop, i.e. converts the
+    # whole device block to fp32 before every search (4 GB per device at ART's NQ shapes;
+    # B = 1 took 4x fp32's time). Up to WHOLE_BLOCK_BATCH queries, one dot over the whole
+    # block slices nothing (`_whole_block_top_k`); above, the rows are sliced as their
+    # uint16 bits and each slice viewed as bf16, which keeps the native bf16 dot for one
+    # copy of the bits (half the fp32 temporary). GPUs and TPUs slice bf16 natively.
+    bits = embeddings.dtype == jnp.bfloat16 and mesh.devices.flat[0].platform == "cpu"
+    whole = bits and batch <= WHOLE_BLOCK_BATCH and WHOLE_BLOCK_BATCH * n * 4 <= WHOLE_BLOCK_BYTES
+
     def per_device(block: jax.Array, q: jax.Array):
         offset = jax.lax.axis_index(axes).astype(jnp.int32) * n
         q = q.astype(block.dtype)
-        if plan is None:
-            s, i = _running_top_k(block, q, k_local, offset, layout.num_rows, layout.chunk)
+        rows, view = block, lambda x: x
+        if bits and not whole:
+            rows = jax.lax.bitcast_convert_type(block, jnp.uint16)
+            view = lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+        if whole:
+            s, i = _whole_block_top_k(block, q, k_local, offset, layout.num_rows)
+        elif plan is None:
+            s, i = _running_top_k(rows, q, k_local, offset, layout.num_rows, layout.chunk, view)
         else:
-            s, i = two_pass_top_k(block, q, k_local, offset, layout.num_rows, plan)
+            s, i = two_pass_top_k(rows, q, k_local, offset, layout.num_rows, plan, view)
         s = jax.lax.all_gather(s, axes, axis=1, tiled=True)  # [B, shards * k_local], row order
         i = jax.lax.all_gather(i, axes, axis=1, tiled=True)
         s, pos = jax.lax.top_k(s, k)

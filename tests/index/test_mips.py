@@ -81,8 +81,14 @@ def test_ties_go_to_lower_row(data):
     assert list(np.asarray(ids)[0]) == [5, 700, 998]
 
 
-def test_bf16_storage(data, gaussian):
+@pytest.mark.parametrize("batch", [9, 40])
+def test_bf16_storage(data, gaussian, batch):
+    """bf16 rows against the float64 reference of the same bf16 values, at a batch that
+    takes the whole-block dot on CPU (9 ≤ WHOLE_BLOCK_BATCH) and one that slices the rows'
+    bits (40). Fails if either reads the rows as anything but their bf16 values (e.g. the
+    bits viewed as float16)."""
     emb, q = gaussian
+    q = np.concatenate([q] * 5)[:batch]
     index = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32)
     assert index.embeddings.dtype == jnp.bfloat16
     emb16 = emb.astype(ml_dtypes.bfloat16).astype(np.float32)
@@ -91,8 +97,28 @@ def test_bf16_storage(data, gaussian):
     assert_same_top_k(ids, scores, emb16, q16, 20, atol=1e-3)
     # Small integers are exact in bf16: there even the tie order is exact.
     emb, q = data
+    q = np.concatenate([q] * 7)[:batch]
     scores, ids = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32).search(q, 20)
     np.testing.assert_array_equal(np.asarray(ids), brute_force(emb, q, 20)[1])
+
+
+@pytest.mark.parametrize("selection,batch", [("running", 32), ("two_pass", 32), ("auto", 4)])
+def test_bf16_search_never_widens_the_whole_block(selection, batch):
+    """A bf16 index of 65,536 × 64 rows per device, compiled with abstract shapes on 8 CPU
+    devices: the search's temporaries stay below the fp32 size of a device's rows (XLA:CPU
+    widens a sliced bf16 operand to fp32 and hoists that out of the row loop, i.e. converts
+    the whole block on every search), with the rows' bits sliced (32 queries) and with the
+    whole-block dot (4). Fails if the rows are sliced as bf16 instead of as their uint16
+    bits (`mips_top_k`)."""
+    from jaxret.index.mips import RowLayout, mips_top_k, row_sharding
+
+    mesh = make_mesh()
+    layout = RowLayout.for_shards(8 * 65_536, 8, 8192)
+    emb = jax.ShapeDtypeStruct((layout.padded_rows, 64), jnp.bfloat16, sharding=row_sharding(mesh))
+    q = jax.ShapeDtypeStruct((batch, 64), jnp.float32)
+    search = jax.jit(lambda e, q: mips_top_k(e, q, 10, layout, mesh, selection))
+    temp = search.lower(emb, q).compile().memory_analysis().temp_size_in_bytes
+    assert temp < layout.rows_per_shard * 64 * 4, temp
 
 
 def test_callable_inside_jit_with_sharded_queries(data):
