@@ -224,12 +224,16 @@ def two_pass_top_k(
     def rescore(tile: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         q, cand = tile  # [d], [kb·m]
         s = jnp.einsum("d,cd->c", q, view(rows[cand]), preferred_element_type=jnp.float32)
-        ids = row_offset + cand
-        s = jnp.where(ids < num_rows, s, -jnp.inf)
-        s, pos = jax.lax.top_k(s, k)
-        return s, ids[pos]
+        return _top_k_rows(s, row_offset + cand, num_rows, k)
 
     return jax.lax.map(rescore, (queries, local), batch_size=plan.query_tile)
+
+
+def _top_k_rows(s: jax.Array, ids: jax.Array, num_rows: int, k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k of scores s [..., n] of the global rows `ids` [n] (or [..., n]); padding rows
+    (id ≥ num_rows) are never chosen. lax.top_k keeps the lower position among ties."""
+    s, pos = jax.lax.top_k(jnp.where(ids < num_rows, s, -jnp.inf), k)
+    return s, ids[pos]
 
 
 def _whole_block_top_k(
@@ -245,10 +249,7 @@ def _whole_block_top_k(
     b = queries.shape[0]
     padded = jnp.pad(queries, ((0, max(0, WHOLE_BLOCK_BATCH - b)), (0, 0)))
     s = jnp.einsum("bd,nd->bn", padded, block, preferred_element_type=jnp.float32)[:b]
-    ids = row_offset + jnp.arange(n, dtype=jnp.int32)
-    s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)  # [B, n]
-    s, pos = jax.lax.top_k(s, k)
-    return s, ids[pos]
+    return _top_k_rows(s, row_offset + jnp.arange(n, dtype=jnp.int32), num_rows, k)
 
 
 def _running_top_k(
@@ -270,9 +271,7 @@ def _running_top_k(
         rows = view(jax.lax.dynamic_slice_in_dim(block, c * chunk, chunk))
         s = jnp.einsum("bd,nd->bn", queries, rows, preferred_element_type=jnp.float32)
         ids = row_offset + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-        s = jnp.where(ids[None, :] < num_rows, s, -jnp.inf)  # [B, chunk]
-        s, pos = jax.lax.top_k(s, kc)
-        return s, ids[pos]
+        return _top_k_rows(s, ids, num_rows, kc)  # of the [B, chunk] scores
 
     n_chunks = n // chunk
     if n_chunks == 1:
