@@ -96,7 +96,7 @@ class TwoPassPlan:
 # ones at B = 1024 (the block maxima read them back from cache); see the two-pass column
 # of benchmarks/mips.py.
 SCORE_BLOCK_BYTES = 4 << 20
-MAXIMA_BYTES = 512 << 20  # the [B, rows / m] block maxima pass 1 keeps
+MAXIMA_BYTES = 256 << 20  # the [B, rows / m] block maxima pass 1 keeps
 # bf16 rows on CPU (see `mips_top_k`): up to this many queries, padded to it, one dot over
 # a device's whole block, whose [16, rows] fp32 scores must fit WHOLE_BLOCK_BYTES. At 1M
 # rows on 2 cores: B = 1 4x and B = 16 5x faster than slicing the rows, 2x fp32 at B = 16
@@ -303,8 +303,9 @@ def mips_top_k(
     selection, per device: "running" (`lax.top_k` over each [B, chunk] score block, merged
     into a running top-k), "two_pass" (`two_pass_top_k`: block maxima, then the rows of the
     best blocks scored again; only where `two_pass_plan` has shapes for it, else running)
-    or "auto" (two-pass wherever `two_pass_plan` finds it worthwhile). All are exact, ties
-    to the lower row id (tests/index/test_mips.py)."""
+    or "auto" (two-pass wherever `two_pass_plan` finds it worthwhile; for a bf16 index on
+    CPU and at most WHOLE_BLOCK_BATCH queries, one dot over each device's whole block). All
+    are exact, ties to the lower row id (tests/index/test_mips.py)."""
     if not 0 < k <= layout.num_rows:
         raise ValueError(f"k={k} must be in [1, {layout.num_rows}] (the number of indexed rows)")
     if selection not in ("auto", "running", "two_pass"):
@@ -326,7 +327,12 @@ def mips_top_k(
     # uint16 bits and each slice viewed as bf16, which keeps the native bf16 dot for one
     # copy of the bits (half the fp32 temporary). GPUs and TPUs slice bf16 natively.
     bits = embeddings.dtype == jnp.bfloat16 and mesh.devices.flat[0].platform == "cpu"
-    whole = bits and batch <= WHOLE_BLOCK_BATCH and WHOLE_BLOCK_BATCH * n * 4 <= WHOLE_BLOCK_BYTES
+    whole = (
+        bits
+        and selection == "auto"
+        and batch <= WHOLE_BLOCK_BATCH
+        and WHOLE_BLOCK_BATCH * n * 4 <= WHOLE_BLOCK_BYTES
+    )
 
     def per_device(block: jax.Array, q: jax.Array):
         offset = jax.lax.axis_index(axes).astype(jnp.int32) * n
