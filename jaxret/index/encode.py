@@ -18,12 +18,14 @@ from tqdm.auto import tqdm
 from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerprint
 from jaxret.data.readers import Corpus
 from jaxret.data.tokenization import Truncation, tokenize_passages
-from jaxret.index.mips import RowLayout, row_sharding, row_spec
+from jaxret.index.mips import RowLayout, row_sharding, row_spec, storage_dtype, to_storage
 from jaxret.index.sharded import ShardedIndex, params_fingerprint, process_row_range
 from jaxret.models.dual_encoder import DualEncoder, EncoderSpec, Tower
 from jaxret.parallel.activations import map_rows
 from jaxret.parallel.axes import DATA
 from jaxret.parallel.host_data import global_batch
+
+_VALUE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def passage_table(
@@ -217,7 +219,7 @@ def device_encoder(
     memory holds the new ones (never two full indexes at once).
     """
     axes = tuple(mesh.axis_names)
-    out_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    stored = storage_dtype(_VALUE_DTYPES[dtype], mesh)
     rps, shards = layout.rows_per_shard, layout.num_shards
     per_device = max(1, min(per_device, rps))
     # Every call a full batch of `per_device` rows per device: each device's block is padded
@@ -237,7 +239,7 @@ def device_encoder(
         embed = lambda rows: encoder.embed(params, "passage", tokens_from_table(rows))
         tables = jax.tree.map(lambda x: blocks(x, rps, padded), tables)
         out = map_rows(embed, tables, mesh, axes, per_device)  # [D·padded, d]
-        return blocks(out, padded, rps).astype(out_dtype)
+        return to_storage(blocks(out, padded, rps), stored)
 
     return jax.jit(encode, out_shardings=row_sharding(mesh), donate_argnums=(2,), keep_unused=True)
 
@@ -252,9 +254,7 @@ def refresh_index(
 ) -> ShardedIndex:
     """A new index of `tables` encoded with `params`; `index`'s buffer is donated (unusable
     afterwards)."""
-    fn = device_encoder(
-        encoder, index.mesh, index.layout, per_device, jnp.dtype(index.embeddings.dtype).name
-    )
+    fn = device_encoder(encoder, index.mesh, index.layout, per_device, index.dtype.name)
     emb = fn(params, tables, index.embeddings)
     meta = index.meta if fingerprint is None else fingerprint
     return ShardedIndex(emb, index.layout, index.mesh, tuple(sorted(meta.items())))
@@ -262,8 +262,8 @@ def refresh_index(
 
 def empty_index(layout: RowLayout, mesh: Mesh, dim: int, dtype: str) -> ShardedIndex:
     """A zero index of the right shape and layout (the donor for the first refresh)."""
-    out_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    stored = storage_dtype(_VALUE_DTYPES[dtype], mesh)
     zeros = jax.jit(
-        lambda: jnp.zeros((layout.padded_rows, dim), out_dtype), out_shardings=row_sharding(mesh)
-    )()
+        lambda: jnp.zeros((layout.padded_rows, dim), stored), out_shardings=row_sharding(mesh)
+    )()  # zero bits are 0.0 in every storage
     return ShardedIndex(zeros, layout, mesh, ())

@@ -17,9 +17,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 _NO_ID = jnp.iinfo(jnp.int32).max
@@ -72,6 +75,49 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, row_spec(mesh))
 
 
+# A bf16 index on CPU is stored as the uint16 bits of its values. XLA:CPU does not slice
+# bf16 arrays: it widens a sliced bf16 operand to fp32, and for a slice inside the row loop
+# it hoists the widening out of the loop, converting a device's whole block before every
+# search (a 4 GB temporary per device at ART's NQ shapes; B = 1 took 4x fp32's time). Slices
+# of the bits, each viewed as bf16, keep the native bf16 dot (AVX512-BF16) and copy nothing
+# but the slice; bf16 rows converted to bits at every search cost a copy of the block (bf16
+# at B = 64 was 0.85x fp32; stored as bits 2x, benchmarks/mips.py). GPUs and TPUs slice
+# bf16 natively and store it as such.
+BF16_BITS = jnp.uint16
+
+
+def storage_dtype(dtype: Any, mesh: Mesh) -> jnp.dtype:
+    """The dtype an index of `dtype` values is stored in on `mesh`'s devices."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.bfloat16 and mesh.devices.flat[0].platform == "cpu":
+        return jnp.dtype(BF16_BITS)
+    return dtype
+
+
+def value_dtype(stored: Any) -> jnp.dtype:
+    """The dtype of the values of rows stored as `stored`."""
+    return jnp.dtype(jnp.bfloat16 if jnp.dtype(stored) == BF16_BITS else stored)
+
+
+def to_storage(values: Any, stored: Any) -> Any:
+    """Rows of values (jax or numpy) as rows of the `stored` dtype."""
+    stored = jnp.dtype(stored)
+    if stored != BF16_BITS:
+        return values.astype(stored)
+    if isinstance(values, np.ndarray):
+        return values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    return jax.lax.bitcast_convert_type(values.astype(jnp.bfloat16), BF16_BITS)
+
+
+def stored_values(rows: Any) -> Any:
+    """Rows stored as `to_storage` wrote them, as values (jax or numpy)."""
+    if rows.dtype != BF16_BITS:
+        return rows
+    if isinstance(rows, np.ndarray):
+        return rows.view(ml_dtypes.bfloat16)
+    return jax.lax.bitcast_convert_type(rows, jnp.bfloat16)
+
+
 def _merge(a_s: jax.Array, a_i: jax.Array, b_s: jax.Array, b_i: jax.Array, k: int):
     """Top-k of two candidate lists; `a` holds lower row ids, so it wins ties."""
     s = jnp.concatenate([a_s, b_s], axis=1)
@@ -97,13 +143,6 @@ class TwoPassPlan:
 # of benchmarks/mips.py.
 SCORE_BLOCK_BYTES = 4 << 20
 MAXIMA_BYTES = 256 << 20  # the [B, rows / m] block maxima pass 1 keeps
-# bf16 rows on CPU (see `mips_top_k`): up to this many queries, padded to it, one dot over
-# a device's whole block, whose [16, rows] fp32 scores must fit WHOLE_BLOCK_BYTES. At 1M
-# rows on 2 cores: B = 1 4x and B = 16 5x faster than slicing the rows, 2x fp32 at B = 16
-# (XLA:CPU's bf16 dot is slow below 16 rows of queries; a 64-query dot's scores no longer
-# stay in cache).
-WHOLE_BLOCK_BATCH = 16
-WHOLE_BLOCK_BYTES = 256 << 20
 GROUP = 16  # blocks per group when the best blocks are chosen group-first (`_best_blocks`)
 GATHER_BYTES = 4 << 20  # one pass-2 tile of gathered candidate rows (4 MB: 10 % faster than 16)
 # Two-pass only where the k·m candidates are at most this fraction of a device's rows: at
@@ -236,22 +275,6 @@ def _top_k_rows(s: jax.Array, ids: jax.Array, num_rows: int, k: int) -> tuple[ja
     return s, ids[pos]
 
 
-def _whole_block_top_k(
-    block: jax.Array,  # [n, d] this device's rows
-    queries: jax.Array,  # [B, d], block.dtype
-    k: int,
-    row_offset: jax.Array,  # first global row id of the block
-    num_rows: int,
-) -> tuple[jax.Array, jax.Array]:
-    """One dot over all of a device's rows (no row loop, so nothing is sliced) and one top-k
-    over the [B, n] scores; the queries padded to WHOLE_BLOCK_BATCH rows for the dot."""
-    n = block.shape[0]
-    b = queries.shape[0]
-    padded = jnp.pad(queries, ((0, max(0, WHOLE_BLOCK_BATCH - b)), (0, 0)))
-    s = jnp.einsum("bd,nd->bn", padded, block, preferred_element_type=jnp.float32)[:b]
-    return _top_k_rows(s, row_offset + jnp.arange(n, dtype=jnp.int32), num_rows, k)
-
-
 def _running_top_k(
     block: jax.Array,  # [n, d] this device's rows
     queries: jax.Array,  # [B, d], block.dtype
@@ -303,9 +326,9 @@ def mips_top_k(
     selection, per device: "running" (`lax.top_k` over each [B, chunk] score block, merged
     into a running top-k), "two_pass" (`two_pass_top_k`: block maxima, then the rows of the
     best blocks scored again; only where `two_pass_plan` has shapes for it, else running)
-    or "auto" (two-pass wherever `two_pass_plan` finds it worthwhile; for a bf16 index on
-    CPU and at most WHOLE_BLOCK_BATCH queries, one dot over each device's whole block). All
-    are exact, ties to the lower row id (tests/index/test_mips.py)."""
+    or "auto" (two-pass wherever `two_pass_plan` finds it worthwhile). All are exact, ties
+    to the lower row id (tests/index/test_mips.py). `embeddings` holds values (float32,
+    bfloat16) or bf16 values stored as their bits (`to_storage`)."""
     if not 0 < k <= layout.num_rows:
         raise ValueError(f"k={k} must be in [1, {layout.num_rows}] (the number of indexed rows)")
     if selection not in ("auto", "running", "two_pass"):
@@ -319,31 +342,18 @@ def mips_top_k(
         itemsize = embeddings.dtype.itemsize
         plan = two_pass_plan(batch, layout, k_local, dim, itemsize, worthwhile=selection == "auto")
 
-    # XLA:CPU does not slice bf16 arrays: it widens a sliced bf16 operand to fp32, and for a
-    # slice inside the row loop it hoists that widening out of the loop, i.e. converts the
-    # whole device block to fp32 before every search (4 GB per device at ART's NQ shapes;
-    # B = 1 took 4x fp32's time). Up to WHOLE_BLOCK_BATCH queries, one dot over the whole
-    # block slices nothing (`_whole_block_top_k`); above, the rows are sliced as their
-    # uint16 bits and each slice viewed as bf16, which keeps the native bf16 dot for one
-    # copy of the bits (half the fp32 temporary). GPUs and TPUs slice bf16 natively.
-    bits = embeddings.dtype == jnp.bfloat16 and mesh.devices.flat[0].platform == "cpu"
-    whole = (
-        bits
-        and selection == "auto"
-        and batch <= WHOLE_BLOCK_BATCH
-        and WHOLE_BLOCK_BATCH * n * 4 <= WHOLE_BLOCK_BYTES
-    )
+    # bf16 rows on CPU are sliced as their uint16 bits (see BF16_BITS): stored so, or
+    # converted here, for a copy of the block at every search.
+    values = value_dtype(embeddings.dtype)
+    stored_bits = embeddings.dtype == BF16_BITS
+    bits = stored_bits or storage_dtype(values, mesh) == BF16_BITS
 
     def per_device(block: jax.Array, q: jax.Array):
         offset = jax.lax.axis_index(axes).astype(jnp.int32) * n
-        q = q.astype(block.dtype)
-        rows, view = block, lambda x: x
-        if bits and not whole:
-            rows = jax.lax.bitcast_convert_type(block, jnp.uint16)
-            view = lambda x: jax.lax.bitcast_convert_type(x, jnp.bfloat16)
-        if whole:
-            s, i = _whole_block_top_k(block, q, k_local, offset, layout.num_rows)
-        elif plan is None:
+        q = q.astype(values)
+        view = stored_values if bits else lambda x: x
+        rows = to_storage(block, BF16_BITS) if bits and not stored_bits else block
+        if plan is None:
             s, i = _running_top_k(rows, q, k_local, offset, layout.num_rows, layout.chunk, view)
         else:
             s, i = two_pass_top_k(rows, q, k_local, offset, layout.num_rows, plan, view)

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxret.index.encode import tokens_from_table
-from jaxret.index.mips import RowLayout, row_sharding, row_spec
+from jaxret.index.mips import RowLayout, row_sharding, row_spec, to_storage
 from jaxret.index.sharded import ShardedIndex
 from jaxret.models.dual_encoder import DualEncoder
 from jaxret.parallel.activations import map_rows
@@ -109,7 +109,7 @@ def rolling_update(
 
     def put(emb: jax.Array, stale: jax.Array, new: jax.Array, done: jax.Array) -> tuple:
         _, write = slice_indices(done, rps, s, refresh_every)
-        emb = emb.at[write].set(new.astype(emb.dtype), mode="drop")
+        emb = emb.at[write].set(to_storage(new, emb.dtype), mode="drop")
         stale = stale.at[write].set(done, mode="drop")
         global_rows = block_rows()
         written = (write < rps) & (jnp.take(global_rows, jnp.minimum(write, rps - 1)) < n_real)

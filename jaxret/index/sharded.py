@@ -21,7 +21,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from jaxret.index.mips import RowLayout, mips_top_k, row_sharding
+from jaxret.index.mips import (
+    RowLayout,
+    mips_top_k,
+    row_sharding,
+    storage_dtype,
+    stored_values,
+    to_storage,
+    value_dtype,
+)
 from jaxret.parallel.mesh import make_mesh
 
 MANIFEST = "manifest.json"
@@ -65,7 +73,9 @@ def params_fingerprint(params: Any, step: int) -> dict[str, Any]:
 @jax.tree_util.register_pytree_node_class
 @dataclasses.dataclass(frozen=True)
 class ShardedIndex:
-    embeddings: jax.Array  # [N_pad, d], rows sharded over every device of `mesh`
+    # [N_pad, d], rows sharded over every device of `mesh`, stored in
+    # `mips.storage_dtype(dtype, mesh)`: a bf16 index on CPU as the uint16 bits of its values
+    embeddings: jax.Array
     layout: RowLayout
     mesh: Mesh
     fingerprint: tuple[tuple[str, Any], ...] = ()  # e.g. corpus hash, encoder step/hash
@@ -86,6 +96,11 @@ class ShardedIndex:
     @property
     def dim(self) -> int:
         return self.embeddings.shape[1]
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The dtype of the rows' values (float32 or bfloat16), however they are stored."""
+        return value_dtype(self.embeddings.dtype)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -135,10 +150,10 @@ class ShardedIndex:
         dtype: Any,
         fingerprint: dict[str, Any] | None,
     ) -> ShardedIndex:
-        dtype = _DTYPES[_dtype_name(dtype)]
+        stored = storage_dtype(_DTYPES[_dtype_name(dtype)], mesh)
         global_shape = (layout.padded_rows, local.shape[1])
         arr = jax.make_array_from_process_local_data(
-            row_sharding(mesh), local.astype(dtype), global_shape
+            row_sharding(mesh), to_storage(local, stored), global_shape
         )
         return cls(arr, layout, mesh, tuple(sorted((fingerprint or {}).items())))
 
@@ -168,7 +183,7 @@ class ShardedIndex:
     def rows(self) -> np.ndarray:
         """The N real rows on the host (fp32); for tests and exports."""
         full = multihost_utils.process_allgather(self.embeddings, tiled=True)
-        return np.asarray(full, np.float32)[: self.num_rows]
+        return np.asarray(stored_values(np.asarray(full)), np.float32)[: self.num_rows]
 
     # -- persistence ---------------------------------------------------------------------
 
@@ -184,7 +199,9 @@ class ShardedIndex:
             manifest = {
                 "num_rows": self.num_rows,
                 "dim": self.dim,
-                "dtype": _dtype_name(self.embeddings.dtype),
+                "dtype": _dtype_name(self.dtype),
+                # how the saved rows are stored (`load` converts to its platform's storage)
+                "storage": jnp.dtype(self.embeddings.dtype).name,
                 "chunk": self.layout.chunk,
                 "fingerprint": self.meta,
             }
@@ -222,20 +239,35 @@ class ShardedIndex:
         # Restored straight into this mesh's layout: each process reads only the rows its
         # devices own; the saved zero padding is cut or extended to this layout's.
         layout = RowLayout.for_mesh(manifest["num_rows"], mesh, manifest["chunk"])
-        dtype = _DTYPES[manifest["dtype"]]
+        dtype = jnp.dtype(_DTYPES[manifest["dtype"]])
+        saved_as = jnp.dtype(manifest.get("storage", manifest["dtype"]))  # older: the values
+        if value_dtype(saved_as) != dtype:
+            raise IndexMismatchError(
+                f"{directory / MANIFEST}: rows stored as {saved_as.name} cannot hold "
+                f"{dtype.name} values; the manifest is damaged"
+            )
         shape = (layout.padded_rows, manifest["dim"])
         sharding = row_sharding(mesh)
         args = ocp.args.PyTreeRestore(
-            item={"embeddings": jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)},
+            item={"embeddings": jax.ShapeDtypeStruct(shape, saved_as, sharding=sharding)},
             restore_args={
                 "embeddings": ocp.ArrayRestoreArgs(
-                    sharding=sharding, global_shape=shape, dtype=dtype, strict=False
+                    sharding=sharding, global_shape=shape, dtype=saved_as, strict=False
                 )
             },
         )
         restored = ocp.PyTreeCheckpointer().restore(directory / "embeddings", args=args)
+        rows = restored["embeddings"]
+        stored = storage_dtype(dtype, mesh)
+        if rows.dtype != stored:  # saved on another platform: bits <-> bf16, no rounding
+            rows = _restore_as(rows, stored)
         fingerprint = tuple(sorted(saved.items()))
-        return cls(restored["embeddings"], layout, mesh, fingerprint)
+        return cls(rows, layout, mesh, fingerprint)
+
+
+@functools.partial(jax.jit, static_argnums=(1,), donate_argnums=(0,))
+def _restore_as(rows: jax.Array, stored: jnp.dtype) -> jax.Array:
+    return to_storage(stored_values(rows), stored)
 
 
 @functools.partial(jax.jit, static_argnums=(2,))

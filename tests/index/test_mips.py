@@ -4,6 +4,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jaxret.index.mips import stored_values
 from jaxret.index.sharded import IndexMismatchError, ShardedIndex
 from jaxret.parallel import make_mesh
 
@@ -81,44 +82,56 @@ def test_ties_go_to_lower_row(data):
     assert list(np.asarray(ids)[0]) == [5, 700, 998]
 
 
-@pytest.mark.parametrize("batch", [9, 40])
-def test_bf16_storage(data, gaussian, batch):
-    """bf16 rows against the float64 reference of the same bf16 values, at a batch that
-    takes the whole-block dot on CPU (9 ≤ WHOLE_BLOCK_BATCH) and one that slices the rows'
-    bits (40). Fails if either reads the rows as anything but their bf16 values (e.g. the
-    bits viewed as float16)."""
+@pytest.mark.parametrize("batch", [1, 9, 40])
+@pytest.mark.parametrize("stored", ["bits", "bfloat16"])
+def test_bf16_rows(data, gaussian, batch, stored):
+    """bf16 rows against the float64 reference of the same bf16 values, stored as on CPU
+    (their uint16 bits, `ShardedIndex`) and as bf16 (as on GPU/TPU, converted to bits at the
+    search), at batches below and above 16. Fails if the rows are read as anything but
+    their bf16 values (e.g. the bits viewed as float16 in `mips.stored_values`)."""
+
+    def index_of(emb: np.ndarray) -> ShardedIndex:
+        index = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32)
+        assert index.embeddings.dtype == jnp.uint16 and index.dtype == jnp.bfloat16
+        if stored == "bfloat16":
+            values = jax.jit(stored_values)(index.embeddings)
+            index = ShardedIndex(values, index.layout, index.mesh)
+            assert index.embeddings.dtype == jnp.bfloat16 == index.dtype
+        return index
+
     emb, q = gaussian
     q = np.concatenate([q] * 5)[:batch]
-    index = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32)
-    assert index.embeddings.dtype == jnp.bfloat16
     emb16 = emb.astype(ml_dtypes.bfloat16).astype(np.float32)
     q16 = q.astype(ml_dtypes.bfloat16).astype(np.float32)
-    scores, ids = index.search(q, 20)
+    scores, ids = index_of(emb).search(q, 20)
     assert_same_top_k(ids, scores, emb16, q16, 20, atol=1e-3)
     # Small integers are exact in bf16: there even the tie order is exact.
     emb, q = data
     q = np.concatenate([q] * 7)[:batch]
-    scores, ids = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32).search(q, 20)
+    scores, ids = index_of(emb).search(q, 20)
     np.testing.assert_array_equal(np.asarray(ids), brute_force(emb, q, 20)[1])
 
 
-@pytest.mark.parametrize("selection,batch", [("running", 32), ("two_pass", 32), ("auto", 4)])
-def test_bf16_search_never_widens_the_whole_block(selection, batch):
+@pytest.mark.parametrize("selection", ["running", "two_pass"])
+@pytest.mark.parametrize("batch", [4, 32])
+def test_bf16_search_never_widens_the_block(selection, batch):
     """A bf16 index of 65,536 × 64 rows per device, compiled with abstract shapes on 8 CPU
-    devices: the search's temporaries stay below the fp32 size of a device's rows (XLA:CPU
-    widens a sliced bf16 operand to fp32 and hoists that out of the row loop, i.e. converts
-    the whole block on every search), with the rows' bits sliced (32 queries) and with the
-    whole-block dot (4). Fails if the rows are sliced as bf16 instead of as their uint16
-    bits (`mips_top_k`)."""
+    devices (XLA:CPU widens a sliced bf16 operand to fp32 and hoists that out of the row
+    loop, i.e. converts the whole block on every search): rows stored as their bits
+    (`ShardedIndex` on CPU) need temporaries far below one copy of a device's rows; rows
+    given as bf16 one copy of their bits, below the fp32 size. Fails if the stored bits are
+    viewed as bf16 before they are sliced (`mips_top_k`: 18 MB > 4 MB)."""
     from jaxret.index.mips import RowLayout, mips_top_k, row_sharding
 
     mesh = make_mesh()
     layout = RowLayout.for_shards(8 * 65_536, 8, 8192)
-    emb = jax.ShapeDtypeStruct((layout.padded_rows, 64), jnp.bfloat16, sharding=row_sharding(mesh))
     q = jax.ShapeDtypeStruct((batch, 64), jnp.float32)
     search = jax.jit(lambda e, q: mips_top_k(e, q, 10, layout, mesh, selection))
-    temp = search.lower(emb, q).compile().memory_analysis().temp_size_in_bytes
-    assert temp < layout.rows_per_shard * 64 * 4, temp
+    block_bytes = layout.rows_per_shard * 64 * 2  # one copy of a device's bf16 rows
+    for dtype, bound in ((jnp.uint16, block_bytes // 2), (jnp.bfloat16, 2 * block_bytes)):
+        emb = jax.ShapeDtypeStruct((layout.padded_rows, 64), dtype, sharding=row_sharding(mesh))
+        temp = search.lower(emb, q).compile().memory_analysis().temp_size_in_bytes
+        assert temp < bound, (dtype, temp)
 
 
 def test_callable_inside_jit_with_sharded_queries(data):
@@ -167,7 +180,7 @@ def test_save_load_and_mismatch_refusal(data, tmp_path):
     index = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32, fingerprint=fp)
     index.save(tmp_path / "idx")
     loaded = ShardedIndex.load(tmp_path / "idx", make_mesh(("data", "model"), (2, 4)), expect=fp)
-    assert loaded.embeddings.dtype == jnp.bfloat16 and loaded.meta == fp
+    assert loaded.dtype == jnp.bfloat16 and loaded.meta == fp
     np.testing.assert_array_equal(loaded.rows(), index.rows())
     np.testing.assert_array_equal(
         np.asarray(loaded.search(q, 9)[1]), np.asarray(index.search(q, 9)[1])
@@ -178,6 +191,33 @@ def test_save_load_and_mismatch_refusal(data, tmp_path):
         ShardedIndex.load(tmp_path / "idx", expect={"encoder": {"step": 4, "param_hash": "ff"}})
     with pytest.raises(IndexMismatchError, match="not a jaxret index"):
         ShardedIndex.load(tmp_path)
+
+
+def test_index_saved_as_bf16_values_loads_as_bits_on_cpu(data, tmp_path):
+    """An index written where bf16 rows are stored as values (GPU/TPU; or before the
+    manifest named its storage) loads on CPU as the same values stored as bits, and a
+    manifest whose storage cannot hold its dtype is refused. Fails if `load` restores the
+    saved bf16 rows straight into the CPU's uint16 storage (Orbax converts them as numbers)."""
+    import json
+
+    emb, q = data
+    on_cpu = ShardedIndex.from_embeddings(emb, dtype=jnp.bfloat16, chunk_rows=32)
+    values = jax.jit(stored_values)(on_cpu.embeddings)
+    as_on_gpu = ShardedIndex(values, on_cpu.layout, on_cpu.mesh)
+    as_on_gpu.save(tmp_path / "gpu")
+    manifest = json.loads((tmp_path / "gpu" / "manifest.json").read_text())
+    assert manifest["dtype"] == manifest["storage"] == "bfloat16"
+    del manifest["storage"]  # an older manifest
+    (tmp_path / "gpu" / "manifest.json").write_text(json.dumps(manifest))
+    loaded = ShardedIndex.load(tmp_path / "gpu")
+    assert loaded.embeddings.dtype == jnp.uint16 and loaded.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(loaded.rows(), emb.astype(ml_dtypes.bfloat16).astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(loaded.search(q, 9)[1]), brute_force(emb, q, 9)[1])
+    manifest["storage"] = "uint16"
+    manifest["dtype"] = "float32"
+    (tmp_path / "gpu" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match="manifest.json: rows stored as uint16"):
+        ShardedIndex.load(tmp_path / "gpu")
 
 
 @pytest.mark.parametrize("devices", [1, 4])

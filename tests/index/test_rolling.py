@@ -11,7 +11,7 @@ from jaxret.data.tokenization import load_tokenizer, tokenize_passages
 from jaxret.eval.evaluate import load_eval_data
 from jaxret.index.encode import empty_index, refresh_index
 from jaxret.index.gather import device_table
-from jaxret.index.mips import RowLayout
+from jaxret.index.mips import RowLayout, stored_values
 from jaxret.index.rolling import (
     empty_staleness,
     rolling_refresher,
@@ -99,15 +99,21 @@ def test_changing_parameters_each_row_from_the_step_that_refreshed_it(setup):
 
 
 def test_bf16_index(setup):
+    """The rolling refresh of a bf16 index stores bf16 values (as their bits on CPU)."""
     encoder, params, mesh, layout, tables = setup
     fn = rolling_refresher(encoder, mesh, layout, 2, 4)
     emb = empty_index(layout, mesh, encoder.dim, "bfloat16").embeddings
     stale = empty_staleness(layout, mesh)
     for done in (1, 2):
         emb, stale, _ = fn(params, tables, emb, stale, done)
-    assert emb.dtype == np.dtype("bfloat16")
+    assert emb.dtype == np.uint16  # on CPU: the bf16 values' bits (mips.BF16_BITS)
+    got = np.asarray(stored_values(np.asarray(emb)), np.float32)[:N]
     want = fresh(encoder, params, layout, mesh, tables, "bfloat16")
-    np.testing.assert_array_equal(np.asarray(emb, np.float32)[:N], np.asarray(want, np.float32))
+    np.testing.assert_array_equal(got, np.asarray(want, np.float32))
+    # The values, not their bits read as numbers (fails if the refresh writes the rows with
+    # `astype(emb.dtype)`): the fp32 encoding rounded to bf16.
+    exact = fresh(encoder, params, layout, mesh, tables, "float32")
+    np.testing.assert_allclose(got, exact, rtol=1e-2, atol=1e-2)
 
 
 def test_no_cross_device_traffic_beyond_the_encoder(setup):

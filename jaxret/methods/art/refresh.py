@@ -27,7 +27,7 @@ import numpy as np
 
 from jaxret.configlib import ConfigError
 from jaxret.index.encode import empty_index
-from jaxret.index.mips import RowLayout, row_sharding
+from jaxret.index.mips import BF16_BITS, RowLayout, row_sharding
 from jaxret.index.rolling import (
     empty_staleness,
     rolling_refresher,
@@ -196,7 +196,10 @@ class RollingRefresh(SyncRefresh):
 
     def aux(self) -> Any:
         # Also the restore template (before any step): the empty donor index has the shape.
-        return {"embeddings": self.index.embeddings, "stale": self.stale}
+        # The rows' key names their storage (`mips.storage_dtype`): a checkpoint of bf16 rows
+        # stored as bits on CPU does not restore into bf16 on GPU/TPU (Orbax would convert
+        # the bits as numbers); the mismatch is refused as a different tree.
+        return {_rows_key(self.index.embeddings): self.index.embeddings, "stale": self.stale}
 
     def aux_meta(self) -> dict[str, Any]:
         meta = super().aux_meta()
@@ -213,10 +216,14 @@ class RollingRefresh(SyncRefresh):
             self.stale = empty_staleness(self.layout, self.mesh, step)
             return
         # The index itself was saved: nothing to re-encode.
-        self.index, self.stale = self._wrap(aux["embeddings"], -1), aux["stale"]
+        self.index, self.stale = self._wrap(aux[_rows_key(self.index.embeddings)], -1), aux["stale"]
         saved = meta.get("index_step")
         self.index_step = None if saved is None or saved < 0 else int(saved)
         self.pending = None
+
+
+def _rows_key(embeddings: jax.Array) -> str:
+    return "embedding_bits" if embeddings.dtype == BF16_BITS else "embeddings"
 
 
 def _copy(tree: Any) -> Any:
