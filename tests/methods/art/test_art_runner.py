@@ -665,3 +665,30 @@ def test_a_resumed_run_compiles_its_evaluation_before_the_first_step(
     train(cfg, tmp_path / "a")  # uninterrupted
     assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
     assert len(train_losses(tmp_path / "b")) == 6
+
+
+def test_rolling_index_saved_as_bf16_does_not_restore_into_bits(tmp_path):
+    """A rolling checkpoint whose index rows are bf16 values (saved on GPU/TPU) is refused by
+    a run that stores them as bits (CPU), and the other way round, instead of Orbax
+    converting bits and values into each other as numbers. Fails if the aux names its rows
+    by one key whatever their storage (`refresh._rows_key`): the restore then succeeds
+    with rows that are not the saved values."""
+    import jax.numpy as jnp
+
+    from jaxret.index.mips import BF16_BITS, to_storage
+    from jaxret.methods.art.refresh import _rows_key
+
+    values = jnp.asarray(np.linspace(-3, 3, 64 * 8, dtype=np.float32).reshape(64, 8))
+    values = values.astype(jnp.bfloat16)
+    bits = to_storage(values, BF16_BITS)
+    stale = jnp.zeros((64,), jnp.int32)
+    state = {"w": jnp.arange(4.0)}
+    for saved, resumed in ((values, bits), (bits, values)):
+        folder = tmp_path / str(saved.dtype)
+        mgr = Manager(folder, keep=2)
+        mgr.save(1, state, {_rows_key(saved): saved, "stale": stale}, {})
+        mgr.wait()
+        with pytest.raises(ValueError, match="tree structures do not match"):
+            mgr.restore(1, state, {_rows_key(resumed): resumed, "stale": stale})
+        _, aux, _ = mgr.restore(1, state, {_rows_key(saved): saved, "stale": stale})
+        np.testing.assert_array_equal(np.asarray(aux[_rows_key(saved)]), np.asarray(saved))
