@@ -19,13 +19,16 @@ from jaxret.data.corpus_store import TokenTable, open_table, tokenizer_fingerpri
 from jaxret.data.readers import Corpus
 from jaxret.data.tokenization import Truncation, tokenize_passages
 from jaxret.index.mips import RowLayout, row_sharding, row_spec, storage_dtype, to_storage
-from jaxret.index.sharded import ShardedIndex, params_fingerprint, process_row_range
+from jaxret.index.sharded import (
+    ShardedIndex,
+    index_dtype,
+    params_fingerprint,
+    process_row_range,
+)
 from jaxret.models.dual_encoder import DualEncoder, EncoderSpec, Tower
 from jaxret.parallel.activations import map_rows
 from jaxret.parallel.axes import DATA
 from jaxret.parallel.host_data import global_batch
-
-_VALUE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def passage_table(
@@ -219,7 +222,7 @@ def device_encoder(
     memory holds the new ones (never two full indexes at once).
     """
     axes = tuple(mesh.axis_names)
-    stored = storage_dtype(_VALUE_DTYPES[dtype], mesh)
+    stored = storage_dtype(index_dtype(dtype), mesh)
     rps, shards = layout.rows_per_shard, layout.num_shards
     per_device = max(1, min(per_device, rps))
     # Every call a full batch of `per_device` rows per device: each device's block is padded
@@ -262,7 +265,7 @@ def refresh_index(
 
 def empty_index(layout: RowLayout, mesh: Mesh, dim: int, dtype: str) -> ShardedIndex:
     """A zero index of the right shape and layout (the donor for the first refresh)."""
-    stored = storage_dtype(_VALUE_DTYPES[dtype], mesh)
+    stored = storage_dtype(index_dtype(dtype), mesh)
     zeros = jax.jit(
         lambda: jnp.zeros((layout.padded_rows, dim), stored), out_shardings=row_sharding(mesh)
     )()  # zero bits are 0.0 in every storage

@@ -100,8 +100,13 @@ def value_dtype(stored: Any) -> jnp.dtype:
 
 
 def to_storage(values: Any, stored: Any) -> Any:
-    """Rows of values (jax or numpy) as rows of the `stored` dtype."""
+    """Rows of values (jax or numpy) as rows of the `stored` dtype; rows already stored as
+    bits are returned as they are (read as numbers they would be converted as numbers)."""
     stored = jnp.dtype(stored)
+    if values.dtype == BF16_BITS:
+        if stored != BF16_BITS:
+            raise ValueError(f"rows stored as bits cannot be stored as {stored.name}")
+        return values
     if stored != BF16_BITS:
         return values.astype(stored)
     if isinstance(values, np.ndarray):
@@ -345,14 +350,13 @@ def mips_top_k(
     # bf16 rows on CPU are sliced as their uint16 bits (see BF16_BITS): stored so, or
     # converted here, for a copy of the block at every search.
     values = value_dtype(embeddings.dtype)
-    stored_bits = embeddings.dtype == BF16_BITS
-    bits = stored_bits or storage_dtype(values, mesh) == BF16_BITS
+    bits = storage_dtype(values, mesh) == BF16_BITS or embeddings.dtype == BF16_BITS
 
     def per_device(block: jax.Array, q: jax.Array):
         offset = jax.lax.axis_index(axes).astype(jnp.int32) * n
         q = q.astype(values)
         view = stored_values if bits else lambda x: x
-        rows = to_storage(block, BF16_BITS) if bits and not stored_bits else block
+        rows = to_storage(block, BF16_BITS) if bits else block
         if plan is None:
             s, i = _running_top_k(rows, q, k_local, offset, layout.num_rows, layout.chunk, view)
         else:

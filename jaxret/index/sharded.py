@@ -40,6 +40,11 @@ class IndexMismatchError(ValueError):
     pass
 
 
+def index_dtype(dtype: Any) -> jnp.dtype:
+    """The values' dtype of an index (a name or dtype): float32 or bfloat16, else refused."""
+    return jnp.dtype(_DTYPES[_dtype_name(dtype)])
+
+
 def _dtype_name(dtype: Any) -> str:
     name = jnp.dtype(dtype).name
     if name not in _DTYPES:
@@ -150,7 +155,7 @@ class ShardedIndex:
         dtype: Any,
         fingerprint: dict[str, Any] | None,
     ) -> ShardedIndex:
-        stored = storage_dtype(_DTYPES[_dtype_name(dtype)], mesh)
+        stored = storage_dtype(index_dtype(dtype), mesh)
         global_shape = (layout.padded_rows, local.shape[1])
         arr = jax.make_array_from_process_local_data(
             row_sharding(mesh), to_storage(local, stored), global_shape
@@ -239,7 +244,7 @@ class ShardedIndex:
         # Restored straight into this mesh's layout: each process reads only the rows its
         # devices own; the saved zero padding is cut or extended to this layout's.
         layout = RowLayout.for_mesh(manifest["num_rows"], mesh, manifest["chunk"])
-        dtype = jnp.dtype(_DTYPES[manifest["dtype"]])
+        dtype = index_dtype(manifest["dtype"])
         saved_as = jnp.dtype(manifest.get("storage", manifest["dtype"]))  # older: the values
         if value_dtype(saved_as) != dtype:
             raise IndexMismatchError(

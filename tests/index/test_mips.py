@@ -112,6 +112,24 @@ def test_bf16_rows(data, gaussian, batch, stored):
     np.testing.assert_array_equal(np.asarray(ids), brute_force(emb, q, 20)[1])
 
 
+def test_storage_round_trip_keeps_bits_as_bits():
+    """Values → bits → values is exact (jax and numpy), and rows already stored as bits are
+    stored as they are, never converted as numbers. Fails if `to_storage` casts its input to
+    bf16 whatever its dtype (the bits of 1.0, 16256, would become the value 16256.0)."""
+    from jaxret.index.mips import BF16_BITS, to_storage
+
+    values = np.array([[1.0, -2.5, 0.0, 3.0e-3]], np.float32)
+    exact = values.astype(ml_dtypes.bfloat16)
+    for rows in (values, jnp.asarray(values)):
+        bits = to_storage(rows, BF16_BITS)
+        assert bits.dtype == np.uint16 and int(np.asarray(bits)[0, 0]) == 16256  # 0x3F80
+        np.testing.assert_array_equal(np.asarray(stored_values(bits)), exact)
+        again = to_storage(bits, BF16_BITS)
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(bits))
+        with pytest.raises(ValueError, match="stored as bits"):
+            to_storage(bits, jnp.float32)
+
+
 @pytest.mark.parametrize("selection", ["running", "two_pass"])
 @pytest.mark.parametrize("batch", [4, 32])
 def test_bf16_search_never_widens_the_block(selection, batch):
