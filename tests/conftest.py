@@ -21,6 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"  # bundled with the repo: the tests read nothing outside it
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Evaluation stores go to this session's own folder: never the user's ~/.cache, never
+    one that two test workers (`make test` runs two) write at once."""
+    os.environ["JAXRET_CACHE"] = str(tmp_path_factory.mktemp("jaxret-cache"))
+
+
 def train_command(
     config: str, model: Path, workdir: Path, *extra: str, devices: int = 8
 ) -> tuple[list[str], dict[str, str]]:

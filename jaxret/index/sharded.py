@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from jaxret import dtypes
 from jaxret.index.mips import (
     RowLayout,
     mips_top_k,
@@ -33,7 +34,6 @@ from jaxret.index.mips import (
 from jaxret.parallel.mesh import make_mesh
 
 MANIFEST = "manifest.json"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class IndexMismatchError(ValueError):
@@ -42,14 +42,7 @@ class IndexMismatchError(ValueError):
 
 def index_dtype(dtype: Any) -> jnp.dtype:
     """The values' dtype of an index (a name or dtype): float32 or bfloat16, else refused."""
-    return jnp.dtype(_DTYPES[_dtype_name(dtype)])
-
-
-def _dtype_name(dtype: Any) -> str:
-    name = jnp.dtype(dtype).name
-    if name not in _DTYPES:
-        raise ValueError(f"index dtype {name!r}; expected float32 or bfloat16")
-    return name
+    return dtypes.by_name(dtype, "index dtype")
 
 
 def process_row_range(layout: RowLayout, mesh: Mesh, process_index: int | None = None) -> range:
@@ -204,7 +197,7 @@ class ShardedIndex:
             manifest = {
                 "num_rows": self.num_rows,
                 "dim": self.dim,
-                "dtype": _dtype_name(self.dtype),
+                "dtype": index_dtype(self.dtype).name,
                 # how the saved rows are stored (`load` converts to its platform's storage)
                 "storage": jnp.dtype(self.embeddings.dtype).name,
                 "chunk": self.layout.chunk,

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxret import dtypes
 from jaxret.models import hf_bert, hf_io
 from jaxret.models.bert import BertConfig, BertModel
 from jaxret.parallel.activations import Activations
 
 Tower = Literal["query", "passage"]
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SPEC_FILE = "jaxret.json"
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class EncoderSpec:
             "projection": ("none", "dense_tanh"),
             "similarity": ("dot", "cosine"),
             "passage_format": ("pair", "hf_pair", "join"),
-            "dtype": tuple(_DTYPES),
+            "dtype": dtypes.NAMES,
             "remat": ("none", "query", "passage", "both"),
         }
         for name, allowed in checks.items():
@@ -115,7 +115,9 @@ class DualEncoder:
 
     def module(self, tower: Tower = "passage") -> BertModel:
         remat = self.spec.remat in ("both", tower)
-        return BertModel(self.bert, dtype=_DTYPES[self.spec.dtype], remat=remat, act=self.act)
+        return BertModel(
+            self.bert, dtype=dtypes.by_name(self.spec.dtype), remat=remat, act=self.act
+        )
 
     def embed(
         self,

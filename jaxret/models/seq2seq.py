@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxret import dtypes
 from jaxret.models import hf_io
 from jaxret.models.bart import Bart, BartConfig
 from jaxret.models.hf_bart import load_bart, save_bart
 from jaxret.models.hf_t5 import load_t5, save_t5
 from jaxret.models.t5 import T5
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +36,16 @@ def load_generator(
     """(generator, numpy params, tokenizer, folder) from an HF folder or hub id."""
     from transformers import AutoTokenizer
 
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r}; expected float32 or bfloat16")
+    dtypes.by_name(dtype)
     folder = hf_io.resolve_checkpoint(path_or_hub_id)
     kind = hf_io.read_config(folder).get("model_type")
     if kind in ("t5", "mt5"):
         cfg, params, folder = load_t5(folder, dtype=dtype)
-        model = T5(cfg, dtype=_DTYPES[dtype], remat=remat)
+        model = T5(cfg, dtype=dtypes.by_name(dtype), remat=remat)
         kind = "t5"
     elif kind == "bart":
         cfg, params, folder = load_bart(folder, dtype=dtype)
-        model = Bart(cfg, dtype=_DTYPES[dtype], remat=remat)
+        model = Bart(cfg, dtype=dtypes.by_name(dtype), remat=remat)
     else:
         raise hf_io.CheckpointError(f"{folder}: model_type {kind!r} is not a T5 or BART generator")
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -98,7 +96,7 @@ def scratch_generator(
             **dict(sizes),
         }
     )
-    model = Bart(cfg, dtype=_DTYPES[dtype], remat=remat)
+    model = Bart(cfg, dtype=dtypes.by_name(dtype), remat=remat)
     ids = jnp.zeros((1, 2), jnp.int32)
     params = jax.device_get(jax.jit(lambda r: model.init(r, ids, ids, ids)["params"])(rng))
     params = jax.tree.map(np.asarray, params)

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxret import dtypes
 from jaxret.data.tokenization import Truncation
 from jaxret.models.hf_t5 import load_t5, load_t5_sharded
 from jaxret.models.t5 import T5, T5Config, shift_right
 from jaxret.parallel.activations import Activations, map_rows, pad_rows
 from jaxret.teachers import layerwise
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 log = logging.getLogger(__name__)
 
 
@@ -245,8 +245,7 @@ class T5Teacher:
         teacher constrains its activations for that mesh; without, numpy on the host."""
         from transformers import AutoTokenizer
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r}; expected float32 or bfloat16")
+        dtypes.by_name(dtype)
         act = None
         if mesh is None:
             cfg, params, folder = load_t5(path_or_hub_id, dtype=dtype)
@@ -273,7 +272,7 @@ class T5Teacher:
 
     @property
     def model(self) -> T5:
-        return T5(self.config, dtype=_DTYPES[self.dtype], remat=self.remat, act=self.act)
+        return T5(self.config, dtype=dtypes.by_name(self.dtype), remat=self.remat, act=self.act)
 
     def on_mesh(self, mesh: Any, param_sharding: str) -> T5Teacher:
         """This host-loaded teacher with its params placed on `mesh` by `param_sharding`
@@ -302,7 +301,7 @@ class T5Teacher:
             logprobs = functools.partial(
                 layerwise.token_logprobs,
                 self.config,
-                _DTYPES[self.dtype],
+                dtypes.by_name(self.dtype),
                 self.act,
                 self.param_sharding,
                 params,
@@ -393,7 +392,7 @@ def abstract_teacher(
     if layerwise_pass is None:
         layerwise_pass = layerwise.uses_layerwise(param_sharding)
     params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, _DTYPES[dtype]), abstract_params(config)
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtypes.by_name(dtype)), abstract_params(config)
     )
     if layerwise_pass:
         params = layerwise.stack_layers(params, config)
