@@ -1,7 +1,7 @@
 """ART's whole system at the paper's ratios, on CPU: what a pod run would meet, measured.
 
     python benchmarks/rehearsal.py [--passages 2000000] [--steps 1100] [--processes 4]
-        [--devices 2] [--workdir /tmp/jaxret-rehearsal]
+        [--devices 2] [--device-cores 0] [--workdir /tmp/jaxret-rehearsal]
 
 The paper's NQ run: 21M passages on 16 devices, 64 questions × K 32 (4 per device), a
 re-index every 500 steps. Here: `--passages` synthetic short passages on `--processes` ×
@@ -16,7 +16,9 @@ refresh_every 500, a 2-layer BERT of width 64 and a 2-layer T5 teacher run layer
 
 Per-step times come from metrics.jsonl: `wall_seconds` (the step and its refresh work) and the
 gaps between consecutive steps' rows (everything in between: evaluations, checkpoints). Peak
-RSS is each process's VmHWM, polled from /proc. One markdown table is printed; docs/scaling.md's
+RSS is each process's VmHWM, polled from /proc. `--device-cores` pins XLA's device threads to
+those cores and everything else to the others (`benchmarks/pinned.py`), as an accelerator
+host separates the devices from the host's cores. One markdown table is printed; docs/scaling.md's
 scaling section gives it with the extrapolation to the paper's sizes.
 """
 
@@ -181,7 +183,10 @@ class Job:
                 f"--config.distributed.num_processes={args.processes}",
                 f"--config.distributed.process_id={pid}",
             ]
-            cmd = jaxret("train", *flags, *dist, "--workdir", str(workdir))
+            argv = ["train", *flags, *dist, "--workdir", str(workdir)]
+            cmd = jaxret(*argv)
+            if args.device_cores:  # XLA's threads on these cores, all others on the rest
+                cmd = [sys.executable, str(ROOT / "benchmarks/pinned.py"), args.device_cores, *argv]
             out = open(log.with_suffix(f".{pid}.log"), "a")
             self.procs.append(
                 subprocess.Popen(cmd, env=env(args.devices), cwd=ROOT, stdout=out, stderr=out)
@@ -280,6 +285,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1100)
     p.add_argument("--processes", type=int, default=4)
     p.add_argument("--devices", type=int, default=2, help="fake CPU devices per process")
+    p.add_argument(
+        "--device-cores",
+        default="",
+        help="e.g. 0: XLA's device threads on these cores, every other thread (checkpoint "
+        "writes, host work) on the rest, as on an accelerator host (benchmarks/pinned.py)",
+    )
     p.add_argument("--prepare-rate-passages", type=int, default=200_000)
     p.add_argument("--refresh-every", type=int, default=500)
     p.add_argument("--every", type=int, default=250, help="dev evaluation and checkpoint")
