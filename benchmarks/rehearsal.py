@@ -159,14 +159,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def peak_rss(pid: int) -> int:
+def proc_status(pid: int | str, key: str) -> int:
+    """Bytes of `key` ("VmHWM": peak RSS; "RssAnon": anonymous memory now) of a process."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def runtime_rss(devices: int) -> int:
+    """Anonymous memory of a process that imported what a training process imports and made
+    its devices, before any data or model: JAX, XLA and the libraries, nobody's share."""
+    code = (
+        "import jax, jax.numpy as jnp, orbax.checkpoint, tensorboardX, transformers, "
+        "jaxret.cli, jaxret.methods.art.runner, jaxret.train.loop; "
+        "jax.jit(lambda x: x * 2)(jnp.ones(8)).block_until_ready(); "
+        "print([x for x in open('/proc/self/status') if x.startswith('RssAnon:')][0].split()[1])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env(devices), cwd=ROOT, capture_output=True, text=True
+    )
+    return int(out.stdout.split()[-1]) * 1024
+
+
+def process_share(store: Path, run: Path, args) -> dict[str, float]:
+    """Bytes one process holds by design: its share of the corpus tokens (the token ids of the
+    retriever's and the teacher's tables; masks and type ids count against it), of the index
+    (on CPU the devices' memory is the host's) and its devices' copies of the model state
+    (an upper bound: replicated). The text table is memory-mapped (file pages, not counted)."""
+    tables = sum(f.stat().st_size for f in store.glob("*/input_ids.npy"))
+    cfg = json.loads((run / "config.json").read_text())  # flat: "model.name", …
+    hidden = json.loads((Path(cfg["model.name"]) / "config.json").read_text())["hidden_size"]
+    itemsize = 2 if cfg["encode.index_dtype"] == "bfloat16" else 4
+    index = args.passages * hidden * itemsize
+    newest = max(
+        (c for c in (run / "checkpoints").iterdir() if c.name.isdigit()), key=lambda c: int(c.name)
+    )
+    state = size(newest / "state") * args.devices
+    return {
+        "tokens": tables / args.processes,
+        "index": index / args.processes,
+        "state": state,
+    }
 
 
 class Job:
@@ -192,6 +229,7 @@ class Job:
                 subprocess.Popen(cmd, env=env(args.devices), cwd=ROOT, stdout=out, stderr=out)
             )
         self.rss = [0] * len(self.procs)
+        self.anon = [0] * len(self.procs)  # peak anonymous RSS, polled
 
     def last_step(self) -> int:
         path = self.workdir / "metrics.jsonl"
@@ -205,7 +243,10 @@ class Job:
         """→ seconds from SIGTERM to every process exiting (None without a SIGTERM)."""
         termed = None
         while any(p.poll() is None for p in self.procs):
-            self.rss = [max(r, peak_rss(p.pid)) for r, p in zip(self.rss, self.procs)]
+            self.rss = [max(r, proc_status(p.pid, "VmHWM")) for r, p in zip(self.rss, self.procs)]
+            self.anon = [
+                max(r, proc_status(p.pid, "RssAnon")) for r, p in zip(self.anon, self.procs)
+            ]
             if term_at is not None and termed is None and self.last_step() >= term_at:
                 termed = time.time()
                 for p in self.procs:
@@ -367,9 +408,10 @@ def main() -> None:
             while job.last_step() <= stopped and all(p.poll() is None for p in job.procs):
                 time.sleep(0.2)
             table.append(("rolling: resume to the next step", f"{time.time() - t0:.1f} s"))
-            rss_before = job.rss
+            rss_before, anon_before = job.rss, job.anon
             job.wait()
             job.rss = [max(a, b) for a, b in zip(job.rss, rss_before)]
+            job.anon = [max(a, b) for a, b in zip(job.anon, anon_before)]
         else:
             first = time.time()
             while job.last_step() < 1 and all(p.poll() is None for p in job.procs):
@@ -430,7 +472,23 @@ def main() -> None:
                 " / ".join(f"{r / 1e9:.2f}" for r in job.rss) + " GB",
             )
         )
-        print("\n".join(f"{a}: {b}" for a, b in table[-8:]), flush=True)
+        # The issue's bar: RSS ≤ 1.5 × (the process's share of the tokens + model state).
+        # On CPU the devices' memory is host memory, so the index share counts too, and
+        # the runtime (JAX, XLA, libraries: ~1.3 GB, nobody's share) is taken off.
+        runtime = runtime_rss(args.devices)
+        share = process_share(store, run, args)
+        mine = sum(share.values())
+        table.append(
+            (
+                f"{refresh}: peak anonymous RSS − runtime ({runtime / 1e9:.2f} GB) per process, "
+                f"against its share (tokens {share['tokens'] / 1e9:.2f} + index "
+                f"{share['index'] / 1e9:.2f} + model state {share['state'] / 1e9:.3f} GB)",
+                " / ".join(
+                    f"{(a - runtime) / 1e9:.2f} GB ({(a - runtime) / mine:.2f}×)" for a in job.anon
+                ),
+            )
+        )
+        print("\n".join(f"{a}: {b}" for a, b in table[-9:]), flush=True)
     if "sync" in results:
         sync_refresh = [
             x["wall_seconds"]

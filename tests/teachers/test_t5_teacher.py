@@ -110,6 +110,30 @@ def test_prompt_format_and_truncation(tiny_t5):
     )
 
 
+def test_questions_are_tokenized_in_bounded_batches(tiny_t5):
+    """The teacher's targets of many questions come from tokenizer calls of at most
+    `batch_size` questions, equal to one call over all. Mutation: one tokenizer call over
+    every question (as before) → a call of 10 > 4 questions."""
+    tok = T5Teacher.from_pretrained(tiny_t5, dtype="float32").tokenizer
+    spec = TeacherSpec()
+    calls = []
+
+    class Counting:
+        def __call__(self, texts, **kw):
+            calls.append(len(texts))
+            return tok(texts, **kw)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    questions = [f"who wrote book number {i} of the series?" for i in range(10)]
+    batched = tokenize_questions(Counting(), questions, spec, batch_size=4)
+    whole = tokenize_questions(tok, questions, spec, batch_size=len(questions))
+    assert calls == [4, 4, 2]
+    for key in ("labels", "label_mask"):
+        np.testing.assert_array_equal(batched[key], whole[key])
+
+
 def test_score_input_errors(tiny_t5):
     teacher = T5Teacher.from_pretrained(tiny_t5, dtype="float32")
     with pytest.raises(ValueError, match="same number"):
