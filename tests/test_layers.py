@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxret"
 
 # Bottom to top: a module may import its own layer and the layers before it, never after.
 LAYERS = (
-    ("__init__", "errors", "configlib", "losses", "dtypes"),
+    ("__init__", "errors", "configlib", "losses", "dtypes", "host_memory"),
     ("parallel",),
     ("models",),
     ("data",),
