@@ -185,13 +185,25 @@ def refresh_in_slices(
     with `check()` between them. A SIGTERM is seen after one slice — at the paper's size
     (1.34M rows per device, 256-row batches) 328 slices of ~1.5 s on an A100 instead of one
     8-minute program. `index`'s buffer is donated (unusable afterwards, also when `check`
-    raises)."""
+    raises).
+
+    At most two slices are in flight: slice k is dispatched before slice k − 1 is waited
+    for, so the devices never idle, and `check()` runs while slices are still to come.
+    Dispatched back to back without a wait, slices queue up to XLA's in-flight limit, and
+    on a CPU with several devices in one process that queue deadlocks in the slices'
+    all-reduce (XLA's 40 s rendezvous timeout then aborts the process: 2M rows on 2
+    devices, docs/scaling.md).
+    """
     layout, mesh = index.layout, index.mesh
     slices = max(1, math.ceil(layout.rows_per_shard / (calls_per_slice * per_device)))
     fn = rolling_refresher(encoder, mesh, layout, slices, per_device)
     emb, stale = index.embeddings, empty_staleness(layout, mesh)  # stale: unused here
+    previous = None  # the stats of the slice before: not donated, so it can be waited on
     for done in range(1, slices + 1):
-        emb, stale, _ = fn(params, tables, emb, stale, np.int32(done))
+        emb, stale, stats = fn(params, tables, emb, stale, np.int32(done))
+        if previous is not None:
+            jax.block_until_ready(previous)
+        previous = stats
         if check is not None and done < slices:
             check()
     meta = index.meta if fingerprint is None else fingerprint

@@ -187,3 +187,57 @@ def test_staleness_mean_does_not_overflow(setup):
         "staleness_max": float(2**28),
         "staleness_mean": float(2**28),
     }
+
+
+def test_at_most_two_slices_are_in_flight(setup, monkeypatch):
+    """A whole-corpus encoding in slices (`refresh_in_slices`, 8 slices here) waits for slice
+    k − 1 after dispatching slice k: never more than two in flight, so `check()` between
+    slices runs while work remains, and a CPU with several devices cannot fill XLA's
+    in-flight queue, where the slices' all-reduce deadlocked (2M rows on 2 devices,
+    docs/scaling.md). The index equals one encoded without slices. Mutation: no wait in
+    the loop → slice 1 is still unwaited when slice 3 is dispatched, fails."""
+    from jaxret.index import rolling
+
+    encoder, params, mesh, layout, tables = setup
+    events: list[tuple[str, int]] = []
+    real = rolling.rolling_refresher
+
+    def counting(*args):
+        fn = real(*args)
+
+        def dispatch(p, t, emb, stale, done):
+            events.append(("dispatch", int(done)))
+            emb, stale, stats = fn(p, t, emb, stale, done)
+            return emb, stale, {**stats, "_slice": int(done)}
+
+        return dispatch
+
+    real_wait = jax.block_until_ready
+
+    def wait(x):
+        if isinstance(x, dict) and "_slice" in x:
+            events.append(("wait", x["_slice"]))
+            x = {k: v for k, v in x.items() if k != "_slice"}
+        return real_wait(x)
+
+    monkeypatch.setattr(rolling, "rolling_refresher", counting)
+    monkeypatch.setattr(jax, "block_until_ready", wait)
+    checks = []
+    index = rolling.refresh_in_slices(
+        encoder,
+        params,
+        tables,
+        empty_index(layout, mesh, encoder.dim, "float32"),
+        1,
+        check=lambda: checks.append(len(events)),
+        calls_per_slice=1,
+    )
+    dispatched = [k for e, k in events if e == "dispatch"]
+    assert dispatched == list(range(1, 9))
+    for k in range(3, 9):  # before slice k is dispatched, slice k − 2 has been waited for
+        before = events[: events.index(("dispatch", k))]
+        assert ("wait", k - 2) in before, (k, events)
+    assert len(checks) == 7
+    np.testing.assert_allclose(
+        index.rows(), fresh(encoder, params, layout, mesh, tables), rtol=1e-5, atol=1e-6
+    )
