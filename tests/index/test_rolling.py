@@ -241,3 +241,50 @@ def test_at_most_two_slices_are_in_flight(setup, monkeypatch):
     np.testing.assert_allclose(
         index.rows(), fresh(encoder, params, layout, mesh, tables), rtol=1e-5, atol=1e-6
     )
+
+
+_IN_FLIGHT_SCRIPT = """
+import sys
+import jax, numpy as np
+from jax.sharding import Mesh
+from jaxret.index.encode import empty_index
+from jaxret.index.mips import RowLayout, row_sharding
+from jaxret.index.rolling import refresh_in_slices
+from jaxret.models import dual_encoder as de
+mesh = Mesh(np.array(jax.devices()), ("data",))
+encoder, params, _ = de.from_pretrained(sys.argv[1], de.EncoderSpec(max_passage_length=16))
+layout = RowLayout.for_mesh(20000, mesh, 32768)
+ids = np.random.default_rng(0).integers(1, 1000, (layout.padded_rows, 16)).astype(np.int32)
+tables = {"input_ids": jax.device_put(ids, row_sharding(mesh))}
+index = empty_index(layout, mesh, encoder.dim, "float32")
+index = refresh_in_slices(encoder, params, tables, index, 8, calls_per_slice=1)
+index.embeddings.block_until_ready()
+print("encoded", flush=True)
+"""
+
+
+def test_slices_on_two_cpu_devices_in_one_process_do_not_deadlock(tiny_bert):
+    """1,250 small slices on 2 CPU devices in one process (a laptop's default layout), in a
+    subprocess with XLA's collective timeout cut to 10 s (~10 s when it passes). Dispatched
+    back to back (the code before the two-in-flight bound) the slices' all-reduce hung and
+    XLA aborted the process: 3 of 3 runs of this test on the 2-core VM, 6 of 7 of the same
+    loop outside it; on 8 devices 0 of 3, which is why the tests, all on 8 devices, never
+    saw it. Mutation: no wait in `refresh_in_slices` → aborts (nearly every run), fails."""
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+        "--xla_cpu_collective_call_warn_stuck_timeout_seconds=5 "
+        "--xla_cpu_collective_call_terminate_timeout_seconds=10",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _IN_FLIGHT_SCRIPT, str(tiny_bert)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "encoded" in done.stdout, done.stderr[-2000:]
