@@ -3,7 +3,7 @@
 glibc keeps freed small blocks (below its mmap threshold) in the heap for reuse and returns
 only the free top of it. A JAX process frees hundreds of MB of such blocks after its first
 compilations (the first train step held +374 MB that stayed resident, mostly free heap:
-docs/scaling.md, "Where host memory goes"), so its resident memory stays far above what it
+docs/scaling.md, "Host memory against the bar"), so its resident memory stays far above what it
 uses. `malloc_trim(0)` returns every free page of every arena (glibc ≥ 2.8 also releases
 the middle of the heap with MADV_DONTNEED). Other C libraries (musl, macOS) have no such
 call: there `return_free_heap` does nothing and says so.
