@@ -447,13 +447,20 @@ def test_cli_evaluates_a_training_run_and_its_best(tiny_bert, tmp_path, capsys):
 @pytest.mark.parametrize("refresh", ["sync", pytest.param("rolling", marks=pytest.mark.slow)])
 def test_start_and_resume_each_encode_the_corpus_once(tiny_bert, tmp_path, monkeypatch, refresh):
     """Real corpus encodings (calls of the device encoding `refresh_in_slices`) up to the end
-    of the first train step: one on a fresh start, one on a sync resume (its checkpoint's
-    index), none on a rolling resume (the index is in the checkpoint). Before issue 19 a sync
-    resume encoded twice (the start index, then the resumed one); fails if `__init__` encodes
-    eagerly again."""
+    of the first train step of each run: one on a fresh start (stopped by SIGTERM after step
+    3); on a resume from that newest checkpoint one with sync (its step's index) and none with
+    rolling (the index is in the checkpoint); on a resume from an older checkpoint (step 3
+    once step 6 is saved and then lost) one in both modes — rolling keeps the index in the
+    newest checkpoint only. Before issue 19 a sync resume encoded twice (the start index,
+    then the resumed one); fails if `__init__` encodes eagerly again, or (rolling) if the
+    newest checkpoint's index is not restored."""
+    import os
+    import shutil
+    import signal
+
     from jaxret.methods.art import runner as art_run
 
-    calls, before_first_step = [], []
+    calls, before_first_step, stop_after = [], [], [3]
     real_refresh, real_step = art_run.refresh_in_slices, art_run.ArtRun.train_step
     monkeypatch.setattr(
         art_run, "refresh_in_slices", lambda *a, **k: calls.append(1) or real_refresh(*a, **k)
@@ -464,19 +471,23 @@ def test_start_and_resume_each_encode_the_corpus_once(tiny_bert, tmp_path, monke
         if not self.__dict__.get("_stepped"):
             self._stepped = True
             before_first_step.append(len(calls))
+        if stop_after and int(jax.device_get(out[0].step)) == stop_after[0]:
+            stop_after.clear()
+            os.kill(os.getpid(), signal.SIGTERM)  # seen after this step: step 3 is saved
         return out
 
     monkeypatch.setattr(art_run.ArtRun, "train_step", step)
     cfg = config(tiny_bert, **{"art.refresh": refresh, "eval.test_at_end": False})
-    train(cfg, tmp_path)
+    assert train(cfg, tmp_path)["preempted_at"] == 3
     assert before_first_step == [1]
-    # Resume from step 3: drop the last checkpoint and run the same command again.
-    import shutil
-
+    calls.clear()
+    assert "preempted_at" not in train(cfg, tmp_path)  # from step 3, the newest
+    assert before_first_step == [1, 1 if refresh == "sync" else 0]
+    # From step 3 again, now older than step 6 (lost), whose save dropped step 3's index.
     shutil.rmtree(tmp_path / "checkpoints" / "6")
     calls.clear()
     train(cfg, tmp_path)
-    assert before_first_step == [1, 1 if refresh == "sync" else 0]
+    assert before_first_step == [1, 1 if refresh == "sync" else 0, 1]
 
 
 def test_sigterm_during_a_refresh_stops_it_and_saves(tiny_bert, tmp_path, monkeypatch):
