@@ -465,7 +465,14 @@ def main() -> None:
             (c for c in (run / "checkpoints").iterdir() if c.name.isdigit()),
             key=lambda c: int(c.name),
         )
-        table.append((f"{refresh}: checkpoint size", f"{size(ckpt) / 1e6:.0f} MB"))
+        rows = ckpt.parent / f"rows-{ckpt.name}"  # the rolling index beside its step
+        rows_bytes = size(rows) if rows.is_dir() else 0
+        table.append(
+            (
+                f"{refresh}: checkpoint size",
+                f"{(size(ckpt) + rows_bytes) / 1e6:.0f} MB (index rows {rows_bytes / 1e6:.0f} MB)",
+            )
+        )
         table.append(
             (
                 f"{refresh}: peak RSS per process",

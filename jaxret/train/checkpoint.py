@@ -10,11 +10,13 @@ match — flipped bytes, a truncated file — or that was never sealed and fails
 renamed `<step>.damaged-<time>` (set aside, never deleted) and the run resumes from the
 newest good one, saying so.
 
-Auxiliary state kept in the latest step only (`aux_latest_only`, ART's rolling index: 32 GB
-at the paper's size): once a newer step is complete and sealed, older steps' `aux/` is
-removed, after a `jaxret_aux_dropped` marker is written into the step (so a kill between the
-two leaves a step that is known to have no aux). Such a step restores its train state and
-metadata and no aux; the method rebuilds it.
+Row-sharded state that training overwrites in place (ART's rolling index: 32 GB at the
+paper's size) is not in the Orbax step: it goes to `rows-<step>/` piece by piece over the
+following steps (`row_snapshot`, `Manager.save(rows=…)` and `before_step`), and only the
+newest complete one is kept — older `rows-*/` are removed once a newer one is complete and
+its step committed. A step without complete rows restores its train state and metadata;
+the method rebuilds the rows. (Steps of an older jaxret whose `aux/` was removed and marked
+`jaxret_aux_dropped` still verify.)
 """
 
 from __future__ import annotations
@@ -36,10 +38,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxret.train import row_snapshot
+from jaxret.train.row_snapshot import Rows, RowSnapshot
+
 log = logging.getLogger(__name__)
 BEST = "best"
 CHECKSUMS = "jaxret_checksums"  # <step>/jaxret_checksums.<process>.json
-AUX_DROPPED = "jaxret_aux_dropped"  # <step>/jaxret_aux_dropped: its aux/ was removed
+AUX_DROPPED = "jaxret_aux_dropped"  # <step>/jaxret_aux_dropped: an older jaxret removed aux/
 # Orbax refuses an empty item: a method without auxiliary state saves this instead.
 _NO_AUX = {"none": np.zeros((), np.int32)}
 
@@ -144,23 +149,22 @@ def clear_unlinked_best(root: Path) -> list[Path]:
 
 
 class Manager:
-    def __init__(self, directory: Path, keep: int = 3, aux_latest_only: bool = False):
+    def __init__(self, directory: Path, keep: int = 3, rows_save_steps: int = 50):
         self.directory = Path(directory).absolute()
-        self.aux_latest_only = aux_latest_only
+        self.rows_save_steps = rows_save_steps
         self._mgr = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
-                # The aux is ART's rolling index: embeddings do not compress (zstd saves ~8 %)
-                # and compressing them costs ~13× the CPU of writing them (0.79 vs 0.06 CPU-s
-                # per 128 MB here), work that competes with the next training steps.
-                "aux": ocp.PyTreeCheckpointHandler(use_compression=False),
+                "aux": ocp.PyTreeCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler(),
             },
         )
         self._sealer: _Background | None = None
         self._best: _Background | None = None
+        self._rows: RowSnapshot | None = None  # the row snapshot being written
+        self._seal_lock = threading.Lock()
         if jax.process_index() == 0:
             clear_unlinked_best(self.directory.parent)
 
@@ -169,35 +173,38 @@ class Manager:
 
     def seal(self) -> None:
         """Records, for every finished step that has none, the checksums of the files this
-        process wrote (`<step>/jaxret_checksums.<process>.json`)."""
+        process wrote (`<step>/jaxret_checksums.<process>.json`). Safe from several threads
+        (the background sealer and a caller)."""
         self._mgr.wait_until_finished()
         me = jax.process_index()
-        for step in self._mgr.all_steps():
-            folder = self.directory / str(step)
-            out = folder / f"{CHECKSUMS}.{me}.json"
-            if folder.is_dir() and not out.is_file():
-                tmp = folder / f"{CHECKSUMS}.{me}.json.tmp"
-                tmp.write_text(json.dumps(file_checksums(folder, lambda owner: owner == me)))
-                os.replace(tmp, out)
+        with self._seal_lock:
+            for step in self._mgr.all_steps():
+                folder = self.directory / str(step)
+                out = folder / f"{CHECKSUMS}.{me}.json"
+                if folder.is_dir() and not out.is_file():
+                    tmp = folder / f"{CHECKSUMS}.{me}.json.tmp"
+                    tmp.write_text(json.dumps(file_checksums(folder, lambda owner: owner == me)))
+                    os.replace(tmp, out)
 
-    def drop_older_aux(self) -> list[int]:
-        """Removes `aux/` from every step but the newest, once the newest is sealed (its save
-        complete): marker first, then the files. Process 0 does it (the steps are on a
-        filesystem all processes share, as Orbax requires)."""
-        steps = sorted(self._mgr.all_steps())
-        if jax.process_index() != 0 or not steps or not self.sealed(steps[-1]):
+    def drop_older_rows(self, newer_than: int | None = None) -> list[int]:
+        """Removes every `rows-<step>/` older than the newest complete one whose step is
+        committed (and, with `newer_than`, those of later steps: a resume from that step
+        left them behind). Process 0 does it (a filesystem all processes share)."""
+        if jax.process_index() != 0:
             return []
+        folders = row_snapshot.snapshot_steps(self.directory)
+        committed = lambda step: (self.directory / str(step)).is_dir()
+        good = [s for s, f in folders.items() if committed(s) and row_snapshot.complete(f)]
+        keep_from = max(good, default=None)
         dropped = []
-        for step in steps[:-1]:
-            folder = self.directory / str(step)
-            if (folder / "aux").is_dir():
-                (folder / AUX_DROPPED).write_text(f"aux kept only in step {steps[-1]}\n")
-                shutil.rmtree(folder / "aux")
+        for step, folder in sorted(folders.items()):
+            old = keep_from is not None and step < keep_from
+            later = newer_than is not None and step > newer_than
+            in_progress = self._rows is not None and folder == self._rows.folder
+            if (old or later) and not in_progress:
+                shutil.rmtree(folder, ignore_errors=True)
                 dropped.append(step)
         return dropped
-
-    def has_aux(self, step: int) -> bool:
-        return not (self.directory / str(step) / AUX_DROPPED).is_file()
 
     def sealed(self, step: int) -> bool:
         return any(
@@ -234,11 +241,20 @@ class Manager:
     def all_steps(self) -> list[int]:
         return list(self._mgr.all_steps())
 
-    def save(self, step: int, state: Any, aux: Any, meta: dict[str, Any]) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        aux: Any,
+        meta: dict[str, Any],
+        rows: Rows | None = None,
+        rows_at_once: bool = False,
+    ) -> None:
         """Starts saving `step` and returns once the arrays are copied off the devices: the
         files are written, then checksummed (sealed), in the background while training goes
-        on (at the paper's size a process's share of a rolling index is GBs: hashing it on
-        the training thread would stall the next step)."""
+        on (hashing on the training thread would stall the next step). `rows` (see
+        row_snapshot) are copied over the next `rows_save_steps` steps (`before_step`), or
+        now with `rows_at_once` (the run stops after this step)."""
         self._join_sealer()  # the previous save has finished and is sealed
         t0 = time.perf_counter()
         self._mgr.save(
@@ -249,17 +265,56 @@ class Manager:
                 meta=ocp.args.JsonSave({**meta, "step": step}),
             ),
         )
+        if rows is not None:
+            self._start_rows(step, rows, rows_at_once)
         log.info(
             "checkpoint %d: %.2fs on the training thread; written and sealed in the background",
             step,
             time.perf_counter() - t0,
         )
-        self._sealer = _Background("seal", self._seal_in_background)
+        self._sealer = _Background("seal", self.seal)
 
-    def _seal_in_background(self) -> None:
-        self.seal()
-        if self.aux_latest_only:
-            self.drop_older_aux()
+    def _start_rows(self, step: int, rows: Rows, at_once: bool) -> None:
+        if self._rows is not None:  # its unread pieces still hold its step's rows
+            self._rows.finish(rows.arrays)
+            self._join_rows()
+        folder = self.directory / f"{row_snapshot.PREFIX}{step}"
+        if folder.exists():  # left by a step set aside or a cut-short save: not this one
+            shutil.rmtree(folder)
+        per_step = row_snapshot.pieces_per_step(rows.pieces, self.rows_save_steps)
+        self._rows = RowSnapshot(folder, rows, per_step)
+        if at_once:
+            self._rows.finish(rows.arrays)
+
+    def before_step(self, rows: Rows | None) -> None:
+        """Before every train step: the pieces of the row snapshot being written that this
+        step overwrites (and its share of the rest) are read first."""
+        if self._rows is None or rows is None:
+            return
+        if not self._rows.all_dispatched:
+            self._rows.before_step(rows.arrays)
+        elif not self._rows.writer.is_alive():
+            self._join_rows()
+
+    def _join_rows(self) -> None:
+        snapshot, self._rows = self._rows, None
+        if snapshot is not None:
+            snapshot.join()
+            self.drop_older_rows()
+
+    def restore_rows(self, step: int, like: Rows) -> dict[str, jax.Array] | None:
+        """The rows saved with `step`, laid out as `like`'s arrays; None (said why) when
+        they are missing, incomplete, damaged or of another layout. Processes agree."""
+        folder = self.directory / f"{row_snapshot.PREFIX}{step}"
+        arrays, why = row_snapshot.read(folder, like.arrays) if folder.is_dir() else (None, "none")
+        if jax.process_count() > 1:
+            bad = multihost_utils.process_allgather(np.int32(arrays is None))
+            if bad.any() and arrays is not None:
+                arrays, why = None, "not usable on another process"
+        if arrays is None:
+            log.warning("checkpoint %d: its row state is not used (%s); it is rebuilt", step, why)
+        self.drop_older_rows(newer_than=step)
+        return arrays
 
     def _join_sealer(self) -> None:
         sealer, self._sealer = self._sealer, None
@@ -271,20 +326,20 @@ class Manager:
         return dict(out["meta"])
 
     def restore(self, step: int, state_like: Any, aux_like: Any) -> tuple[Any, Any, dict]:
-        """(state, aux, meta) of `step`; aux is None when the method has none or the step's
-        was dropped (`aux_latest_only`)."""
+        """(state, aux, meta) of `step`; aux is None when the method has none (or the step's
+        was removed by an older jaxret)."""
         items: dict[str, Any] = {
             "state": ocp.args.StandardRestore(abstract(state_like)),
             "meta": ocp.args.JsonRestore(),
         }
-        if self.has_aux(step):
-            template = abstract(aux_like) if aux_like is not None else _NO_AUX
+        has_aux = not (self.directory / str(step) / AUX_DROPPED).is_file()
+        if aux_like is not None and has_aux:
+            template = abstract(aux_like)
             items["aux"] = ocp.args.PyTreeRestore(
                 template, restore_args=ocp.checkpoint_utils.construct_restore_args(template)
             )
         out = self._mgr.restore(step, args=ocp.args.Composite(**items))
-        aux = out["aux"] if aux_like is not None and "aux" in items else None
-        return out["state"], aux, dict(out["meta"])
+        return out["state"], out.get("aux") if "aux" in items else None, dict(out["meta"])
 
     def save_best(self, params: Any, info: dict[str, Any]) -> Path:
         """Starts writing `best-<step>/` (params + best.json) and returns once the arrays are
@@ -321,6 +376,12 @@ class Manager:
             best.join()
 
     def wait(self) -> None:
+        """Waits for every background write; a row snapshot not yet read whole (the run
+        stopped on an error) is abandoned: its folder stays incomplete, never read."""
         self._join_best()
         self._join_sealer()
         self.seal()
+        if self._rows is not None and not self._rows.all_dispatched:
+            self._rows.abandon()
+            self._rows = None
+        self._join_rows()

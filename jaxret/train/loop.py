@@ -40,6 +40,7 @@ from jaxret.errors import RunError
 from jaxret.host_memory import return_free_heap
 from jaxret.train.checkpoint import Manager
 from jaxret.train.logs import Logger, plot
+from jaxret.train.row_snapshot import Rows, compile_reader
 from jaxret.train.state import TrainState, all_finite
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = (
     "train.progress",
     "train.keep_checkpoints",
+    "train.rows_save_steps",
     "train.checkpoint_every",
     "train.eval_every",
     "train.allow_config_change",
@@ -72,10 +74,6 @@ class Runner(abc.ABC):
     metric: str = "loss"  # dev metric for best-by-dev (ART sets it per config)
     higher_is_better: ClassVar[bool] = True  # False for a dev loss
     loss_label: ClassVar[str] = "loss"
-    # aux kept in the newest checkpoint only (older steps restore with aux None): for aux as
-    # large as ART's rolling index
-    aux_latest_only: bool = False
-
     state: TrainState  # placed on the mesh
     total_steps: int
     lr_at: Callable[[int], float] | None = None
@@ -118,12 +116,19 @@ class Runner(abc.ABC):
         """A pytree saved with every checkpoint (also the restore template), or None."""
         return None
 
+    def rows(self) -> Rows | None:
+        """Row-sharded state the method overwrites one piece per step (ART's rolling index),
+        saved with every checkpoint without a whole copy (train/row_snapshot.py), newest
+        only; also the restore template. A method has `aux` or `rows`, not both."""
+        return None
+
     def aux_meta(self) -> dict[str, Any]:
         """JSON saved with the aux."""
         return {}
 
     def restore_aux(self, aux: Any, meta: dict[str, Any]) -> None:
-        """After a resume: the checkpoint's aux (None when it kept none) and its meta."""
+        """After a resume: the checkpoint's aux (None when it kept none) and its meta; for a
+        method with `rows`, the rows' arrays by name (None when not usable)."""
         return None
 
     def export(self, params: Any, folder: Path) -> None:
@@ -309,7 +314,7 @@ def run(cfg: Any, runner: Runner, workdir: str | Path) -> dict[str, Any]:
 
 def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
     t = cfg.train
-    manager = Manager(workdir / "checkpoints", t.keep_checkpoints, runner.aux_latest_only)
+    manager = Manager(workdir / "checkpoints", t.keep_checkpoints, t.get("rows_save_steps", 50))
     # Installed before any long work (the resume's encoding, the first evaluation).
     preemption = _Preemption()
     preemption.install()
@@ -330,6 +335,9 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
             _check_resume(cfg, runner, saved, workdir)
             aux_like = runner.aux()
             state, aux, saved = manager.restore(resumed, runner.state, aux_like)
+            rows_like = runner.rows()
+            if rows_like is not None:
+                aux = manager.restore_rows(resumed, rows_like)
             break
         except ConfigError:
             raise
@@ -427,13 +435,20 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
     # training.
     params_finite = jax.jit(all_finite)
     params_finite(state.params).block_until_ready()
+    if (rows := runner.rows()) is not None:  # the same for the row snapshot's reads
+        compile_reader(rows)
 
-    def checkpoint(done: int) -> None:
+    def checkpoint(done: int, last: bool) -> None:
+        """Saves step `done`; `last`: no step follows in this process (its row state is
+        copied off the devices now instead of over the next steps)."""
         if not bool(jax.device_get(params_finite(state.params))):
             raise RunError(f"step {done}: parameters are not finite; not checkpointing them")
         extra = runner.aux_meta()
         t0 = time.perf_counter()
-        manager.save(done, state, runner.aux(), {**meta, **extra})
+        aux, rows = runner.aux(), runner.rows()
+        if aux is not None and rows is not None:
+            raise TypeError(f"{runner.name}: a method saves aux or rows, not both")
+        manager.save(done, state, aux, {**meta, **extra}, rows, rows_at_once=last)
         # What the save held the training thread for (the writing goes on in the background).
         logger.write(done, "event", {"checkpoint_seconds": time.perf_counter() - t0})
 
@@ -461,6 +476,7 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
         give_back_heap(start)
         for step in range(start, total):
             t0 = time.perf_counter()
+            manager.before_step(runner.rows())  # a saved row piece this step overwrites
             state, metrics = runner.train_step(state, runner.batch_at(step))
             values = {k: float(v) for k, v in jax.device_get(metrics).items()}
             done = step + 1
@@ -513,7 +529,7 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
                 except Preempted:  # a part that stops on the signal: dropped (advance logs)
                     log.warning("SIGTERM: an unfinished dev evaluation is dropped")
             if done % t.checkpoint_every == 0 or done == total or preempted:
-                checkpoint(done)
+                checkpoint(done, last=done == total or preempted)
                 last_saved = done
             if preempted:
                 log.warning("SIGTERM: saved step %d; resume with the same command", done)

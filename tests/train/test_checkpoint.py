@@ -3,6 +3,7 @@ checksums, the `best` link) runs in the background and is joined by the next sav
 
 import threading
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -44,22 +45,43 @@ def test_save_returns_before_the_step_is_sealed(tmp_path, monkeypatch):
     assert aux is None and meta["step"] == 1
 
 
-def test_the_aux_is_written_uncompressed_and_restores_exactly(tmp_path):
-    """The aux (ART's rolling index: GBs per process at the paper's size) is written without
-    zstd: embeddings barely compress and compressing them took 13× the CPU of writing them,
-    stealing it from the next steps (the rehearsal's slowest step followed a checkpoint).
-    Its files hold at least its raw bytes, and it restores bit for bit. Fails with
-    `use_compression=True` (the files are ~8 % smaller than the floats)."""
-    rng = np.random.default_rng(0)
-    index = {"embeddings": jnp.asarray(rng.standard_normal((4096, 64), np.float32))}
-    mgr = Manager(tmp_path / "ckpt", keep=2)
+def test_rows_are_kept_beside_the_newest_complete_step_only(tmp_path, caplog):
+    """Row state (ART's rolling index) saved with steps 1 and 2, each over 2 steps
+    (`rows_save_steps=2`: 3 of its 5 pieces per step): `rows-1/` stays while `rows-2/` is
+    being written (nothing good is removed before its replacement is complete), and goes
+    once it is; step 2's rows restore bit for bit, step 1's are gone (None, said). Fails if
+    older rows are dropped before the newer are complete (tried: `drop_older_rows` without
+    the `complete` check)."""
+    from jaxret.train import row_snapshot
+    from jaxret.train.row_snapshot import Rows
+
+    mesh = jax.make_mesh((8,), ("rows",))
+    rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+    emb = np.arange(80 * 4, dtype=np.float32).reshape(80, 4)
+    arrays = {"embeddings": jax.device_put(emb, rows_sharding)}
+    mgr = Manager(tmp_path / "ckpt", keep=3, rows_save_steps=2)
     state = {"w": jnp.arange(8.0)}
-    mgr.save(1, state, index, {})
+    ckpts = tmp_path / "ckpt"
+    mgr.save(1, state, None, {}, Rows(arrays, 3, 5, 0))
+    mgr.before_step(Rows(arrays, 3, 5, 1))
+    mgr.before_step(Rows(arrays, 3, 5, 2))  # every piece read
+    mgr._rows.writer.join()  # the background write ends
+    mgr.before_step(Rows(arrays, 3, 5, 3))  # finds it done
+    assert mgr._rows is None
+    assert row_snapshot.complete(ckpts / "rows-1")
+    mgr.save(2, state, None, {}, Rows(arrays, 3, 5, 1))
+    mgr.before_step(Rows(arrays, 3, 5, 2))  # 3 of 5 pieces of rows-2 read
+    assert not row_snapshot.complete(ckpts / "rows-2")
+    mgr.seal()  # step 2's Orbax save is committed: only its rows are still being written
+    assert mgr.drop_older_rows() == []
+    assert sorted(row_snapshot.snapshot_steps(ckpts)) == [1, 2]
+    mgr.before_step(Rows(arrays, 3, 5, 3))
     mgr.wait()
-    files = [p for p in (tmp_path / "ckpt" / "1" / "aux").rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) >= 4096 * 64 * 4
-    _, aux, _ = mgr.restore(1, state, index)
-    np.testing.assert_array_equal(aux["embeddings"], index["embeddings"])
+    assert sorted(row_snapshot.snapshot_steps(ckpts)) == [2]
+    back = mgr.restore_rows(2, Rows(arrays, 3, 5, 0))
+    np.testing.assert_array_equal(np.asarray(back["embeddings"]), emb)
+    assert mgr.restore_rows(1, Rows(arrays, 3, 5, 0)) is None
+    assert "checkpoint 1: its row state is not used (none)" in caplog.text
 
 
 def test_save_best_links_when_the_write_is_complete(tmp_path, monkeypatch):

@@ -32,10 +32,12 @@ from jaxret.index.rolling import (
     empty_staleness,
     rolling_refresher,
     rolling_update,
+    slice_rows,
     staleness,
 )
 from jaxret.index.sharded import ShardedIndex
 from jaxret.models.dual_encoder import DualEncoder
+from jaxret.train.row_snapshot import Rows
 
 # (passage-tower params, step, why, donor index or None) -> the corpus encoded on the devices
 Encode = Callable[[Any, int, str, ShardedIndex | None], ShardedIndex]
@@ -45,7 +47,6 @@ class SyncRefresh:
     """The whole index re-encoded every `refresh_every` steps."""
 
     name = "sync"
-    aux_latest_only = False
 
     def __init__(
         self,
@@ -122,6 +123,9 @@ class SyncRefresh:
     def aux(self) -> Any:
         return self.index_params
 
+    def rows(self) -> Rows | None:
+        return None
+
     def aux_meta(self) -> dict[str, Any]:
         return {"index_step": self.index_step, "refresh": self.name}
 
@@ -134,7 +138,6 @@ class RollingRefresh(SyncRefresh):
     """A slice of every device's rows re-encoded after every step."""
 
     name = "rolling"
-    aux_latest_only = True  # the index: 32 GB at the paper's size
 
     def __init__(self, *, program: str = "separate", **kwargs: Any):
         super().__init__(**kwargs)
@@ -195,11 +198,18 @@ class RollingRefresh(SyncRefresh):
         return {f"index_{k}": v for k, v in staleness(self.stale, self.layout, step).items()}
 
     def aux(self) -> Any:
-        # Also the restore template (before any step): the empty donor index has the shape.
-        # The rows' key names their storage (`mips.storage_dtype`): a checkpoint of bf16 rows
-        # stored as bits on CPU does not restore into bf16 on GPU/TPU (Orbax would convert
-        # the bits as numbers); the mismatch is refused as a different tree.
-        return {_rows_key(self.index.embeddings): self.index.embeddings, "stale": self.stale}
+        return None  # the index and its staleness are `rows`
+
+    def rows(self) -> Rows:
+        """The index and the step of each row (32 GB at the paper's size): saved piece by
+        piece before the rolling refresh overwrites each (train/row_snapshot.py); a
+        piece is one refresh slice, the next step's the next in the ring. Also the restore
+        template (before any step: the empty donor index has the shape). The rows' key
+        names their storage (`mips.storage_dtype`): bf16 rows stored as bits on CPU are
+        not restored into bf16 on GPU/TPU (the dtypes differ: refused, re-encoded)."""
+        s = slice_rows(self.layout, self.refresh_every, self.cfg.encode.device_batch)
+        arrays = {_rows_key(self.index.embeddings): self.index.embeddings, "stale": self.stale}
+        return Rows(arrays, s, self.refresh_every, self.done % self.refresh_every)
 
     def aux_meta(self) -> dict[str, Any]:
         meta = super().aux_meta()

@@ -45,6 +45,7 @@ from jaxret.parallel.axes import DATA
 from jaxret.teachers import t5_teacher
 from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.optim import start_training
+from jaxret.train.row_snapshot import Rows
 from jaxret.train.setup import (
     RetrieverRunner,
     batch_shardings,
@@ -219,7 +220,6 @@ class ArtRun(RetrieverRunner):
             corpus_hash=self.corpus_hash,
             total_steps=self.total_steps,
         )
-        self.aux_latest_only = self.refresh.aux_latest_only
         in_shardings = (
             self.shardings,
             batch_shardings(mesh, self.batch_at(0)),
@@ -318,6 +318,9 @@ class ArtRun(RetrieverRunner):
 
     def aux(self) -> Any:
         return self.refresh.aux()
+
+    def rows(self) -> Rows | None:
+        return self.refresh.rows()
 
     def aux_meta(self) -> dict[str, Any]:
         return self.refresh.aux_meta()

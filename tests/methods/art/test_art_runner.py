@@ -575,15 +575,15 @@ def test_dev_evaluation_reads_the_training_index(tiny_bert, tmp_path, monkeypatc
 
 
 def test_rolling_index_is_kept_in_the_newest_checkpoint_only(tiny_bert, tmp_path, monkeypatch):
-    """Rolling refresh checkpoints its index (32 GB at the paper's size) in the newest step
-    only: once step 6 is sealed, step 3 keeps its state and loses `aux/`, still verifies, and
-    a resume from it (step 6 removed) encodes the index once with step 3's parameters and
-    trains to the end. Fails if older steps keep their aux (the first assert), or if
-    `verify` counts the removed files as damage (step 3 is then set aside and the run
-    restarts from 0)."""
+    """Rolling refresh checkpoints its index (32 GB at the paper's size) beside the newest
+    step only: `rows-6/` is complete and `rows-3/` gone once it is, and the Orbax steps
+    hold no index. A resume from step 3 (step 6 removed) encodes the index once with step
+    3's parameters, removes `rows-6/` (a later step's) and trains to the end. Fails if
+    older row snapshots are kept (the first assert) or a resume uses another step's rows."""
     import shutil
 
     from jaxret.methods.art import runner as art_run
+    from jaxret.train import row_snapshot
 
     cfg = config(
         tiny_bert,
@@ -591,8 +591,9 @@ def test_rolling_index_is_kept_in_the_newest_checkpoint_only(tiny_bert, tmp_path
     )
     train(cfg, tmp_path)
     ckpts = tmp_path / "checkpoints"
-    assert not (ckpts / "3" / "aux").exists() and (ckpts / "3" / "jaxret_aux_dropped").is_file()
-    assert (ckpts / "6" / "aux").is_dir()
+    assert sorted(row_snapshot.snapshot_steps(ckpts)) == [6]
+    assert row_snapshot.complete(ckpts / "rows-6")
+    assert not list((ckpts / "6").rglob("*embedding*"))  # the index is not in Orbax's step
     shutil.rmtree(ckpts / "6")
     calls = []
     real_refresh = art_run.refresh_in_slices
@@ -606,6 +607,7 @@ def test_rolling_index_is_kept_in_the_newest_checkpoint_only(tiny_bert, tmp_path
     assert steps == [1, 2, 3, 4, 5, 6]  # (the log is cut back to step 3 on resume)
     events = _events(tmp_path)
     assert [r["index_resume"] for r in events if "index_resume" in r] == [3]
+    assert sorted(row_snapshot.snapshot_steps(ckpts)) == [6]  # the new step 6's
 
 
 def test_a_resumed_run_compiles_its_evaluation_before_the_first_step(
