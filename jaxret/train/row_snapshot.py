@@ -23,6 +23,7 @@ without is a kill's leftover, never read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -132,6 +133,7 @@ class RowSnapshot:
         # piling up piece buffers on the devices.
         self.queue: queue.Queue = queue.Queue(maxsize=4 * self.per_step + 4)
         self.error: BaseException | None = None
+        self.closed = False  # the end (None) is queued
         self.stop = threading.Event()
         self.writer = threading.Thread(target=self._write_all, daemon=True, name="row-snapshot")
         self.writer.start()
@@ -167,15 +169,30 @@ class RowSnapshot:
             out = self.reader(arrays, np.int32(start))
             for v in out.values():
                 v.copy_to_host_async()
-            self.queue.put((piece, start, out))
-        if self.all_dispatched:
-            self.queue.put(None)
+            self._put((piece, start, out))
+        if self.all_dispatched and not self.closed:
+            self.closed = True
+            self._put(None)
+
+    def _put(self, item: Any) -> None:
+        """Queues for the writer; a writer that failed is raised here, not waited for."""
+        while True:
+            try:
+                self.queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                self._raise()
+                if not self.writer.is_alive():
+                    raise RuntimeError("row snapshot: the writer thread stopped") from None
 
     def _write_all(self) -> None:
         try:
-            while (item := self.queue.get()) is not None:
-                if self.stop.is_set():
+            while True:
+                item = self.queue.get()
+                if self.stop.is_set():  # abandoned: no manifest, ever
                     return
+                if item is None:
+                    break
                 self._write(*item)
             for fd in self.files.values():
                 os.fsync(fd)
@@ -200,7 +217,7 @@ class RowSnapshot:
                 seen.add(block)
                 data = np.ascontiguousarray(np.asarray(shard.data)[skip : skip + n])
                 pos = self.blocks.index(block)
-                raw = memoryview(data).cast("B")
+                raw = memoryview(data.reshape(-1).view(np.uint8))  # any dtype (bf16 too)
                 os.pwrite(self.files[k], raw, (pos * self.rps + start) * row_bytes)
                 self.crc[k][pos][piece] = zlib.crc32(raw)
 
@@ -240,10 +257,14 @@ class RowSnapshot:
     def abandon(self) -> None:
         """Stops writing (the folder stays incomplete: never read, removed later)."""
         self.stop.set()
-        if not self.all_dispatched:
-            self.dispatched = len(self.order)
-            self.queue.put(None)
-        self.writer.join()
+        self.dispatched, self.closed = len(self.order), True
+        while self.writer.is_alive():  # wake it (it stops at its next item), never block
+            try:
+                self.queue.put_nowait(None)
+            except queue.Full:
+                with contextlib.suppress(queue.Empty):
+                    self.queue.get_nowait()
+            self.writer.join(timeout=0.1)
         for fd in self.files.values():
             os.close(fd)
         self.files = {}

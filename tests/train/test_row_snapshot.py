@@ -149,3 +149,50 @@ def test_manifest_names_the_processes_and_blocks(tmp_path):
     manifest["processes"] = 2
     (folder / "manifest.process_0.json").write_text(json.dumps(manifest))
     assert not row_snapshot.complete(folder)
+
+
+def test_an_abandoned_snapshot_never_gets_a_manifest(tmp_path):
+    """A run that stops on an error mid-snapshot abandons it (`Manager.wait`): the writer
+    stops without a manifest, so the folder is never read. Fails if the writer finishes
+    the files and writes its manifest after the stop (tried: no stop check)."""
+    mesh = _mesh()
+    arrays = _arrays(mesh)
+    snap = RowSnapshot(tmp_path / "rows-3", Rows(arrays, Q, PIECES, 0), 1)
+    snap.before_step(arrays)  # 1 of 5 pieces read
+    snap.abandon()
+    assert not snap.writer.is_alive()
+    assert not row_snapshot.complete(tmp_path / "rows-3")
+    assert not list((tmp_path / "rows-3").glob("manifest*"))
+
+
+def test_a_failed_write_is_raised_on_the_training_thread(tmp_path, monkeypatch):
+    """A write that fails (a full disk) is raised on the training thread (`before_step`,
+    `finish`, `join`): never a silent incomplete snapshot, never a training thread blocked
+    on a queue nobody reads (a queue of 8, 10 pieces queued by one `finish`). Fails if
+    `_put` waits without checking the writer (tried: plain `queue.put`: the thread hangs,
+    the assert after 30 s fails)."""
+    import errno
+    import threading
+
+    mesh = _mesh()
+    arrays = _arrays(mesh)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(row_snapshot.os, "pwrite", full)
+    snap = RowSnapshot(tmp_path / "rows-4", Rows(arrays, 1, 10, 0), 1)
+    raised = []
+
+    def steps():
+        try:
+            snap.finish(arrays)  # 10 pieces queued in one call
+            snap.join()
+        except OSError as e:
+            raised.append(e)
+
+    worker = threading.Thread(target=steps, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert not worker.is_alive() and raised and raised[0].errno == errno.ENOSPC
+    assert not row_snapshot.complete(tmp_path / "rows-4")
