@@ -106,7 +106,7 @@ def train_config(**fields: Any) -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         # Steps over which a checkpoint's row-sharded state (ART's rolling index) is copied
         # off the devices, piece by piece (train/row_snapshot.py): 2 GB per device at the
-        # paper's size is ~40 MB per step over 50.
+        # paper's size is ~40 MB per step over 50. At most checkpoint_every.
         rows_save_steps=50,
         progress=True,
         max_skipped_in_a_row=5,  # non-finite steps in a row before the run stops

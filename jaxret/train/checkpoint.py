@@ -278,9 +278,10 @@ class Manager:
         if self._rows is not None:  # its unread pieces still hold its step's rows
             self._rows.finish(rows.arrays)
             self._join_rows()
+        # A folder of this step left by an earlier run (a step set aside, a cut-short save)
+        # was removed at the start (`forget_rows_after`): every process writes only its own
+        # files, so no process removes another's.
         folder = self.directory / f"{row_snapshot.PREFIX}{step}"
-        if folder.exists():  # left by a step set aside or a cut-short save: not this one
-            shutil.rmtree(folder)
         per_step = row_snapshot.pieces_per_step(rows.pieces, self.rows_save_steps)
         self._rows = RowSnapshot(folder, rows, per_step)
         if at_once:
@@ -313,8 +314,14 @@ class Manager:
                 arrays, why = None, "not usable on another process"
         if arrays is None:
             log.warning("checkpoint %d: its row state is not used (%s); it is rebuilt", step, why)
-        self.drop_older_rows(newer_than=step)
+        self.forget_rows_after(step)
         return arrays
+
+    def forget_rows_after(self, step: int) -> None:
+        """At the start of a run (from `step`, 0 when fresh): removes row snapshots of later
+        steps (a step set aside, an earlier run's) and older ones, before any process can
+        write one — the first save is steps away, behind the train steps' collectives."""
+        self.drop_older_rows(newer_than=step)
 
     def _join_sealer(self) -> None:
         sealer, self._sealer = self._sealer, None

@@ -314,7 +314,9 @@ def run(cfg: Any, runner: Runner, workdir: str | Path) -> dict[str, Any]:
 
 def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
     t = cfg.train
-    manager = Manager(workdir / "checkpoints", t.keep_checkpoints, t.get("rows_save_steps", 50))
+    # A row snapshot is off the devices before the next checkpoint starts another.
+    rows_steps = min(int(t.get("rows_save_steps", 50)), int(t.checkpoint_every))
+    manager = Manager(workdir / "checkpoints", t.keep_checkpoints, rows_steps)
     # Installed before any long work (the resume's encoding, the first evaluation).
     preemption = _Preemption()
     preemption.install()
@@ -349,6 +351,8 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
                 ) from e
             manager.set_aside(resumed, f"{type(e).__name__}: {str(e)[:200]}")
             resumed = manager.newest_good_step()
+    if resumed is None and runner.rows() is not None:
+        manager.forget_rows_after(0)  # an earlier run's, in a workdir without checkpoints
     if resumed is not None:
         meta["best"] = saved.get("best")
         runner.restore_aux(aux, saved)

@@ -124,6 +124,7 @@ class RowSnapshot:
             k: [[0] * rows.pieces for _ in self.blocks] for k in rows.arrays
         }
         self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / _manifest(self.me)).unlink(missing_ok=True)  # an older one's: first
         self.files: dict[str, int] = {}
         for k, v in rows.arrays.items():
             fd = os.open(self.folder / _name(k, self.me), os.O_RDWR | os.O_CREAT | os.O_TRUNC)
@@ -226,6 +227,7 @@ class RowSnapshot:
             "rows_per_shard": self.rps,
             "piece_rows": self.q,
             "pieces": self.rows.pieces,
+            "process": self.me,
             "processes": jax.process_count(),
             "blocks": self.blocks,
             "arrays": {
@@ -270,13 +272,19 @@ class RowSnapshot:
         self.files = {}
 
 
+def _manifests(folder: Path) -> list[dict] | None:
+    """Every process's manifest (process 0's names the count), or None if one is missing."""
+    first = folder / _manifest(0)
+    if not first.is_file():
+        return None
+    processes = json.loads(first.read_text())["processes"]
+    paths = [folder / _manifest(p) for p in range(processes)]
+    return [json.loads(p.read_text()) for p in paths] if all(p.is_file() for p in paths) else None
+
+
 def complete(folder: Path) -> bool:
     """Whether every process's manifest is in `folder`."""
-    manifests = list(folder.glob("manifest.process_*.json"))
-    if not manifests:
-        return False
-    processes = json.loads(manifests[0].read_text())["processes"]
-    return all((folder / _manifest(p)).is_file() for p in range(processes))
+    return _manifests(folder) is not None
 
 
 def snapshot_steps(directory: Path) -> dict[int, Path]:
@@ -294,12 +302,11 @@ def read(folder: Path, like: dict[str, jax.Array]) -> tuple[dict[str, jax.Array]
     folder from another layout (other rows per device, shapes or dtypes) or whose bytes do
     not match their CRC32s is not used. Each process reads the blocks its devices hold,
     from whichever process's file has them."""
-    if not complete(folder):
+    manifests = _manifests(folder)
+    if manifests is None:
         return None, "incomplete (a save cut short)"
-    manifests = [json.loads(p.read_text()) for p in sorted(folder.glob("manifest.process_*.json"))]
     where: dict[int, tuple[int, int]] = {}  # block → (process, position in its file)
-    for m in manifests:
-        process = manifests.index(m)
+    for process, m in enumerate(manifests):
         for pos, block in enumerate(m["blocks"]):
             where[block] = (process, pos)
     out = {}

@@ -147,3 +147,24 @@ def test_a_killed_best_write_is_cleared_when_the_run_restarts(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["best", "best-2", "checkpoints"]
     assert (root / "best").resolve() == (root / "best-2").resolve()
     assert (root / "best" / "best.json").is_file()
+
+
+def test_a_row_snapshot_never_removes_another_process_files(tmp_path):
+    """Every process starts the same step's row snapshot in one shared folder, at its own
+    pace: a process that finds the folder already there (another process's files in it)
+    writes its own files beside them and removes nothing. On the first 2-process rehearsal
+    the process that came second removed the folder, and the resume failed on the missing
+    `embeddings.process_1.bin`. Fails if `_start_rows` clears an existing folder (tried)."""
+    from jaxret.train.row_snapshot import Rows
+
+    mesh = jax.make_mesh((8,), ("rows",))
+    rows_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("rows"))
+    arrays = {"embeddings": jax.device_put(np.ones((80, 4), np.float32), rows_sharding)}
+    folder = tmp_path / "ckpt" / "rows-1"
+    folder.mkdir(parents=True)
+    (folder / "embeddings.process_1.bin").write_bytes(b"process 1's rows")
+    mgr = Manager(tmp_path / "ckpt", keep=2)
+    mgr.save(1, {"w": jnp.arange(2.0)}, None, {}, Rows(arrays, 5, 2, 0), rows_at_once=True)
+    mgr.wait()
+    assert (folder / "embeddings.process_1.bin").read_bytes() == b"process 1's rows"
+    assert (folder / "manifest.process_0.json").is_file()
