@@ -403,15 +403,22 @@ def main() -> None:
             )
             assert ckpts[-1] == stopped, (ckpts, stopped)
             restarts = (0, stopped)
+            first_rss, first_anon = job.rss, job.anon  # the run up to the SIGTERM
             t0 = time.time()
             job = Job(flags, run, args, w / f"{refresh}")
             while job.last_step() <= stopped and all(p.poll() is None for p in job.procs):
                 time.sleep(0.2)
             table.append(("rolling: resume to the next step", f"{time.time() - t0:.1f} s"))
-            rss_before, anon_before = job.rss, job.anon
             job.wait()
-            job.rss = [max(a, b) for a, b in zip(job.rss, rss_before)]
-            job.anon = [max(a, b) for a, b in zip(job.anon, anon_before)]
+            runtime = runtime_rss(args.devices)
+            table.append(
+                (
+                    "rolling: peak anonymous RSS − runtime, run to the SIGTERM / resumed run",
+                    " / ".join(f"{(a - runtime) / 1e9:.2f} GB" for a in first_anon + job.anon),
+                )
+            )
+            job.rss = [max(a, b) for a, b in zip(job.rss, first_rss)]
+            job.anon = [max(a, b) for a, b in zip(job.anon, first_anon)]
         else:
             first = time.time()
             while job.last_step() < 1 and all(p.poll() is None for p in job.procs):

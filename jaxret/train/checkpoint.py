@@ -304,16 +304,19 @@ class Manager:
             self.drop_older_rows()
 
     def restore_rows(self, step: int, like: Rows) -> dict[str, jax.Array] | None:
-        """The rows saved with `step`, laid out as `like`'s arrays; None (said why) when
-        they are missing, incomplete, damaged or of another layout. Processes agree."""
+        """The rows saved with `step`, written into `like`'s arrays (donated: use the
+        returned ones); None (said why, `like` untouched) when they are missing,
+        incomplete, damaged or of another layout. Processes agree."""
         folder = self.directory / f"{row_snapshot.PREFIX}{step}"
-        arrays, why = row_snapshot.read(folder, like.arrays) if folder.is_dir() else (None, "none")
-        if jax.process_count() > 1:
-            bad = multihost_utils.process_allgather(np.int32(arrays is None))
-            if bad.any() and arrays is not None:
-                arrays, why = None, "not usable on another process"
-        if arrays is None:
+        why = row_snapshot.check(folder, like.arrays) if folder.is_dir() else "none"
+        if jax.process_count() > 1:  # every process checked its blocks: agree, then load
+            bad = multihost_utils.process_allgather(np.int32(why != ""))
+            why = why or ("not usable on another process" if bad.any() else "")
+        arrays = None
+        if why:
             log.warning("checkpoint %d: its row state is not used (%s); it is rebuilt", step, why)
+        else:  # written into `like`'s buffers (donated): no second copy of the index
+            arrays = row_snapshot.load(folder, like.arrays)
         self.forget_rows_after(step)
         return arrays
 

@@ -297,11 +297,10 @@ def snapshot_steps(directory: Path) -> dict[int, Path]:
     return out
 
 
-def read(folder: Path, like: dict[str, jax.Array]) -> tuple[dict[str, jax.Array] | None, str]:
-    """(arrays laid out as `like`, "") from a complete snapshot, or (None, why not): a
-    folder from another layout (other rows per device, shapes or dtypes) or whose bytes do
-    not match their CRC32s is not used. Each process reads the blocks its devices hold,
-    from whichever process's file has them."""
+def _sources(folder: Path, like: dict[str, jax.Array]) -> tuple[dict | None, str]:
+    """({name: {block: (file, byte offset)}} for this process's blocks, "") when `folder`
+    holds a complete snapshot of `like`'s layout whose bytes match their CRC32s (read
+    piece by piece), else (None, why not)."""
     manifests = _manifests(folder)
     if manifests is None:
         return None, "incomplete (a save cut short)"
@@ -309,9 +308,9 @@ def read(folder: Path, like: dict[str, jax.Array]) -> tuple[dict[str, jax.Array]
     for process, m in enumerate(manifests):
         for pos, block in enumerate(m["blocks"]):
             where[block] = (process, pos)
-    out = {}
+    m0 = manifests[0]
+    out: dict[str, dict[int, tuple[Path, int]]] = {}
     for k, v in like.items():
-        m0 = manifests[0]
         saved = m0["arrays"].get(k)
         rps = rows_per_shard(v)
         if saved is None or saved["shape"] != list(v.shape) or saved["dtype"] != str(v.dtype):
@@ -320,26 +319,76 @@ def read(folder: Path, like: dict[str, jax.Array]) -> tuple[dict[str, jax.Array]
             return None, f"rows per device {m0['rows_per_shard']} vs {rps} now"
         row_bytes = RowSnapshot._row_bytes(v)
         q, pieces = m0["piece_rows"], m0["pieces"]
-        shards = []
-        for shard in v.addressable_shards:
-            block = (shard.index[0].start or 0) // rps
+        out[k] = {}
+        for block in blocks_of(v):
             if block not in where:
                 return None, f"block {block} is in no process's file"
             process, pos = where[block]
-            with open(folder / _name(k, process), "rb") as f:
-                f.seek(pos * rps * row_bytes)
-                raw = f.read(rps * row_bytes)
-            if len(raw) != rps * row_bytes:
-                return None, f"{_name(k, process)} is truncated"
+            path = folder / _name(k, process)
+            if not path.is_file() or path.stat().st_size < (pos + 1) * rps * row_bytes:
+                return None, f"{path.name} is missing or truncated"
             crcs = manifests[process]["arrays"][k]["crc32"][pos]
-            for piece in range(pieces):
-                lo, hi = piece * q, min((piece + 1) * q, rps)
-                if lo < rps and zlib.crc32(raw[lo * row_bytes : hi * row_bytes]) != crcs[piece]:
-                    return None, f"{_name(k, process)} block {block} piece {piece}: CRC32 differs"
-            host = np.frombuffer(raw, dtype=jnp.dtype(v.dtype)).reshape(shard.data.shape)
-            shards.append(jax.device_put(host, shard.device))
-        out[k] = jax.make_array_from_single_device_arrays(v.shape, v.sharding, shards)
+            with open(path, "rb") as f:
+                for piece in range(min(pieces, math.ceil(rps / q))):
+                    lo, hi = piece * q, min((piece + 1) * q, rps)
+                    f.seek((pos * rps + lo) * row_bytes)
+                    if zlib.crc32(f.read((hi - lo) * row_bytes)) != crcs[piece]:
+                        return None, f"{path.name} block {block} piece {piece}: CRC32 differs"
+            out[k][block] = (path, pos * rps * row_bytes)
     return out, ""
+
+
+def check(folder: Path, like: dict[str, jax.Array]) -> str:
+    """ "" when `load` can restore `like` from `folder`, else why not (see `_sources`)."""
+    return _sources(folder, like)[1]
+
+
+@functools.lru_cache(maxsize=8)
+def _chunk_writer(mesh: Any, spec: PartitionSpec) -> Any:
+    """jit(target, chunk, start) → target with every device's block rows [start, start + c)
+    set to its rows of `chunk` [devices · c, ...]; the target is donated (written in place)."""
+
+    def put(target: jax.Array, chunk: jax.Array, start: jax.Array) -> jax.Array:
+        return jax.lax.dynamic_update_slice_in_dim(target, chunk, start, axis=0)
+
+    body = jax.shard_map(
+        put, mesh=mesh, in_specs=(spec, spec, PartitionSpec()), out_specs=spec, check_vma=False
+    )
+    return jax.jit(body, donate_argnums=0)
+
+
+def load(
+    folder: Path, like: dict[str, jax.Array], chunk_bytes: int = 32 << 20
+) -> dict[str, jax.Array]:
+    """The snapshot's arrays, written into `like`'s buffers in chunks of ~`chunk_bytes` per
+    device: the host holds one chunk, never a second copy of the index (`like`, e.g. the
+    run's empty donor index, is donated: use the returned arrays). Call after `check`
+    (on every process: the writes are programs over all devices)."""
+    sources, why = _sources(folder, like)
+    if sources is None:
+        raise ValueError(f"{folder}: {why}")
+    out = {}
+    for k, target in like.items():
+        rps, row_bytes = rows_per_shard(target), RowSnapshot._row_bytes(target)
+        c = min(rps, max(1, chunk_bytes // max(1, row_bytes)))
+        sharding = target.sharding
+        writer = _chunk_writer(sharding.mesh, PartitionSpec(sharding.spec[0]))
+        local = [(s.device, (s.index[0].start or 0) // rps) for s in target.addressable_shards]
+        chunk_shape = (c * len(sharding.mesh.devices.flat),) + target.shape[1:]
+        for start in range(0, rps, c):
+            start = min(start, rps - c)  # the last chunk ends at the block's end
+            pieces = []
+            for device, block in local:
+                path, offset = sources[k][block]
+                host = np.empty((c,) + target.shape[1:], jnp.dtype(target.dtype))
+                with open(path, "rb") as f:
+                    f.seek(offset + start * row_bytes)
+                    f.readinto(memoryview(host.reshape(-1).view(np.uint8)))
+                pieces.append(jax.device_put(host, device))
+            chunk = jax.make_array_from_single_device_arrays(chunk_shape, sharding, pieces)
+            target = writer(target, chunk, np.int32(start))
+        out[k] = target
+    return out
 
 
 def pieces_per_step(pieces: int, steps: int) -> int:

@@ -76,8 +76,8 @@ def test_snapshot_holds_the_rows_of_its_step_while_steps_overwrite_them(tmp_path
         assert dispatched == [1, 2, 3, 4, 5]
     now = _host(arrays)
     assert (now["embeddings"] != at_save["embeddings"]).all()  # every row rewritten since
-    back, why = row_snapshot.read(tmp_path / "rows-7", _arrays(mesh))
-    assert why == "" and back is not None
+    assert row_snapshot.check(tmp_path / "rows-7", _arrays(mesh)) == ""
+    back = row_snapshot.load(tmp_path / "rows-7", _arrays(mesh))
     for k in at_save:
         np.testing.assert_array_equal(np.asarray(back[k]), at_save[k])
         assert back[k].sharding.is_equivalent_to(arrays[k].sharding, arrays[k].ndim)
@@ -114,7 +114,7 @@ def test_a_snapshot_is_not_used_when_incomplete_damaged_or_of_another_layout(tmp
     its piece), another rows-per-device (4 devices instead of 8), another dtype. Fails if
     `read` skips the CRC check or the layout check (tried: no CRC comparison)."""
     folder = _saved(tmp_path, _mesh())
-    assert row_snapshot.read(folder, _arrays(_mesh()))[1] == ""
+    assert row_snapshot.check(folder, _arrays(_mesh())) == ""
     # another layout: 4 devices hold 20 rows each
     small = _mesh(4)
     like = {
@@ -123,19 +123,17 @@ def test_a_snapshot_is_not_used_when_incomplete_damaged_or_of_another_layout(tmp
         )
         for k, v in _arrays(_mesh()).items()
     }
-    arrays, why = row_snapshot.read(folder, like)
-    assert arrays is None and "rows per device" in why
+    assert "rows per device" in row_snapshot.check(folder, like)
     other = dict(_arrays(_mesh()), stale=_arrays(_mesh())["stale"].astype(jnp.float32))
-    assert "stale" in row_snapshot.read(folder, other)[1]
+    assert "stale" in row_snapshot.check(folder, other)
     # a flipped byte in block 5, piece 1 (rows 3–5)
     data = folder / "embeddings.process_0.bin"
     raw = bytearray(data.read_bytes())
     raw[(5 * RPS + 4) * D * 4 + 1] ^= 0x40
     data.write_bytes(bytes(raw))
-    arrays, why = row_snapshot.read(folder, _arrays(_mesh()))
-    assert arrays is None and why.endswith("block 5 piece 1: CRC32 differs")
+    assert row_snapshot.check(folder, _arrays(_mesh())).endswith("block 5 piece 1: CRC32 differs")
     (folder / "manifest.process_0.json").unlink()
-    assert row_snapshot.read(folder, _arrays(_mesh())) == (None, "incomplete (a save cut short)")
+    assert row_snapshot.check(folder, _arrays(_mesh())) == "incomplete (a save cut short)"
 
 
 def test_manifest_names_the_processes_and_blocks(tmp_path):
@@ -196,3 +194,25 @@ def test_a_failed_write_is_raised_on_the_training_thread(tmp_path, monkeypatch):
     worker.join(timeout=30)
     assert not worker.is_alive() and raised and raised[0].errno == errno.ENOSPC
     assert not row_snapshot.complete(tmp_path / "rows-4")
+
+
+def test_load_writes_into_the_donor_in_chunks(tmp_path):
+    """`load` fills the template's own buffers (the run's empty donor index: the same
+    addresses, no second index in memory) in chunks of 3 rows per device (the last one
+    clamped to end at the block's end, rows 7–9), and the rows are the saved ones. Fails
+    if the last chunk is read from its unclamped start (tried: rows 9–11 are read and
+    written at 7–9)."""
+    mesh = _mesh()
+    saved = _arrays(mesh)
+    expect = _host(saved)
+    folder = tmp_path / "rows-5"
+    snap = RowSnapshot(folder, Rows(saved, Q, PIECES, 0), PIECES)
+    snap.finish(saved)
+    snap.join()
+    donor = {k: jnp.zeros_like(v) for k, v in _arrays(mesh).items()}
+    address = [s.data.unsafe_buffer_pointer() for s in donor["embeddings"].addressable_shards]
+    back = row_snapshot.load(folder, donor, chunk_bytes=3 * D * 4)
+    after = [s.data.unsafe_buffer_pointer() for s in back["embeddings"].addressable_shards]
+    assert after == address
+    for k in expect:
+        np.testing.assert_array_equal(np.asarray(back[k]), expect[k])
