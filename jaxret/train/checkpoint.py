@@ -211,32 +211,56 @@ class Manager:
             not p.name.endswith(".tmp") for p in (self.directory / str(step)).glob(f"{CHECKSUMS}*")
         )
 
-    def set_aside(self, step: int, why: str) -> Path:
-        """Renames a damaged step out of Orbax's sight (never deletes it)."""
-        target = self.directory / f"{step}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    def set_aside(self, step: int, why: str, label: str = "damaged") -> Path:
+        """Renames a step out of Orbax's sight (never deletes it)."""
+        target = self.directory / f"{step}.{label}-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
             os.rename(self.directory / str(step), target)
-            log.warning("checkpoint %d is damaged (%s): set aside as %s", step, why, target)
+            log.warning("checkpoint %d is %s (%s): set aside as %s", step, label, why, target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"jaxret-set-aside-{step}")
         self._mgr.reload()
         return target
 
+    def _problem(self, step: int) -> str | None:
+        """What differs in `step`'s files from their checksums (None: intact). Every process
+        verifies its own files (equal work), then they agree."""
+        problem = verify(self.directory / str(step), jax.process_index(), jax.process_count())
+        if jax.process_count() > 1:
+            bad = multihost_utils.process_allgather(np.int32(problem is not None))
+            problem = problem or ("damaged (seen by another process)" if bad.any() else None)
+        return problem
+
     def newest_good_step(self) -> int | None:
         """The newest step whose files match their checksums; damaged newer ones are set
-        aside. Every process verifies its own files; they agree before acting."""
+        aside."""
         while True:
             step = self._mgr.latest_step()
             if step is None:
                 return None
-            folder = self.directory / str(step)
-            problem = verify(folder, jax.process_index(), jax.process_count())
-            if jax.process_count() > 1:  # each verified its own share: equal work, then agree
-                bad = multihost_utils.process_allgather(np.int32(problem is not None))
-                problem = problem or ("damaged (seen by another process)" if bad.any() else None)
+            problem = self._problem(step)
             if problem is None:
                 return step
             self.set_aside(step, problem)
+
+    def step_with_rows(self, step: int) -> int:
+        """For a method with row state: `step` when its row snapshot is complete; else (a
+        kill while it was being written) the newest older step whose snapshot is complete
+        and whose files are intact — a resume there continues exactly, where one from
+        `step` would re-encode the index — and the steps after it are set aside
+        ("superseded"); else `step` (its index is then encoded once)."""
+        folders = row_snapshot.snapshot_steps(self.directory)
+        full = lambda s: s in folders and row_snapshot.complete(folders[s])
+        if full(step):
+            return step
+        older = [s for s in self._mgr.all_steps() if s < step and full(s)]
+        if not older or self._problem(max(older)) is not None:
+            return step
+        for newer in sorted(s for s in self._mgr.all_steps() if s > max(older)):
+            self.set_aside(
+                newer, f"its row snapshot was cut short; step {max(older)}'s is whole", "superseded"
+            )
+        return max(older)
 
     def all_steps(self) -> list[int]:
         return list(self._mgr.all_steps())

@@ -329,6 +329,8 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
     }
     state = runner.state
     resumed = manager.newest_good_step()  # verified against its checksums
+    if resumed is not None and runner.rows() is not None:
+        resumed = manager.step_with_rows(resumed)  # one that resumes exactly, if any
     while resumed is not None:
         # A step that cannot be read (damaged before it was sealed) is set aside like one
         # whose checksums differ; a changed config is the user's to fix (ConfigError).

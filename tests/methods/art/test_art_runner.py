@@ -720,3 +720,48 @@ def test_rolling_index_saved_as_bf16_does_not_restore_into_bits(tmp_path, caplog
         back = mgr.restore_rows(1, Rows(donor, 4, 2, 0))  # written into the donor
         np.testing.assert_array_equal(np.asarray(back[_rows_key(saved)]), np.asarray(saved))
     assert "its row state is not used" in caplog.text
+
+
+@pytest.mark.slow  # four tiny runs (~45 s)
+def test_a_resume_prefers_the_step_whose_index_is_whole(tiny_bert, tmp_path, monkeypatch):
+    """A kill while step 6's row snapshot is being written leaves it without its manifest
+    while step 3's is still whole (older snapshots go only once a newer one is complete):
+    the resume starts from step 3 — its index restored, nothing encoded — sets step 6
+    aside as superseded, and trains 4–6 to the uninterrupted run's losses. From step 6 the
+    index would be encoded again and the run would not continue exactly. Fails if
+    `step_with_rows` keeps the newest step (tried: no step is set aside, the index is
+    encoded once)."""
+    import os
+    import shutil
+    import signal
+
+    from jaxret.methods.art import runner as art_run
+
+    cfg = config(tiny_bert, **{"art.refresh": "rolling", "eval.test_at_end": False})
+    train(cfg, tmp_path / "a")
+    real_step = art_run.ArtRun.train_step
+
+    def step(self, state, batch):
+        out = real_step(self, state, batch)
+        if int(jax.device_get(out[0].step)) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # step 3 saved, its rows at once
+        return out
+
+    monkeypatch.setattr(art_run.ArtRun, "train_step", step)
+    b = tmp_path / "b"
+    assert train(cfg, b)["preempted_at"] == 3
+    monkeypatch.setattr(art_run.ArtRun, "train_step", real_step)
+    ckpts = b / "checkpoints"
+    shutil.copytree(ckpts / "rows-3", tmp_path / "rows-3")
+    train(cfg, b)  # to step 6; rows-3 is removed once rows-6 is complete
+    shutil.copytree(tmp_path / "rows-3", ckpts / "rows-3")
+    (ckpts / "rows-6" / "manifest.process_0.json").unlink()  # as if killed mid-write
+    calls = []
+    real_refresh = art_run.refresh_in_slices
+    monkeypatch.setattr(
+        art_run, "refresh_in_slices", lambda *a, **k: calls.append(1) or real_refresh(*a, **k)
+    )
+    train(cfg, b)
+    assert calls == []  # step 3's index restored
+    assert len(list(ckpts.glob("6.superseded-*"))) == 1
+    assert train_losses(b) == train_losses(tmp_path / "a")
