@@ -328,9 +328,16 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
         "fingerprints": runner.fingerprints(),
     }
     state = runner.state
-    resumed = manager.newest_good_step()  # verified against its checksums
-    if resumed is not None and runner.rows() is not None:
-        resumed = manager.step_with_rows(resumed)  # one that resumes exactly, if any
+
+    def resumable() -> int | None:
+        """The newest step verified against its checksums (with row state: one whose rows
+        are whole, so that the resume is exact, if there is one)."""
+        step = manager.newest_good_step()
+        if step is not None and runner.rows() is not None:
+            step = manager.step_with_rows(step)
+        return step
+
+    resumed = resumable()
     while resumed is not None:
         # A step that cannot be read (damaged before it was sealed) is set aside like one
         # whose checksums differ; a changed config is the user's to fix (ConfigError).
@@ -352,7 +359,7 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
                     f"this run ({type(e).__name__}: {str(e)[:300]})"
                 ) from e
             manager.set_aside(resumed, f"{type(e).__name__}: {str(e)[:200]}")
-            resumed = manager.newest_good_step()
+            resumed = resumable()
     if resumed is None and runner.rows() is not None:
         manager.forget_rows_after(0)  # an earlier run's, in a workdir without checkpoints
     if resumed is not None:
