@@ -104,7 +104,8 @@ class Runner(abc.ABC):
         runs the part before the first `yield` at once (the only part that may read
         `state`, whose buffers the next step donates) and each later part after one more
         training step (ART's search in `eval.slices` slices). Returns `evaluate`'s value.
-        By default one part."""
+        By default one part. An evaluation due at a checkpoint step starts after the next
+        step: it reads `state.params` only (a copy; `opt_state` and `extra` are None)."""
         yield from ()
         return self.evaluate(state, step)
 
@@ -407,12 +408,18 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
         else:
             pending[3] += time.perf_counter() - t0
 
-    def evaluate(done: int, at_once: bool = True) -> None:
-        """Evaluates the parameters after `done` steps: the first part now, the rest one
-        part after each following step unless `at_once` (or all at once if none is
-        pending; an unfinished earlier evaluation is finished first)."""
+    def evaluate(done: int, at_once: bool = True, later: bool = False) -> None:
+        """Evaluates the parameters after `done` steps: the first part now (`later`: after
+        the next step, on a copy of the parameters), the rest one part after each following
+        step unless `at_once` (or all at once if none is pending; an unfinished earlier
+        evaluation is finished first)."""
         while pending:
             advance()
+        if later:
+            params = copy_params(state.params)
+            kept = state.replace(params=params, opt_state=None, extra=None)
+            pending[:] = [done, runner.evaluation(kept, done), params, 0.0]
+            return
         parts = runner.evaluation(state, done)
         t0 = time.perf_counter()
         try:
@@ -522,13 +529,15 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.4f}")
             due = done % t.eval_every == 0 or done == total
+            saving = done % t.checkpoint_every == 0 or done == total
             try:
-                # Not in the step after a checkpoint: that step already carries the save's
-                # hold and its background writing (one stall per step at most).
-                if pending and not preempted and last_saved != step:
+                # One stall between two steps at most: a checkpoint step runs no evaluation
+                # part (the save holds the training thread), and an evaluation due there
+                # starts after the next step, on a copy of this step's parameters.
+                if pending and not preempted and not saving:
                     advance()
                 if due and not preempted:
-                    evaluate(done, at_once=done == total)
+                    evaluate(done, at_once=done == total, later=saving and done != total)
             except Preempted:
                 preempted = True
             preempted = preempted or preemption.requested()
@@ -541,7 +550,7 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
                         advance()
                 except Preempted:  # a part that stops on the signal: dropped (advance logs)
                     log.warning("SIGTERM: an unfinished dev evaluation is dropped")
-            if done % t.checkpoint_every == 0 or done == total or preempted:
+            if saving or preempted:
                 checkpoint(done, last=done == total or preempted)
                 last_saved = done
             if preempted:

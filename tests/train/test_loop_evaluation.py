@@ -80,10 +80,12 @@ def test_a_spread_evaluation_scores_and_saves_the_parameters_of_its_step(tmp_pat
     """Evaluations at steps 3 and 6 run one part after each of the next two steps; the dev
     row names the evaluated step and its metric is that step's (w = 3, the best), written
     after later steps' rows; `best/` holds w = 3, although the step that finished the
-    evaluation (5) had w = 5; the last evaluation (7) runs at once; with a checkpoint at
-    step 3 its parts skip step 4 (the save's step). Fails if the loop saves
-    `state.params` when the evaluation finishes (best w = 5), or if it does not keep a copy
-    of the evaluated parameters (the next step donates them: deleted-array error)."""
+    evaluation (5) had w = 5; the last evaluation (7) runs at once. With a checkpoint at
+    step 3 no part runs beside the save: the evaluation starts after step 4, still on
+    step 3's parameters (w = 3). Fails if the loop saves `state.params` when the evaluation
+    finishes (best w = 5), if it does not keep a copy of the evaluated parameters (the next
+    step donates them: deleted-array error), or if the checkpoint step starts its
+    evaluation (part_steps[3] == [3, 4, 5])."""
     # No checkpoint at step 3: a save in flight keeps the step's buffers from being donated.
     runner = Counter(config(checkpoint_every=7), parts=2)
     run(config(checkpoint_every=7), runner, tmp_path)
@@ -95,10 +97,13 @@ def test_a_spread_evaluation_scores_and_saves_the_parameters_of_its_step(tmp_pat
     assert all(r["eval_seconds"] >= 0 for r in dev)
     np.testing.assert_array_equal(best_w(tmp_path), np.full(4, 3.0))
     assert json.loads((tmp_path / "best" / "best.json").read_text())["step"] == 3
-    # With a checkpoint at the evaluated step, the step after it runs no part.
+    # With a checkpoint at the evaluated step, the evaluation starts after the next step.
     runner = Counter(config(checkpoint_every=3), parts=2)
     run(config(checkpoint_every=3), runner, tmp_path / "c")
-    assert runner.part_steps[3] == [3, 5, 6]
+    assert runner.part_steps[3] == [4, 5, 6]
+    dev = [r for r in rows(tmp_path / "c") if r["kind"] == "dev"]
+    assert [(r["step"], r["w"]) for r in dev] == [(0, 0.0), (3, 3.0), (6, 6.0), (7, 7.0)]
+    np.testing.assert_array_equal(best_w(tmp_path / "c"), np.full(4, 3.0))
 
 
 def test_sigterm_finishes_an_unfinished_evaluation_and_a_kill_redoes_it_at_resume(tmp_path):
