@@ -297,8 +297,8 @@ def step_stats(
 
 def busy_steps(steps: int, every: int, slices: int) -> set[int]:
     """Steps whose gap holds a checkpoint or a dev evaluation's part: each evaluation and
-    checkpoint step e (every `every`), and the `slices` + 1 steps after it (its parts, which
-    skip the step after a checkpoint)."""
+    checkpoint step e (every `every`), and the `slices` + 2 steps after it (its parts: the
+    first after the step after the checkpoint, one search slice after each later step)."""
     return {e + i for e in range(every, steps + 1, every) for i in range(1, slices + 3)}
 
 
