@@ -230,6 +230,7 @@ class Job:
             )
         self.rss = [0] * len(self.procs)
         self.anon = [0] * len(self.procs)  # peak anonymous RSS, polled
+        self.anon_at = [0.0] * len(self.procs)  # when (unix seconds) each peak was seen
 
     def last_step(self) -> int:
         path = self.workdir / "metrics.jsonl"
@@ -244,9 +245,10 @@ class Job:
         termed = None
         while any(p.poll() is None for p in self.procs):
             self.rss = [max(r, proc_status(p.pid, "VmHWM")) for r, p in zip(self.rss, self.procs)]
-            self.anon = [
-                max(r, proc_status(p.pid, "RssAnon")) for r, p in zip(self.anon, self.procs)
-            ]
+            for i, p in enumerate(self.procs):
+                now = proc_status(p.pid, "RssAnon")
+                if now > self.anon[i]:
+                    self.anon[i], self.anon_at[i] = now, time.time()
             if term_at is not None and termed is None and self.last_step() >= term_at:
                 termed = time.time()
                 for p in self.procs:
@@ -260,6 +262,15 @@ class Job:
 
 def rows(workdir: Path) -> list[dict]:
     return [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def when(workdir: Path, t: float) -> str:
+    """Where a run was at unix time `t`: after which logged train step (or before the
+    first), so that a memory peak can be traced to its phase."""
+    done = [x["step"] for x in rows(workdir) if x["kind"] == "train" and x["time"] <= t]
+    after = [x for x in rows(workdir) if x["time"] > t]
+    nxt = f", before step {after[0]['step']} {after[0]['kind']}" if after else ""
+    return (f"after step {done[-1]}" if done else "before the first step") + nxt
 
 
 def step_stats(
@@ -403,7 +414,7 @@ def main() -> None:
             )
             assert ckpts[-1] == stopped, (ckpts, stopped)
             restarts = (0, stopped)
-            first_rss, first_anon = job.rss, job.anon  # the run up to the SIGTERM
+            first_rss, first_anon, first_at = job.rss, job.anon, job.anon_at  # to the SIGTERM
             t0 = time.time()
             job = Job(flags, run, args, w / f"{refresh}")
             while job.last_step() <= stopped and all(p.poll() is None for p in job.procs):
@@ -415,6 +426,12 @@ def main() -> None:
                 (
                     "rolling: peak anonymous RSS − runtime, run to the SIGTERM / resumed run",
                     " / ".join(f"{(a - runtime) / 1e9:.2f} GB" for a in first_anon + job.anon),
+                )
+            )
+            table.append(
+                (
+                    "rolling: when each process peaked, run to the SIGTERM / resumed run",
+                    " / ".join(when(run, t) for t in first_at + job.anon_at),
                 )
             )
             job.rss = [max(a, b) for a, b in zip(job.rss, first_rss)]
