@@ -231,6 +231,11 @@ class Job:
         self.rss = [0] * len(self.procs)
         self.anon = [0] * len(self.procs)  # peak anonymous RSS, polled
         self.anon_at = [0.0] * len(self.procs)  # when (unix seconds) each peak was seen
+        # Peak anonymous RSS once two steps of this job have run: what a process holds while
+        # it trains, without the start's transients (compiling the step: +0.4 GB for ~5 s
+        # on top of everything loaded, docs/scaling.md).
+        self.anon_training = [0] * len(self.procs)
+        self.first_step = self.last_step()
 
     def last_step(self) -> int:
         path = self.workdir / "metrics.jsonl"
@@ -245,11 +250,14 @@ class Job:
         termed = None
         while any(p.poll() is None for p in self.procs):
             self.rss = [max(r, proc_status(p.pid, "VmHWM")) for r, p in zip(self.rss, self.procs)]
+            step = self.last_step()
             for i, p in enumerate(self.procs):
                 now = proc_status(p.pid, "RssAnon")
                 if now > self.anon[i]:
                     self.anon[i], self.anon_at[i] = now, time.time()
-            if term_at is not None and termed is None and self.last_step() >= term_at:
+                if step >= self.first_step + 2:
+                    self.anon_training[i] = max(self.anon_training[i], now)
+            if term_at is not None and termed is None and step >= term_at:
                 termed = time.time()
                 for p in self.procs:
                     p.send_signal(signal.SIGTERM)
@@ -415,6 +423,7 @@ def main() -> None:
             assert ckpts[-1] == stopped, (ckpts, stopped)
             restarts = (0, stopped)
             first_rss, first_anon, first_at = job.rss, job.anon, job.anon_at  # to the SIGTERM
+            first_training = job.anon_training
             t0 = time.time()
             job = Job(flags, run, args, w / f"{refresh}")
             while job.last_step() <= stopped and all(p.poll() is None for p in job.procs):
@@ -436,6 +445,7 @@ def main() -> None:
             )
             job.rss = [max(a, b) for a, b in zip(job.rss, first_rss)]
             job.anon = [max(a, b) for a, b in zip(job.anon, first_anon)]
+            job.anon_training = [max(a, b) for a, b in zip(job.anon_training, first_training)]
         else:
             first = time.time()
             while job.last_step() < 1 and all(p.poll() is None for p in job.procs):
@@ -519,7 +529,16 @@ def main() -> None:
                 ),
             )
         )
-        print("\n".join(f"{a}: {b}" for a, b in table[-9:]), flush=True)
+        table.append(
+            (
+                f"{refresh}: the same from the third step on (the start's compilation left out)",
+                " / ".join(
+                    f"{(a - runtime) / 1e9:.2f} GB ({(a - runtime) / mine:.2f}×)"
+                    for a in job.anon_training
+                ),
+            )
+        )
+        print("\n".join(f"{a}: {b}" for a, b in table[-10:]), flush=True)
     if "sync" in results:
         sync_refresh = [
             x["wall_seconds"]
