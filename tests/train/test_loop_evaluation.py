@@ -33,6 +33,7 @@ class Counter(Runner):
         self.parts, self.after = parts, after
         self.trained = 0
         self.part_steps: dict[int, list[int]] = {}  # evaluated step → trained steps of parts
+        self.kept_only_params: dict[int, bool] = {}  # evaluated step → handed a kept copy
 
         def step(state, batch):
             new = state.replace(step=state.step + 1, params={"w": state.params["w"] + 1.0})
@@ -53,6 +54,7 @@ class Counter(Runner):
 
     def evaluation(self, state, step):
         w = float(state.params["w"][0])  # only the first part may read `state`
+        self.kept_only_params[step] = state.opt_state is None
         seen = self.part_steps.setdefault(step, [self.trained])
         for _ in range(self.parts):
             yield
@@ -84,8 +86,10 @@ def test_a_spread_evaluation_scores_and_saves_the_parameters_of_its_step(tmp_pat
     step 3 no part runs beside the save: the evaluation starts after step 4, still on
     step 3's parameters (w = 3). Fails if the loop saves `state.params` when the evaluation
     finishes (best w = 5), if it does not keep a copy of the evaluated parameters (the next
-    step donates them: deleted-array error), or if the checkpoint step starts its
-    evaluation (part_steps[3] == [3, 4, 5])."""
+    step donates them: deleted-array error), if the checkpoint step starts its evaluation
+    (part_steps[3] == [3, 4, 5]), or if the evaluation started after the next step is handed
+    the live state rather than the kept parameters (its opt_state is not None; on CPU the
+    save in flight keeps step 3's buffers from being donated, so w alone cannot tell)."""
     # No checkpoint at step 3: a save in flight keeps the step's buffers from being donated.
     runner = Counter(config(checkpoint_every=7), parts=2)
     run(config(checkpoint_every=7), runner, tmp_path)
@@ -101,6 +105,7 @@ def test_a_spread_evaluation_scores_and_saves_the_parameters_of_its_step(tmp_pat
     runner = Counter(config(checkpoint_every=3), parts=2)
     run(config(checkpoint_every=3), runner, tmp_path / "c")
     assert runner.part_steps[3] == [4, 5, 6]
+    assert runner.kept_only_params == {0: False, 3: True, 6: True, 7: False}
     dev = [r for r in rows(tmp_path / "c") if r["kind"] == "dev"]
     assert [(r["step"], r["w"]) for r in dev] == [(0, 0.0), (3, 3.0), (6, 6.0), (7, 7.0)]
     np.testing.assert_array_equal(best_w(tmp_path / "c"), np.full(4, 3.0))
