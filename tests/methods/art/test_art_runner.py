@@ -554,9 +554,12 @@ def test_sigterm_during_a_refresh_stops_it_and_saves(tiny_bert, tmp_path, monkey
 @pytest.mark.parametrize("refresh", ["sync", "rolling"])
 def test_dev_evaluation_reads_the_training_index(tiny_bert, tmp_path, monkeypatch, refresh):
     """eval.index=training (the default): dev evaluations at steps 3 and 6 encode nothing
-    (the run's only corpus encoding is the start's) and report the index's age; "fresh"
-    encodes a scratch index per evaluation. Before issue 19 every evaluation off a refresh
-    step encoded the corpus into a second index; fails if "training" falls back to it."""
+    (the run's only corpus encoding is the start's) and report the index's age relative to
+    the evaluated parameters — step 3 is a checkpoint step, so its evaluation starts after
+    step 4, whose sync refresh made the index one step newer (age −1) and whose rolling
+    slice replaced the oldest rows (staleness max 2); "fresh" encodes a scratch index per
+    evaluation. Before issue 19 every evaluation off a refresh step encoded the corpus into
+    a second index; fails if "training" falls back to it."""
     from jaxret.methods.art import runner as art_run
 
     calls = []
@@ -575,10 +578,10 @@ def test_dev_evaluation_reads_the_training_index(tiny_bert, tmp_path, monkeypatc
     assert sorted(dev) == [0, 3, 6]
     if refresh == "sync":  # encodings: start, refresh after step 4 (not after the last)
         assert len(calls) == 2
-        assert [dev[s]["index_age"] for s in (0, 3, 6)] == [0, 3, 2]
+        assert [dev[s]["index_age"] for s in (0, 3, 6)] == [0, -1, 2]
     else:
         assert len(calls) == 1
-        assert dev[3]["index_staleness_max"] == 3 and dev[6]["index_staleness_max"] <= 3
+        assert dev[3]["index_staleness_max"] == 2 and dev[6]["index_staleness_max"] <= 3
     calls.clear()
     train(config(tiny_bert, **base, **{"eval.index": "fresh"}), tmp_path / "fresh")
     assert len(calls) == (4 if refresh == "sync" else 3)  # + a scratch index at 3 and 6
