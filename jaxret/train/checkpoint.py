@@ -329,8 +329,9 @@ class Manager:
 
     def restore_rows(self, step: int, like: Rows) -> dict[str, jax.Array] | None:
         """The rows saved with `step`, written into `like`'s arrays (donated: use the
-        returned ones); None (said why, `like` untouched) when they are missing,
-        incomplete, damaged or of another layout. Processes agree."""
+        returned ones), each row read from wherever it was saved (a resume on another
+        device count or padding); None (said why, `like` untouched) when they are
+        missing, incomplete, damaged or of another row width or dtype. Processes agree."""
         folder = self.directory / f"{row_snapshot.PREFIX}{step}"
         why = row_snapshot.check(folder, like.arrays) if folder.is_dir() else "none"
         if jax.process_count() > 1:  # every process checked its blocks: agree, then load

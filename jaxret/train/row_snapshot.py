@@ -18,7 +18,9 @@ On disk (`<checkpoints>/rows-<step>/`): per array and process `<name>.process_<i
 process's blocks [blocks, rows_per_shard, ...] in block order, and last
 `manifest.process_<i>.json` (shapes, blocks, a CRC32 per block and piece), written once
 the data is on disk (fsync): a folder with every process's manifest is complete; one
-without is a kill's leftover, never read.
+without is a kill's leftover, never read. Global row r is block r // rows_per_shard in any
+layout, so a snapshot is read into another one (another device count, other padding) row
+range by row range.
 """
 
 from __future__ import annotations
@@ -297,10 +299,23 @@ def snapshot_steps(directory: Path) -> dict[int, Path]:
     return out
 
 
+def _old_blocks(new_blocks: list[int], new_rps: int, old_rps: int, old_rows: int) -> list[int]:
+    """The saved blocks (of `old_rps` rows, `old_rows` rows in all) that hold any row of the
+    new blocks (of `new_rps` rows): global row r is block r // rps in either layout."""
+    need = set()
+    for nb in new_blocks:
+        lo, hi = nb * new_rps, min((nb + 1) * new_rps, old_rows)
+        need.update(range(lo // old_rps, -(-hi // old_rps)))
+    return sorted(need)
+
+
 def _sources(folder: Path, like: dict[str, jax.Array]) -> tuple[dict | None, str]:
-    """({name: {block: (file, byte offset)}} for this process's blocks, "") when `folder`
-    holds a complete snapshot of `like`'s layout whose bytes match their CRC32s (read
-    piece by piece), else (None, why not)."""
+    """({name: (saved rows per device, saved rows, {saved block: (file, byte offset)})} for
+    the saved blocks that hold this process's rows of `like`, "") when `folder` holds a
+    complete snapshot of arrays of `like`'s row width and dtype whose bytes match their
+    CRC32s (read piece by piece), else (None, why not). The saved layout (rows per device,
+    padding) may differ from `like`'s: a resume on another device count reads each row
+    from wherever it was saved."""
     manifests = _manifests(folder)
     if manifests is None:
         return None, "incomplete (a save cut short)"
@@ -309,32 +324,35 @@ def _sources(folder: Path, like: dict[str, jax.Array]) -> tuple[dict | None, str
         for pos, block in enumerate(m["blocks"]):
             where[block] = (process, pos)
     m0 = manifests[0]
-    out: dict[str, dict[int, tuple[Path, int]]] = {}
+    out: dict[str, tuple[int, int, dict[int, tuple[Path, int]]]] = {}
     for k, v in like.items():
         saved = m0["arrays"].get(k)
-        rps = rows_per_shard(v)
-        if saved is None or saved["shape"] != list(v.shape) or saved["dtype"] != str(v.dtype):
+        if (
+            saved is None
+            or saved["shape"][1:] != list(v.shape[1:])
+            or saved["dtype"] != str(v.dtype)
+        ):
             return None, f"{k}: saved as {saved and (saved['shape'], saved['dtype'])}"
-        if m0["rows_per_shard"] != rps:
-            return None, f"rows per device {m0['rows_per_shard']} vs {rps} now"
+        old_rps, old_rows = m0["rows_per_shard"], saved["shape"][0]
         row_bytes = RowSnapshot._row_bytes(v)
         q, pieces = m0["piece_rows"], m0["pieces"]
-        out[k] = {}
-        for block in blocks_of(v):
+        sources: dict[int, tuple[Path, int]] = {}
+        for block in _old_blocks(blocks_of(v), rows_per_shard(v), old_rps, old_rows):
             if block not in where:
                 return None, f"block {block} is in no process's file"
             process, pos = where[block]
             path = folder / _name(k, process)
-            if not path.is_file() or path.stat().st_size < (pos + 1) * rps * row_bytes:
+            if not path.is_file() or path.stat().st_size < (pos + 1) * old_rps * row_bytes:
                 return None, f"{path.name} is missing or truncated"
             crcs = manifests[process]["arrays"][k]["crc32"][pos]
             with open(path, "rb") as f:
-                for piece in range(min(pieces, math.ceil(rps / q))):
-                    lo, hi = piece * q, min((piece + 1) * q, rps)
-                    f.seek((pos * rps + lo) * row_bytes)
+                for piece in range(min(pieces, math.ceil(old_rps / q))):
+                    lo, hi = piece * q, min((piece + 1) * q, old_rps)
+                    f.seek((pos * old_rps + lo) * row_bytes)
                     if zlib.crc32(f.read((hi - lo) * row_bytes)) != crcs[piece]:
                         return None, f"{path.name} block {block} piece {piece}: CRC32 differs"
-            out[k][block] = (path, pos * rps * row_bytes)
+            sources[block] = (path, pos * old_rps * row_bytes)
+        out[k] = (old_rps, old_rows, sources)
     return out, ""
 
 
@@ -370,6 +388,11 @@ def load(
     out = {}
     for k, target in like.items():
         rps, row_bytes = rows_per_shard(target), RowSnapshot._row_bytes(target)
+        old_rps, old_rows, saved = sources[k]
+        if old_rps != rps:
+            log.warning(
+                "%s: %s saved with %d rows per device, read into %d", folder, k, old_rps, rps
+            )
         c = min(rps, max(1, chunk_bytes // max(1, row_bytes)))
         sharding = target.sharding
         writer = _chunk_writer(sharding.mesh, PartitionSpec(sharding.spec[0]))
@@ -379,11 +402,22 @@ def load(
             start = min(start, rps - c)  # the last chunk ends at the block's end
             pieces = []
             for device, block in local:
-                path, offset = sources[k][block]
-                host = np.empty((c,) + target.shape[1:], jnp.dtype(target.dtype))
-                with open(path, "rb") as f:
-                    f.seek(offset + start * row_bytes)
-                    f.readinto(memoryview(host.reshape(-1).view(np.uint8)))
+                # Global rows [g, g + c) of the block; rows past the saved ones stay zero
+                # (padding of a layout with more rows than the saved one).
+                host = np.zeros((c,) + target.shape[1:], jnp.dtype(target.dtype))
+                raw = host.reshape(-1).view(np.uint8)
+                g = block * rps + start
+                row = g
+                while row < min(g + c, old_rows):
+                    old = row // old_rps
+                    n = min((old + 1) * old_rps, g + c, old_rows) - row
+                    assert n > 0, (row, old, old_rps)  # each pass reads on: never a hang
+                    path, offset = saved[old]
+                    with open(path, "rb") as f:
+                        f.seek(offset + (row - old * old_rps) * row_bytes)
+                        at = (row - g) * row_bytes
+                        f.readinto(memoryview(raw[at : at + n * row_bytes]))
+                    row += n
                 pieces.append(jax.device_put(host, device))
             chunk = jax.make_array_from_single_device_arrays(chunk_shape, sharding, pieces)
             target = writer(target, chunk, np.int32(start))
