@@ -771,3 +771,66 @@ def test_a_resume_prefers_the_step_whose_index_is_whole(tiny_bert, tmp_path, mon
     assert calls == []  # step 3's index restored
     assert len(list(ckpts.glob("6.superseded-*"))) == 1
     assert train_losses(b) == train_losses(tmp_path / "a")
+
+
+def test_a_rolling_run_resumes_on_fewer_devices(tiny_bert, tmp_path, monkeypatch):
+    """A rolling run saved on 8 devices (16 rows per device) resumes on 4 (32 per device):
+    its row snapshot is read into the new layout — nothing encoded, the index and each row's
+    step what the uninterrupted 8-device run holds after step 3, every row where it was —
+    and trains to the end. (Its later losses are not the 8-device run's: a refresh slice is
+    a share of each device's rows, so steps 4–6 refresh other rows first.) Fails if the
+    snapshot is refused on another layout (tried: `check` returning a reason when the rows
+    per device differ → one encoding), or if rows are read by the new rows per device."""
+    import os
+    import signal
+
+    from jaxret.methods.art import runner as art_run
+    from jaxret.parallel import mesh as mesh_mod
+
+    cfg = config(
+        tiny_bert,
+        **{
+            "art.refresh": "rolling",
+            "train.refresh_every": 3,
+            "train.steps": 4,
+            "train.eval_every": 100,
+            "eval.test_at_end": False,
+        },
+    )
+    real_step = art_run.ArtRun.train_step
+    held: dict[str, tuple] = {}  # run → (devices, rows on the host) before step 4
+    run = ["a"]
+
+    def step(self, state, batch):
+        if int(jax.device_get(state.step)) == 3:
+            arrays = self.rows().arrays
+            held[run[0]] = (
+                len(arrays["stale"].sharding.device_set),
+                {k: np.asarray(v)[:120] for k, v in arrays.items()},  # the 120 passages
+            )
+        out = real_step(self, state, batch)
+        if run[0] == "b" and "b" not in held:
+            if int(jax.device_get(out[0].step)) == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # step 3 saved, its rows with it
+        return out
+
+    monkeypatch.setattr(art_run.ArtRun, "train_step", step)
+    train(cfg, tmp_path / "a")
+    b, run[0] = tmp_path / "b", "b"
+    assert train(cfg, b)["preempted_at"] == 3
+    real_fit = mesh_mod.fit_devices
+    monkeypatch.setattr(mesh_mod, "fit_devices", lambda *a: real_fit(*a)[:4])  # a 4-device host
+    calls = []
+    real_refresh = art_run.refresh_in_slices
+    monkeypatch.setattr(
+        art_run, "refresh_in_slices", lambda *a, **k: calls.append(1) or real_refresh(*a, **k)
+    )
+    train(cfg, b)
+    assert calls == []  # the saved index restored, nothing encoded
+    (devices_a, rows_a), (devices_b, rows_b) = held["a"], held["b"]
+    assert (devices_a, devices_b) == (8, 4)
+    assert rows_a.keys() == rows_b.keys()
+    for key in rows_a:
+        np.testing.assert_array_equal(rows_b[key], rows_a[key])
+    assert len(np.unique(rows_a["stale"])) > 1  # rows of several steps: their places matter
+    assert [s for s, _ in train_losses(b)] == [1, 2, 3, 4]
