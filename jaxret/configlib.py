@@ -111,6 +111,11 @@ def train_config(**fields: Any) -> ml_collections.ConfigDict:
         progress=True,
         max_skipped_in_a_row=5,  # non-finite steps in a row before the run stops
         allow_config_change=False,  # resume a workdir despite a changed config
+        # JAX's persistent compilation cache (train/compile_cache.py): a restart reads the
+        # programs instead of compiling them. "" off; a relative path is inside the workdir
+        # (every process must read it: JAX writes from process 0 only). The launch scripts
+        # set "compile_cache".
+        compile_cache="",
     )
     return ml_collections.ConfigDict({**block, **fields})
 

@@ -46,7 +46,9 @@ if [ "${JAXRET_SKIP_PREPARE:-0}" != "1" ]; then
   .venv/bin/python -m jaxret.cli prepare --config="$config" --workdir="$workdir" "$@"
 fi
 # SLURM sends SIGTERM 300 s before the time limit (--signal above): jaxret saves and exits,
-# and the same command resumes.
+# and the same command resumes, reading its compiled programs from WORKDIR/compile_cache
+# (train.compile_cache; a later --config.train.compile_cache= turns it off).
 srun --kill-on-bad-exit=1 .venv/bin/python -m jaxret.cli train \
     --config="$config" --workdir="$workdir" \
-    --config.distributed.expected_devices="$expected" "$@"
+    --config.distributed.expected_devices="$expected" \
+    --config.train.compile_cache=compile_cache "$@"

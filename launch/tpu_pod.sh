@@ -27,7 +27,11 @@ if [ "${JAXRET_SKIP_PREPARE:-0}" != "1" ]; then
   gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=0 \
       --command "cd ~/jaxret && .venv/bin/python -m jaxret.cli prepare${args}"
 fi
-remote="mkdir -p ~/jaxret-logs && cd ~/jaxret && nohup .venv/bin/python -m jaxret.cli train${args} \
+# A restart reads its compiled programs from WORKDIR/compile_cache (train.compile_cache; a
+# later --config.train.compile_cache= turns it off).
+printf -v train_args ' %q' --config="$config" --workdir="$workdir" \
+    --config.train.compile_cache=compile_cache "$@"
+remote="mkdir -p ~/jaxret-logs && cd ~/jaxret && nohup .venv/bin/python -m jaxret.cli train${train_args} \
 > ~/jaxret-logs/${run}.log 2>&1 < /dev/null &"
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command "$remote"
 echo "started ${run} on every worker of ${tpu}; logs: ~/jaxret-logs/${run}.log"

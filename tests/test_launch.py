@@ -53,6 +53,9 @@ def test_gpu_slurm_drives_every_gpu_and_checks_the_count(tmp_path):
     args = re.findall(r"ARG<(.*)>", out)
     assert "--config=configs/art.py:nq_t0_3b" in args and "--workdir=/runs/my run" in args
     assert "--config.distributed.expected_devices=16" in args
+    assert args.index("--config.train.compile_cache=compile_cache") < args.index(
+        "--config.data.dir=/d ir"
+    )  # the user's flags after it: they can turn it off
     assert "--config.data.dir=/d ir" in args  # one argument, space and all
     prepared = re.findall(r"PREPARE<(.*)>", out)
     assert prepared[:3] == ["-m", "jaxret.cli", "prepare"]
@@ -99,5 +102,6 @@ def test_tpu_pod_quotes_arguments_and_detaches(tmp_path):
     assert shlex.split(python_args) == [
         "--config=configs/art.py:nq_t0_3b",
         "--workdir=/mnt/runs/a b",
+        "--config.train.compile_cache=compile_cache",
         "--config.model.name=/ckpt/x y",
     ]

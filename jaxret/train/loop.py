@@ -20,6 +20,7 @@ test. The loop owns everything else:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from jaxret.configlib import RENAMED, ConfigError
 from jaxret.errors import RunError
 from jaxret.host_memory import return_free_heap
+from jaxret.train import compile_cache
 from jaxret.train.checkpoint import Manager
 from jaxret.train.logs import Logger, plot
 from jaxret.train.row_snapshot import Rows, compile_reader
@@ -55,6 +57,7 @@ RESUMABLE_CHANGES = (
     "train.eval_every",
     "train.allow_config_change",
     "train.max_skipped_in_a_row",
+    "train.compile_cache",
     "distributed.",
     "mesh.",
     "data.store",
@@ -158,9 +161,11 @@ class Runner(abc.ABC):
         """Builds the method from `cfg` and trains it in `workdir` (resuming a run there)."""
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        runner = cls(cfg, workdir)  # type: ignore[call-arg]
-        summary = run(cfg, runner, workdir)
+        with compile_cache.using(cfg.train.get("compile_cache", ""), workdir) as cache:
+            runner = cls(cfg, workdir)  # type: ignore[call-arg]
+            summary = run(cfg, runner, workdir, cache)
         summary["params"] = summary["state"].params
+        summary["compile_cache"] = dataclasses.asdict(cache)
         summary.update(runner.summary())
         return summary
 
@@ -300,20 +305,25 @@ def _check_resume(cfg: Any, runner: Runner, meta: dict[str, Any], workdir: Path)
         log.warning("resuming with changed settings:\n  %s", "\n  ".join(problems))
 
 
-def run(cfg: Any, runner: Runner, workdir: str | Path) -> dict[str, Any]:
-    """Trains `runner` to `runner.total_steps`, resuming from `workdir` if it holds a run."""
+def run(
+    cfg: Any, runner: Runner, workdir: str | Path, cache: compile_cache.CacheUse | None = None
+) -> dict[str, Any]:
+    """Trains `runner` to `runner.total_steps`, resuming from `workdir` if it holds a run.
+    `cache`: the run's compile cache use, logged once the first step has run."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     lock = WorkdirLock(workdir)
     if jax.process_index() == 0:
         lock.acquire()  # before anything reads or writes checkpoints and logs
     try:
-        return _run(cfg, runner, workdir)
+        return _run(cfg, runner, workdir, cache)
     finally:
         lock.release()
 
 
-def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
+def _run(
+    cfg: Any, runner: Runner, workdir: Path, cache: compile_cache.CacheUse | None
+) -> dict[str, Any]:
     t = cfg.train
     # A row snapshot is off the devices before the next checkpoint starts another.
     rows_steps = min(int(t.get("rows_save_steps", 50)), int(t.checkpoint_every))
@@ -558,6 +568,8 @@ def _run(cfg: Any, runner: Runner, workdir: Path) -> dict[str, Any]:
                 break
             if step == start:  # the train (and refresh) programs compiled and ran once
                 give_back_heap(done)
+                if cache is not None and cache.folder is not None:
+                    logger.write(done, "event", cache.counts())
     except Preempted:  # before the first step of this process: nothing new to save
         preempted, last_saved = True, start
         log.warning("SIGTERM before step %d: nothing new to save", start + 1)

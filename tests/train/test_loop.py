@@ -140,7 +140,10 @@ def test_sigterm_saves_a_checkpoint_from_which_resume_is_exact(tiny_bert, tmp_pa
     cmd, env = _cli(tiny_bert, tmp_path / "a", *extra)
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
 
-    cmd, env = _cli(tiny_bert, tmp_path / "b", *extra)
+    # Run b keeps its compiled programs (every one, however fast it compiled): the restart
+    # reads them back, and its losses and parameters are still run a's to the bit.
+    cmd, env = _cli(tiny_bert, tmp_path / "b", *extra, "--config.train.compile_cache=cc")
+    env = {**env, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -159,6 +162,11 @@ def test_sigterm_saves_a_checkpoint_from_which_resume_is_exact(tiny_bert, tmp_pa
     subprocess.run(cmd, env=env, cwd=ROOT, check=True, capture_output=True)
     losses = lambda w: [(r["step"], r["loss"]) for r in rows(w, "train")]
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    cache = [r for r in rows(tmp_path / "b", "event") if "compile_cache_read" in r]
+    assert [r["step"] for r in cache] == [1, saved + 1]  # after each start's first step
+    assert cache[0]["compile_cache_written"] > 0 and cache[0]["compile_cache_read"] == 0
+    assert cache[1]["compile_cache_read"] > 0  # the restart read programs back
+    assert not [r for r in rows(tmp_path / "a", "event") if "compile_cache_read" in r]
     a = load_file(str(tmp_path / "a" / "export" / "encoder" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "export" / "encoder" / "model.safetensors"))
     for k in a:
