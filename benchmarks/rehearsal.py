@@ -125,6 +125,7 @@ def overrides(data: Path, bert: Path, t5: Path, store: Path, args, refresh: str)
         f"--config.train.refresh_every={args.refresh_every}",
         f"--config.train.eval_every={every}",
         f"--config.train.checkpoint_every={every}",
+        "--config.train.compile_cache=compile_cache",  # as the launch scripts run it
         "--config.train.keep_checkpoints=2",
         "--config.eval.test_baseline=false",
         "--config.eval.metric=ndcg@10",
@@ -428,8 +429,16 @@ def main() -> None:
             job = Job(flags, run, args, w / f"{refresh}")
             while job.last_step() <= stopped and all(p.poll() is None for p in job.procs):
                 time.sleep(0.2)
-            table.append(("rolling: resume to the next step", f"{time.time() - t0:.1f} s"))
+            resumed = time.time() - t0
             job.wait()
+            cache = [x for x in rows(run) if "compile_cache_read" in x]  # process 0's
+            read = (
+                f" (programs read from the compile cache: {cache[-1]['compile_cache_read']:.0f}"
+                f" of {cache[-1]['compile_cache_looked_up']:.0f})"
+                if cache
+                else ""
+            )
+            table.append(("rolling: resume to the next step", f"{resumed:.1f} s{read}"))
             runtime = runtime_rss(args.devices)
             table.append(
                 (
@@ -499,8 +508,8 @@ def main() -> None:
             (c for c in (run / "checkpoints").iterdir() if c.name.isdigit()),
             key=lambda c: int(c.name),
         )
-        rows = ckpt.parent / f"rows-{ckpt.name}"  # the rolling index beside its step
-        rows_bytes = size(rows) if rows.is_dir() else 0
+        row_dir = ckpt.parent / f"rows-{ckpt.name}"  # the rolling index beside its step
+        rows_bytes = size(row_dir) if row_dir.is_dir() else 0
         table.append(
             (
                 f"{refresh}: checkpoint size",

@@ -13,7 +13,9 @@ host 0 alone and the others would still compile while it waits for them; the run
 inside it.
 Kills: JAX writes an entry in place. One cut short by a kill fails to decompress at every
 later start; JAX then warns and compiles, but never writes it again (an entry that exists
-is kept). `using` removes entries that do not decompress before the run compiles anything.
+is kept). `using` removes entries that do not decompress before the run compiles anything
+(every process at its start, before the distributed start that precedes any compilation of
+the job; it reads the folder once: the size of the run's programs, MBs to a few hundred).
 Trust: an entry is code the process runs: the folder must not be writable by others.
 """
 
