@@ -24,11 +24,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
+
+from jaxret.configlib import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,18 @@ def using(setting: str, workdir: Path) -> Iterator[CacheUse]:
     if folder is None:
         yield use
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK | os.X_OK)
+    except OSError as e:
+        writable, why = False, f"{type(e).__name__}: {e.strerror or e}"
+    else:
+        why = "not writable"
+    if not writable:
+        raise ConfigError(
+            f"train.compile_cache={setting!r}: {folder} cannot be used ({why}); give a "
+            "writable folder, or --config.train.compile_cache= to compile at every start"
+        )
     use.removed = remove_unreadable(folder)
     previous = jax.config.jax_compilation_cache_dir
 

@@ -100,3 +100,15 @@ def test_unreadable_entries_only_are_removed(tmp_path):
     assert compile_cache.remove_unreadable(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-cache", "c-atime"]
     assert compile_cache.remove_unreadable(tmp_path / "absent") == 0
+
+
+def test_a_folder_that_cannot_be_used_is_named(tmp_path):
+    """A cache path under a file (or without write permission) is one line naming the key
+    and the folder, before anything runs. Fails with a raw OSError if `using` just
+    creates the folder (tried)."""
+    from jaxret.configlib import ConfigError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"train.compile_cache='file/cc': .*file/cc"):
+        with compile_cache.using("file/cc", tmp_path):
+            pass
