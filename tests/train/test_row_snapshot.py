@@ -51,6 +51,27 @@ def _host(arrays):
     return {k: np.array(jax.device_get(v)) for k, v in arrays.items()}
 
 
+def test_load_after_check_reads_the_bytes_once(tmp_path, monkeypatch):
+    """`check` reads every saved piece for its CRC32; `load` (called after it) reads the rows
+    into the index and checks nothing again: no CRC32 computed. Before, `load` checked the
+    CRC32s again (a second pass over 2 GB per device at the paper's size, before the rows'
+    own read). Fails if `load` verifies (tried: `_sources(folder, like)` in `load`: 64
+    CRC32s, one per saved piece of each array)."""
+    mesh = _mesh()
+    arrays = _arrays(mesh)
+    snap = RowSnapshot(tmp_path / "rows-1", Rows(arrays, Q, PIECES, 0), PIECES)
+    snap.before_step(arrays)
+    snap.join()
+    assert row_snapshot.check(tmp_path / "rows-1", _arrays(mesh)) == ""
+    crcs = []
+    real = row_snapshot.zlib.crc32
+    monkeypatch.setattr(row_snapshot.zlib, "crc32", lambda *a: crcs.append(1) or real(*a))
+    back = row_snapshot.load(tmp_path / "rows-1", _arrays(mesh))
+    assert crcs == []
+    for k, v in _host(arrays).items():
+        np.testing.assert_array_equal(np.asarray(back[k]), v)
+
+
 @pytest.mark.parametrize("per_step", [1, 2])
 def test_snapshot_holds_the_rows_of_its_step_while_steps_overwrite_them(tmp_path, per_step):
     """A snapshot taken with the next piece = 3 (the ring 3, 4, 0, 1, 2; piece 3 is one row,
