@@ -125,7 +125,7 @@ def overrides(data: Path, bert: Path, t5: Path, store: Path, args, refresh: str)
         f"--config.train.refresh_every={args.refresh_every}",
         f"--config.train.eval_every={every}",
         f"--config.train.checkpoint_every={every}",
-        "--config.train.compile_cache=compile_cache",  # as the launch scripts run it
+        f"--config.train.compile_cache={args.compile_cache}",  # as the launch scripts run it
         "--config.train.keep_checkpoints=2",
         "--config.eval.test_baseline=false",
         "--config.eval.metric=ndcg@10",
@@ -356,6 +356,11 @@ def main() -> None:
     p.add_argument("--refresh-every", type=int, default=500)
     p.add_argument("--every", type=int, default=250, help="dev evaluation and checkpoint")
     p.add_argument("--eval-slices", type=int, default=8, help="a dev evaluation's steps")
+    p.add_argument(
+        "--compile-cache",
+        default="compile_cache",
+        help='train.compile_cache of the runs (as the launch scripts set it; "" off)',
+    )
     p.add_argument("--workdir", type=Path, default=Path("/tmp/jaxret-rehearsal"))
     p.add_argument(
         "--modes",
