@@ -10,7 +10,11 @@ Where: a folder every process of the job reads. JAX writes entries from process 
 spare shared filesystems concurrent writers), so a folder local to each host would speed up
 host 0 alone and the others would still compile while it waits for them; the run's workdir
 (shared: its checkpoints are there) is the natural place, hence a relative path is taken
-inside it.
+inside it. The other processes read process 0's entries where the key is the same in every
+process: on GPU JAX strips the device assignment from it for that purpose, and a TPU
+slice's topology is the pod's (jax/_src/cache_key.py, jax 0.10.2). On CPU the key holds
+each process's own topology, so in a multi-process CPU job (the rehearsal) only process 0
+reads its programs back and the others compile at every start (measured, docs/scaling.md).
 Kills: JAX writes an entry in place. One cut short by a kill fails to decompress at every
 later start; JAX then warns and compiles, but never writes it again (an entry that exists
 is kept). `using` removes entries that do not decompress before the run compiles anything
