@@ -309,6 +309,20 @@ def _old_blocks(new_blocks: list[int], new_rps: int, old_rps: int, old_rows: int
     return sorted(need)
 
 
+def _bad_piece(
+    path: Path, pos: int, rps: int, row_bytes: int, q: int, pieces: int, crcs: list[int]
+) -> int | None:
+    """The first piece of the block at `pos` of `path` whose bytes differ from its CRC32,
+    or None: every piece is read once."""
+    with open(path, "rb") as f:
+        for piece in range(min(pieces, math.ceil(rps / q))):
+            lo, hi = piece * q, min((piece + 1) * q, rps)
+            f.seek((pos * rps + lo) * row_bytes)
+            if zlib.crc32(f.read((hi - lo) * row_bytes)) != crcs[piece]:
+                return piece
+    return None
+
+
 def _sources(
     folder: Path, like: dict[str, jax.Array], verify: bool = True
 ) -> tuple[dict | None, str]:
@@ -347,12 +361,9 @@ def _sources(
             if not path.is_file() or path.stat().st_size < (pos + 1) * old_rps * row_bytes:
                 return None, f"{path.name} is missing or truncated"
             crcs = manifests[process]["arrays"][k]["crc32"][pos]
-            with open(path, "rb") if verify else contextlib.nullcontext() as f:
-                for piece in range(min(pieces, math.ceil(old_rps / q)) if verify else 0):
-                    lo, hi = piece * q, min((piece + 1) * q, old_rps)
-                    f.seek((pos * old_rps + lo) * row_bytes)
-                    if zlib.crc32(f.read((hi - lo) * row_bytes)) != crcs[piece]:
-                        return None, f"{path.name} block {block} piece {piece}: CRC32 differs"
+            bad = _bad_piece(path, pos, old_rps, row_bytes, q, pieces, crcs) if verify else None
+            if bad is not None:
+                return None, f"{path.name} block {block} piece {bad}: CRC32 differs"
             sources[block] = (path, pos * old_rps * row_bytes)
         out[k] = (old_rps, old_rows, sources)
     return out, ""
