@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jaxret.configlib import load_config  # noqa: E402
 from jaxret.index.mips import RowLayout, row_sharding  # noqa: E402
+from jaxret.index.rolling import rolling_refresher, slice_plan  # noqa: E402
 from jaxret.index.sharded import ShardedIndex  # noqa: E402
 from jaxret.methods.art import step as art  # noqa: E402
 from jaxret.models import dual_encoder as de  # noqa: E402
@@ -41,6 +42,7 @@ from jaxret.models.hf_bert import abstract_params as bert_params  # noqa: E402
 from jaxret.models.t5 import T5Config  # noqa: E402
 from jaxret.parallel import make_mesh  # noqa: E402
 from jaxret.parallel.activations import Activations  # noqa: E402
+from jaxret.parallel.compiled import program  # noqa: E402
 from jaxret.teachers.t5_teacher import (  # noqa: E402
     TeacherSpec,
     abstract_teacher,
@@ -55,6 +57,13 @@ TEACHERS = {  # config.json fields of the paper's teachers
     "google/t5-xxl-lm-adapt": dict(d_model=4096, d_ff=10240, num_layers=24, num_heads=64),
 }
 GB = 1e9
+# Dense bf16 peak per device, from the vendors' datasheets (A100: 312 TFLOP/s without
+# sparsity; TPU v4: 275 TFLOP/s per chip), and the share of it assumed reached.
+PEAK_BF16 = {"A100-40GB": 312e12, "TPU v4 chip": 275e12}
+MFU = 0.40
+# DPR's qas/nq-train.csv, the file ART's script trains on
+# (examples/zero-shot-retriever-training/art-nq-T0-3B.sh:7).
+NQ_TRAIN_QUESTIONS = 79_168
 
 
 def teacher_config(name, layers=None):
@@ -107,12 +116,18 @@ def abstract(tree, shardings):
     )
 
 
-def compile_step(cfg, mesh, rows_per_device, batch):
-    bert = BertConfig(add_pooler=False)  # bert-base-uncased / MSS towers
+def student(cfg, mesh):
+    """The BERT-base towers (bert-base-uncased / MSS): encoder, spec, abstract parameters."""
+    bert = BertConfig(add_pooler=False)
     spec = de.EncoderSpec.from_config(cfg.model)
     encoder = de.DualEncoder(bert, spec, Activations.for_strategy(mesh, cfg.mesh.param_sharding))
     towers = ("shared",) if spec.shared else ("query", "passage")
-    params = {t: bert_params(bert) for t in towers}
+    return encoder, spec, {t: bert_params(bert) for t in towers}
+
+
+def compile_step(cfg, mesh, rows_per_device, batch):
+    encoder, spec, params = student(cfg, mesh)
+    bert = encoder.bert
     t5 = teacher_config(cfg.teacher.model)
     tspec = TeacherSpec(
         max_passage_length=cfg.teacher.max_passage_length,
@@ -187,7 +202,8 @@ def main():
         chunk_pairs=cfg.teacher.chunk_pairs,
     )
     if not args.teacher_only:
-        step_table(cfg, mesh, args, batch)
+        compiled = step_table(cfg, mesh, args, batch)
+        time_table(cfg, mesh, args, batch, compiled)
     teacher_table(cfg.teacher.model, mesh, tspec, batch * cfg.art.top_k)
     print(
         "bf16 on XLA:CPU: the CPU compiler multiplies bf16 in fp32 and converts the whole "
@@ -233,6 +249,79 @@ def step_table(cfg, mesh, args, batch):
     print(f"  parameters, optimizer, teacher shard (measured) {fixed_args / GB:.2f} GB")
     print(f"  activations and other temporaries (measured)   {temp_b / GB:.2f} GB")
     print(f"  total per device ≈ {total / GB:.2f} GB")
+    return compiled
+
+
+def refresh_flops(cfg, mesh, rows_per_device: int) -> tuple[float, int, int]:
+    """(per-device matmul FLOPs, rows, encoder calls) of one rolling-refresh step at
+    `rows_per_device`, from the compiled refresh program (loops × their trip counts)."""
+    encoder, spec, params = student(cfg, mesh)
+    layout = RowLayout(
+        rows_per_device * mesh.size, mesh.size, rows_per_device, cfg.encode.chunk_rows
+    )
+    rows = row_sharding(mesh)
+    refresh_every = cfg.train.refresh_every
+    s, chunk = slice_plan(layout, refresh_every, cfg.encode.device_batch)
+    fn = rolling_refresher(encoder, mesh, layout, refresh_every, cfg.encode.device_batch)
+    table = jax.ShapeDtypeStruct(
+        (layout.padded_rows, spec.max_passage_length), jnp.uint16, sharding=rows
+    )
+    emb = jax.ShapeDtypeStruct((layout.padded_rows, encoder.dim), jnp.bfloat16, sharding=rows)
+    stale = jax.ShapeDtypeStruct((layout.padded_rows,), jnp.int32, sharding=rows)
+    compiled = fn.lower(params, {"input_ids": table}, emb, stale, 1).compile()
+    return program(compiled).dot_flops(), s, s // chunk
+
+
+def mips_flops(cfg, mesh, rows_per_device: int, queries: int) -> float:
+    """Per-device matmul FLOPs of the exact search of `queries` queries (the step's index
+    search) over `rows_per_device` rows per device, from its compiled program."""
+    layout = RowLayout(
+        rows_per_device * mesh.size, mesh.size, rows_per_device, cfg.encode.chunk_rows
+    )
+    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.encode.index_dtype]
+    emb = jax.ShapeDtypeStruct((layout.padded_rows, 768), dtype, sharding=row_sharding(mesh))
+    index = ShardedIndex(emb, layout, mesh)
+    q = jax.ShapeDtypeStruct((queries, 768), jnp.float32, sharding=NamedSharding(mesh, P()))
+    search = jax.jit(lambda index, q: index.search(q, cfg.art.top_k))
+    return program(search.lower(index, q).compile()).dot_flops()
+
+
+def time_table(cfg, mesh, args, batch, compiled):
+    """Per-device matmul FLOPs of one step at the paper's size, from the compiled programs,
+    and the time they take at `MFU` of each device's bf16 peak: computed, not measured."""
+    layout = RowLayout.for_shards(WIKI_ROWS, args.paper_devices, cfg.encode.chunk_rows)
+    paper_batch = cfg.train.batch_size
+    # The step compiled here searches its `batch` questions over `rows_per_device` rows; the
+    # paper's searches all 64 over 1.34M rows per device: swap the one search for the other.
+    mips_here = mips_flops(cfg, mesh, args.rows_per_device, batch)
+    mips_paper = mips_flops(cfg, mesh, layout.rows_per_shard, paper_batch)
+    step = program(compiled).dot_flops() - mips_here + mips_paper
+    refresh, s, calls = refresh_flops(cfg, mesh, layout.rows_per_shard)
+    steps = cfg.train.epochs * math.ceil(NQ_TRAIN_QUESTIONS / paper_batch)
+    print(
+        f"\nper-device matmul FLOPs per step at {WIKI_ROWS:,} passages on "
+        f"{args.paper_devices} devices ({layout.rows_per_shard:,} rows each; compiled, loops "
+        "× trip counts):"
+    )
+    print(
+        f"  train step {step / 1e12:.1f} TFLOP (of which the MIPS scan "
+        f"{mips_paper / 1e12:.2f}); rolling refresh {refresh / 1e12:.1f} TFLOP ({s:,} rows "
+        f"in {calls} encoder calls per device)"
+    )
+    print(
+        f"computed at {MFU:.0%} of the bf16 peak; {steps:,} steps ({cfg.train.epochs} epochs "
+        f"of {NQ_TRAIN_QUESTIONS:,} questions, batch {paper_batch}):"
+    )
+    print("| device | train step | + rolling refresh | sync refresh (whole corpus) | run |")
+    print("|---|---|---|---|---|")
+    for device, peak in PEAK_BF16.items():
+        rate = peak * MFU
+        sync = refresh * cfg.train.refresh_every / rate  # the same rows, all at once
+        run = steps * (step + refresh) / rate
+        print(
+            f"| {device} | {step / rate:.2f} s | {(step + refresh) / rate:.2f} s | "
+            f"{sync / 60:.1f} min | {run / 3600:.1f} h |"
+        )
 
 
 if __name__ == "__main__":
