@@ -11,6 +11,11 @@ per-device batch (64 questions over 16 devices = 4 per device) and a reduced cor
 device: arguments (parameters, optimizer state, index, tables), outputs, and temporaries
 (activations, teacher attention, logits chunk, MIPS buffers). The corpus-dependent part is then
 extrapolated by formula to 21,015,324 passages on 16 devices; the rest is per device already.
+
+Time, computed: the per-device matmul FLOPs of the step (its index search swapped for the
+paper's 64 questions over 1.34M rows per device) and of one rolling-refresh slice at the
+paper's rows per device, both from compiled programs with loops × their trip counts
+(`jaxret.parallel.compiled`), at an assumed `MFU` of the A100's and the TPU v4's bf16 peak.
 """
 
 import argparse
@@ -116,6 +121,10 @@ def abstract(tree, shardings):
     )
 
 
+def index_dtype(cfg):
+    return {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.encode.index_dtype]
+
+
 def student(cfg, mesh):
     """The BERT-base towers (bert-base-uncased / MSS): encoder, spec, abstract parameters."""
     bert = BertConfig(add_pooler=False)
@@ -146,9 +155,8 @@ def compile_step(cfg, mesh, rows_per_device, batch):
     n = rows_per_device * mesh.size
     layout = RowLayout.for_mesh(n, mesh, cfg.encode.chunk_rows)
     rows = row_sharding(mesh)
-    index_dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.encode.index_dtype]
     embeddings = jax.ShapeDtypeStruct(
-        (layout.padded_rows, bert.hidden_size), index_dtype, sharding=rows
+        (layout.padded_rows, bert.hidden_size), index_dtype(cfg), sharding=rows
     )
     index = ShardedIndex(embeddings, layout, mesh)
     lp, lt = spec.max_passage_length, tspec.max_passage_length
@@ -266,7 +274,7 @@ def refresh_flops(cfg, mesh, rows_per_device: int) -> tuple[float, int, int]:
     table = jax.ShapeDtypeStruct(
         (layout.padded_rows, spec.max_passage_length), jnp.uint16, sharding=rows
     )
-    emb = jax.ShapeDtypeStruct((layout.padded_rows, encoder.dim), jnp.bfloat16, sharding=rows)
+    emb = jax.ShapeDtypeStruct((layout.padded_rows, encoder.dim), index_dtype(cfg), sharding=rows)
     stale = jax.ShapeDtypeStruct((layout.padded_rows,), jnp.int32, sharding=rows)
     compiled = fn.lower(params, {"input_ids": table}, emb, stale, 1).compile()
     return program(compiled).dot_flops(), s, s // chunk
@@ -278,10 +286,11 @@ def mips_flops(cfg, mesh, rows_per_device: int, queries: int) -> float:
     layout = RowLayout(
         rows_per_device * mesh.size, mesh.size, rows_per_device, cfg.encode.chunk_rows
     )
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[cfg.encode.index_dtype]
-    emb = jax.ShapeDtypeStruct((layout.padded_rows, 768), dtype, sharding=row_sharding(mesh))
+    dtype = index_dtype(cfg)
+    dim = student(cfg, mesh)[0].dim  # [rows, dim] index, [queries, dim] queries
+    emb = jax.ShapeDtypeStruct((layout.padded_rows, dim), dtype, sharding=row_sharding(mesh))
     index = ShardedIndex(emb, layout, mesh)
-    q = jax.ShapeDtypeStruct((queries, 768), jnp.float32, sharding=NamedSharding(mesh, P()))
+    q = jax.ShapeDtypeStruct((queries, dim), jnp.float32, sharding=NamedSharding(mesh, P()))
     search = jax.jit(lambda index, q: index.search(q, cfg.art.top_k))
     return program(search.lower(index, q).compile()).dot_flops()
 
