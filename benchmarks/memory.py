@@ -280,14 +280,13 @@ def refresh_flops(cfg, mesh, rows_per_device: int) -> tuple[float, int, int]:
     return program(compiled).dot_flops(), s, s // chunk
 
 
-def mips_flops(cfg, mesh, rows_per_device: int, queries: int) -> float:
-    """Per-device matmul FLOPs of the exact search of `queries` queries (the step's index
-    search) over `rows_per_device` rows per device, from its compiled program."""
+def mips_flops(cfg, mesh, rows_per_device: int, queries: int, dim: int) -> float:
+    """Per-device matmul FLOPs of the exact search of `queries` queries of width `dim` (the
+    step's index search) over `rows_per_device` rows per device, from its compiled program."""
     layout = RowLayout(
         rows_per_device * mesh.size, mesh.size, rows_per_device, cfg.encode.chunk_rows
     )
     dtype = index_dtype(cfg)
-    dim = student(cfg, mesh)[0].dim  # [rows, dim] index, [queries, dim] queries
     emb = jax.ShapeDtypeStruct((layout.padded_rows, dim), dtype, sharding=row_sharding(mesh))
     index = ShardedIndex(emb, layout, mesh)
     q = jax.ShapeDtypeStruct((queries, dim), jnp.float32, sharding=NamedSharding(mesh, P()))
@@ -302,8 +301,9 @@ def time_table(cfg, mesh, args, batch, compiled):
     paper_batch = cfg.train.batch_size
     # The step compiled here searches its `batch` questions over `rows_per_device` rows; the
     # paper's searches all 64 over 1.34M rows per device: swap the one search for the other.
-    mips_here = mips_flops(cfg, mesh, args.rows_per_device, batch)
-    mips_paper = mips_flops(cfg, mesh, layout.rows_per_shard, paper_batch)
+    dim = student(cfg, mesh)[0].dim  # [rows, dim] index, [queries, dim] queries
+    mips_here = mips_flops(cfg, mesh, args.rows_per_device, batch, dim)
+    mips_paper = mips_flops(cfg, mesh, layout.rows_per_shard, paper_batch, dim)
     step = program(compiled).dot_flops() - mips_here + mips_paper
     refresh, s, calls = refresh_flops(cfg, mesh, layout.rows_per_shard)
     steps = cfg.train.epochs * math.ceil(NQ_TRAIN_QUESTIONS / paper_batch)
