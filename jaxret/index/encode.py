@@ -263,10 +263,23 @@ def refresh_index(
     return ShardedIndex(emb, index.layout, index.mesh, tuple(sorted(meta.items())))
 
 
+def abstract_index(layout: RowLayout, mesh: Mesh, dim: int, dtype: str) -> ShardedIndex:
+    """The index's shape, storage dtype and layout with no memory behind it
+    (`jax.ShapeDtypeStruct` rows): what a program that takes the index compiles against
+    before the index is allocated."""
+    stored = storage_dtype(index_dtype(dtype), mesh)
+    rows = jax.ShapeDtypeStruct((layout.padded_rows, dim), stored, sharding=row_sharding(mesh))
+    return ShardedIndex(rows, layout, mesh, ())
+
+
+def is_allocated(index: ShardedIndex) -> bool:
+    return isinstance(index.embeddings, jax.Array)
+
+
 def empty_index(layout: RowLayout, mesh: Mesh, dim: int, dtype: str) -> ShardedIndex:
     """A zero index of the right shape and layout (the donor for the first refresh)."""
-    stored = storage_dtype(index_dtype(dtype), mesh)
+    rows = abstract_index(layout, mesh, dim, dtype).embeddings
     zeros = jax.jit(
-        lambda: jnp.zeros((layout.padded_rows, dim), stored), out_shardings=row_sharding(mesh)
+        lambda: jnp.zeros(rows.shape, rows.dtype), out_shardings=rows.sharding
     )()  # zero bits are 0.0 in every storage
     return ShardedIndex(zeros, layout, mesh, ())

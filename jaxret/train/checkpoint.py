@@ -113,6 +113,7 @@ class _Background:
         self.error: BaseException | None = None
 
         def run() -> None:
+            row_snapshot.yield_to_training()
             try:
                 work(*args)
             except BaseException as e:

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -45,6 +46,18 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 log = logging.getLogger(__name__)
 PREFIX = "rows-"  # <checkpoints>/rows-<step>/
+BACKGROUND_NICE = 10  # a CFS weight of 110 against the training threads' 1024 (nice 0)
+
+
+def yield_to_training() -> None:
+    """Lowers the calling thread's CPU priority (on Linux a thread has its own nice value):
+    a background write (row pieces, checksums) then runs on cores training leaves idle and
+    slows no step — on a CPU host XLA's threads compute the step, on GPU/TPU the training
+    thread dispatches it. Only a thread that does nothing else calls it (lowering is
+    one-way without privileges); elsewhere (nice is per process) it does nothing."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,6 +202,7 @@ class RowSnapshot:
                     raise RuntimeError("row snapshot: the writer thread stopped") from None
 
     def _write_all(self) -> None:
+        yield_to_training()
         try:
             while True:
                 item = self.queue.get()

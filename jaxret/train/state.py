@@ -8,6 +8,8 @@ checkpoints a state that is not finite.
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import flax
@@ -15,6 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxret.errors import RunError
+
+log = logging.getLogger(__name__)
+GB = 1e9
 
 
 @flax.struct.dataclass
@@ -113,3 +120,52 @@ def jit_step(step: Any, mesh: Mesh, in_shardings: tuple, carry: tuple[int, ...] 
         out_shardings=(in_shardings[0], NamedSharding(mesh, PartitionSpec()), *carried),
         donate_argnums=(0, *carry),
     )
+
+
+def device_bytes_needed(compiled: Any) -> int:
+    """Bytes one device holds while `compiled` runs (XLA's buffer assignment, per device):
+    its arguments, its outputs that do not reuse a donated argument, and its temporaries."""
+    m = compiled.memory_analysis()
+    out = m.output_size_in_bytes - m.alias_size_in_bytes
+    return int(m.argument_size_in_bytes + out + m.temp_size_in_bytes)
+
+
+def device_bytes_limit() -> int | None:
+    """What XLA may allocate on this process's first device (GPU, TPU), or None (CPU:
+    the host's memory, no fixed limit)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def compile_ahead(
+    step: Any, args: tuple, what: str, fixes: str, bytes_limit: int | None = None
+) -> Any:
+    """The jitted `step` compiled now for `args` (arrays, or `jax.ShapeDtypeStruct`s with
+    shardings for arguments not allocated yet) → the compiled program, called like `step`.
+
+    Compiled before the large arrays exist, the compiler's host memory is never added to
+    theirs (+0.4 GB for seconds at the rehearsal's start, docs/scaling.md), and a program
+    that cannot fit a device is refused here, in one line naming `fixes`, before the
+    corpus is encoded — XLA on GPU would fail at the first call, minutes later. The limit
+    is the device's (`device_bytes_limit`) unless given."""
+    t0 = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    m = compiled.memory_analysis()
+    need = device_bytes_needed(compiled)
+    log.info(
+        "%s compiled in %.1fs: %.2f GB per device (arguments %.2f, temporaries %.2f)",
+        what,
+        time.perf_counter() - t0,
+        need / GB,
+        m.argument_size_in_bytes / GB,
+        m.temp_size_in_bytes / GB,
+    )
+    limit = device_bytes_limit() if bytes_limit is None else bytes_limit
+    if limit is not None and need > limit:
+        raise RunError(
+            f"{what} needs {need / GB:.2f} GB per device (arguments "
+            f"{m.argument_size_in_bytes / GB:.2f}, temporaries {m.temp_size_in_bytes / GB:.2f}, "
+            f"new outputs {(m.output_size_in_bytes - m.alias_size_in_bytes) / GB:.2f}) and a "
+            f"device can hold {limit / GB:.2f} GB: {fixes}"
+        )
+    return compiled

@@ -168,3 +168,21 @@ def test_a_row_snapshot_never_removes_another_process_files(tmp_path):
     mgr.wait()
     assert (folder / "embeddings.process_1.bin").read_bytes() == b"process 1's rows"
     assert (folder / "manifest.process_0.json").is_file()
+
+
+def test_background_work_runs_at_a_lower_cpu_priority():
+    """The checkpoint's background work (the seal's checksums of every file, the best
+    link) runs at nice `BACKGROUND_NICE` on its own thread; the caller's priority is
+    unchanged. Fails if `_Background` does not call `yield_to_training` (tried)."""
+    import os
+
+    from jaxret.train import row_snapshot
+
+    tid = lambda: threading.get_native_id()
+    mine = os.getpriority(os.PRIO_PROCESS, tid())
+    seen = []
+    checkpoint._Background(
+        "seal", lambda: seen.append(os.getpriority(os.PRIO_PROCESS, tid()))
+    ).join()
+    assert seen == [max(mine, row_snapshot.BACKGROUND_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, tid()) == mine

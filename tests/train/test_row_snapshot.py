@@ -274,3 +274,30 @@ def test_load_writes_into_the_donor_in_chunks(tmp_path):
     assert after == address
     for k in expect:
         np.testing.assert_array_equal(np.asarray(back[k]), expect[k])
+
+
+def test_the_writer_thread_runs_at_a_lower_cpu_priority(tmp_path, monkeypatch):
+    """The writer copies, checksums and writes pieces at nice `BACKGROUND_NICE` (its own
+    thread's value, read from inside `_write`) while the calling thread keeps its priority:
+    on a CPU host the step's threads get the cores first. Fails if the writer does not
+    lower its priority (tried: the `yield_to_training()` call removed), or if it lowers the
+    whole process's."""
+    import os
+    import threading
+
+    seen = []
+    real = RowSnapshot._write
+
+    def write(self, *a):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return real(self, *a)
+
+    monkeypatch.setattr(RowSnapshot, "_write", write)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    arrays = _arrays(_mesh())
+    snap = RowSnapshot(tmp_path / "rows-5", Rows(arrays, Q, PIECES, 0), PIECES)
+    snap.finish(arrays)
+    snap.join()
+    assert row_snapshot.complete(tmp_path / "rows-5")
+    assert seen == [max(mine, row_snapshot.BACKGROUND_NICE)] * (PIECES - 1)  # piece 4 empty
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

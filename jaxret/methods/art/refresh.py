@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxret.configlib import ConfigError
-from jaxret.index.encode import empty_index
+from jaxret.index.encode import abstract_index, empty_index, is_allocated
 from jaxret.index.mips import BF16_BITS, RowLayout, row_sharding
 from jaxret.index.rolling import (
     empty_staleness,
@@ -66,11 +66,19 @@ class SyncRefresh:
         self.passage_tables, self.corpus_hash = passage_tables, corpus_hash
         self.refresh_every = int(cfg.train.refresh_every)
         self.index_params = _copy(passage_params)  # the tower that built `index` (None: state's)
-        self.index = empty_index(layout, mesh, encoder.dim, cfg.encode.index_dtype)
+        # Allocated at first use (`allocated`): the train step compiles before it exists.
+        self.index = abstract_index(layout, mesh, encoder.dim, cfg.encode.index_dtype)
         # The step whose parameters built all of `index`; None: its rows are of several steps.
         self.index_step: int | None = 0
         self.pending: tuple[int, str] | None = (0, "start")  # (step, why) to encode at use
         self.done = 0
+
+    def allocated(self) -> ShardedIndex:
+        """The index, its memory allocated (zero rows) if it was not yet."""
+        if not is_allocated(self.index):
+            dtype = self.cfg.encode.index_dtype
+            self.index = empty_index(self.layout, self.mesh, self.encoder.dim, dtype)
+        return self.index
 
     # -- the train step -------------------------------------------------------------------
 
@@ -78,6 +86,10 @@ class SyncRefresh:
 
     def step_in_shardings(self) -> tuple:
         """Extra in_shardings of the train step (after the teacher's)."""
+        return ()
+
+    def step_args(self) -> tuple:
+        """Extra arguments of the train step (after the teacher's), as `train_step` passes."""
         return ()
 
     def ensure(self, state: Any) -> None:
@@ -88,7 +100,7 @@ class SyncRefresh:
         params = self.index_params
         if params is None:
             params = self.encoder.tower_params(state.params, "passage")
-        self.index = self.encode(params, step, why, self.index)
+        self.index = self.encode(params, step, why, self.allocated())
         self.index_step, self.pending = step, None
 
     def train_step(self, step_fn: Any, state: Any, args: tuple) -> tuple[Any, dict]:
@@ -156,6 +168,9 @@ class RollingRefresh(SyncRefresh):
     def step_in_shardings(self) -> tuple:
         return (row_sharding(self.mesh),) if self.program == "fused" else ()
 
+    def step_args(self) -> tuple:
+        return (self.stale,) if self.program == "fused" else ()
+
     def ensure(self, state: Any) -> None:
         if self.pending is None:
             return
@@ -208,7 +223,8 @@ class RollingRefresh(SyncRefresh):
         names their storage (`mips.storage_dtype`): bf16 rows stored as bits on CPU are
         not restored into bf16 on GPU/TPU (the dtypes differ: refused, re-encoded)."""
         s = slice_rows(self.layout, self.refresh_every, self.cfg.encode.device_batch)
-        arrays = {_rows_key(self.index.embeddings): self.index.embeddings, "stale": self.stale}
+        embeddings = self.allocated().embeddings
+        arrays = {_rows_key(embeddings): embeddings, "stale": self.stale}
         return Rows(arrays, s, self.refresh_every, self.done % self.refresh_every)
 
     def aux_meta(self) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from jaxret.train.setup import (
     rows_on_devices,
     store_folder,
 )
+from jaxret.train.state import compile_ahead
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,15 @@ class ArtRun(RetrieverRunner):
             self.teacher,
             self.refresh.fused_update,
         )
+        # Compiled now, against the index's shape: before the index (and the first
+        # evaluation's encoding) takes its memory, and refused here if it cannot fit.
+        self.step_fn = compile_ahead(
+            self.step_fn,
+            (self.state, self.batch_at(0), *self._step_inputs(), *self.refresh.step_args()),
+            "the ART train step",
+            "use more devices (fewer rows each), a smaller train.batch_size or art.top_k, "
+            "encode.index_dtype=bfloat16, or teacher.param_sharding=fsdp",
+        )
 
     # -- pieces ----------------------------------------------------------------------------
 
@@ -295,14 +305,12 @@ class ArtRun(RetrieverRunner):
 
     def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
         self.refresh.ensure(state)
-        args = (
-            batch,
-            self.refresh.index,
-            self.passage_tables,
-            self.teacher_tables,
-            self.teacher_params,
-        )
-        return self.refresh.train_step(self.step_fn, state, args)
+        return self.refresh.train_step(self.step_fn, state, (batch, *self._step_inputs()))
+
+    def _step_inputs(self) -> tuple:
+        """The train step's arguments after the state and the batch, but the refresh's own
+        (`refresh.step_args`, which `refresh.train_step` adds)."""
+        return (self.refresh.index, self.passage_tables, self.teacher_tables, self.teacher_params)
 
     def after_step(self, state: Any, done: int) -> dict[str, float] | None:
         """The index refresh of `art.refresh` (refresh.py), and the encodings it logged."""

@@ -834,3 +834,42 @@ def test_a_rolling_run_resumes_on_fewer_devices(tiny_bert, tmp_path, monkeypatch
         np.testing.assert_array_equal(rows_b[key], rows_a[key])
     assert len(np.unique(rows_a["stale"])) > 1  # rows of several steps: their places matter
     assert [s for s, _ in train_losses(b)] == [1, 2, 3, 4]
+
+
+def test_the_train_step_compiles_before_the_index_exists(tiny_bert, tmp_path):
+    """A constructed run holds its train step compiled and its index not yet allocated: the
+    compiler's host memory never adds to the index's (the start's peak in the rehearsal,
+    docs/scaling.md). Fails if the refresh allocates its index at construction again, or if
+    the step is left to compile at its first call."""
+    from jaxret.index.encode import is_allocated
+    from jaxret.methods.art.runner import ArtRun
+
+    for refresh in ("sync", "rolling"):
+        run = ArtRun(config(tiny_bert, **{"art.refresh": refresh}), tmp_path / refresh)
+        assert isinstance(run.step_fn, jax.stages.Compiled)
+        assert not is_allocated(run.refresh.index)
+
+
+def test_a_train_step_that_cannot_fit_a_device_is_refused_before_any_encoding(
+    tiny_bert, tmp_path, monkeypatch, capsys
+):
+    """On a device that holds less than the compiled step needs (a GPU's `bytes_limit`,
+    here 1 MB), `jaxret train` stops with one line naming the config keys to change, before
+    the corpus is encoded once; fails if the limit is not checked (the run trains) or is
+    checked only at the first step (after the start's encoding)."""
+    from jaxret import cli
+    from jaxret.methods.art import runner as art_run
+    from jaxret.train import state as st
+
+    calls = []
+    real = art_run.refresh_in_slices
+    monkeypatch.setattr(
+        art_run, "refresh_in_slices", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    monkeypatch.setattr(st, "device_bytes_limit", lambda: 10**6)
+    argv = ["train", "--config=configs/art.py:tiny", f"--config.model.name={tiny_bert}"]
+    assert cli.main([*argv, "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the ART train step needs" in err[0], err
+    assert "device can hold 0.00 GB" in err[0] and "train.batch_size" in err[0]
+    assert calls == []
