@@ -171,6 +171,42 @@ def proc_status(pid: int | str, key: str) -> int:
     return 0
 
 
+def cpu_sample(pids: list[int]) -> tuple[float, float, float, float]:
+    """(unix time, core-seconds the machine spent busy, of them stolen by the hypervisor,
+    of them the run's processes') from /proc: the CPU beside the run is busy − ours."""
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _, _, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    ours = 0
+    for pid in pids:
+        try:  # utime, stime: fields 14 and 15, counted after the ")" that ends the name
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ours += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    busy = user + nice + system + irq + softirq + steal
+    return time.time(), busy / hz, steal / hz, ours / hz
+
+
+def cpu_beside(samples: list[tuple], stats: dict) -> dict:
+    """Cores busy beside the run (other processes and the kernel; and the hypervisor's steal)
+    during the gaps of `step_stats`' slow steps and of its other steps: each interval
+    between two samples counts for the step whose gap holds its midpoint."""
+    times, slow, counted = stats["times"], stats["slow"], stats["gap_steps"]
+    steps = sorted(times)
+    ends = np.array([times[s] for s in steps])
+    sums = {True: np.zeros(3), False: np.zeros(3)}  # seconds, other core-s, steal core-s
+    for (t0, b0, s0, o0), (t1, b1, s1, o1) in zip(samples, samples[1:]):
+        i = int(np.searchsorted(ends, (t0 + t1) / 2))
+        if i == 0 or i >= len(steps) or steps[i] not in counted or o1 < o0:
+            continue  # before the first step, after the last, a restart's gap
+        other = (b1 - b0) - (s1 - s0) - (o1 - o0)
+        sums[steps[i] in slow] += (t1 - t0, other, s1 - s0)
+    rate = lambda v: (v[1] / v[0], v[2] / v[0]) if v[0] else (float("nan"),) * 2
+    return {"slow": rate(sums[True]), "rest": rate(sums[False])}
+
+
 def runtime_rss(devices: int) -> int:
     """Anonymous memory of a process that imported what a training process imports and made
     its devices, before any data or model: JAX, XLA and the libraries, nobody's share."""
@@ -233,9 +269,11 @@ class Job:
         self.anon = [0] * len(self.procs)  # peak anonymous RSS, polled
         self.anon_at = [0.0] * len(self.procs)  # when (unix seconds) each peak was seen
         # Peak anonymous RSS once two steps of this job have run: what a process holds while
-        # it trains, without the start's transients (compiling the step: +0.4 GB for ~5 s
-        # on top of everything loaded, docs/scaling.md).
+        # it trains, without the start's transients (the start's encoding and evaluation;
+        # until the step was compiled ahead, also its compilation on top of the index:
+        # +0.4 GB for ~5 s, docs/scaling.md).
         self.anon_training = [0] * len(self.procs)
+        self.cpu: list[tuple] = []  # cpu_sample at every poll
         self.first_step = self.last_step()
 
     def last_step(self) -> int:
@@ -252,6 +290,7 @@ class Job:
         while any(p.poll() is None for p in self.procs):
             self.rss = [max(r, proc_status(p.pid, "VmHWM")) for r, p in zip(self.rss, self.procs)]
             step = self.last_step()
+            self.cpu.append(cpu_sample([p.pid for p in self.procs]))
             for i, p in enumerate(self.procs):
                 now = proc_status(p.pid, "RssAnon")
                 if now > self.anon[i]:
@@ -312,6 +351,9 @@ def step_stats(
         "busy_max": float(max(at_work)[0]),
         "busy_max_step": int(max(at_work)[1]),
         "total": float(max(times.values()) - min(times.values())),
+        "times": times,
+        "gap_steps": set(steps),
+        "slow": {s for s, g in zip(steps, gaps) if g > 1.5 * np.median(gaps)},
     }
 
 
@@ -429,7 +471,7 @@ def main() -> None:
             assert ckpts[-1] == stopped, (ckpts, stopped)
             restarts = (0, stopped)
             first_rss, first_anon, first_at = job.rss, job.anon, job.anon_at  # to the SIGTERM
-            first_training = job.anon_training
+            first_training, first_cpu = job.anon_training, job.cpu
             t0 = time.time()
             job = Job(flags, run, args, w / f"{refresh}")
             while job.last_step() <= stopped and all(p.poll() is None for p in job.procs):
@@ -460,6 +502,7 @@ def main() -> None:
             job.rss = [max(a, b) for a, b in zip(job.rss, first_rss)]
             job.anon = [max(a, b) for a, b in zip(job.anon, first_anon)]
             job.anon_training = [max(a, b) for a, b in zip(job.anon_training, first_training)]
+            job.cpu = first_cpu + job.cpu
         else:
             first = time.time()
             while job.last_step() < 1 and all(p.poll() is None for p in job.procs):
@@ -493,6 +536,14 @@ def main() -> None:
                 f"{s['busy_max']:.3f} s at step {s['busy_max_step']} "
                 f"({s['busy_max'] / s['gap_p50']:.2f}× p50) / {s['plain_max']:.3f} s "
                 f"({s['plain_max'] / s['gap_p50']:.2f}× p50; p99 {s['plain_p99']:.3f} s)",
+            )
+        )
+        beside = cpu_beside(job.cpu, s)
+        table.append(
+            (
+                f"{refresh}: cores busy beside the run (other processes, kernel; hypervisor "
+                "steal) in the gaps above 1.5 × p50 / in the others",
+                "{:.2f}; {:.2f} / {:.2f}; {:.2f}".format(*beside["slow"], *beside["rest"]),
             )
         )
         table.append(
@@ -545,7 +596,7 @@ def main() -> None:
         )
         table.append(
             (
-                f"{refresh}: the same from the third step on (the start's compilation left out)",
+                f"{refresh}: the same from the third step on (the start's transients left out)",
                 " / ".join(
                     f"{(a - runtime) / 1e9:.2f} GB ({(a - runtime) / mine:.2f}×)"
                     for a in job.anon_training

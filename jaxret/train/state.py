@@ -137,6 +137,12 @@ def device_bytes_limit() -> int | None:
     return stats.get("bytes_limit")
 
 
+# What to change when a dual encoder's train step cannot fit a device (`compile_ahead`).
+RETRIEVER_FIXES = (
+    "a smaller train.batch_size, model.remat=both, mesh.param_sharding=fsdp, or more devices"
+)
+
+
 def compile_ahead(
     step: Any, args: tuple, what: str, fixes: str, bytes_limit: int | None = None
 ) -> Any:
@@ -152,14 +158,6 @@ def compile_ahead(
     compiled = step.lower(*args).compile()
     m = compiled.memory_analysis()
     need = device_bytes_needed(compiled)
-    log.info(
-        "%s compiled in %.1fs: %.2f GB per device (arguments %.2f, temporaries %.2f)",
-        what,
-        time.perf_counter() - t0,
-        need / GB,
-        m.argument_size_in_bytes / GB,
-        m.temp_size_in_bytes / GB,
-    )
     limit = device_bytes_limit() if bytes_limit is None else bytes_limit
     if limit is not None and need > limit:
         raise RunError(
@@ -168,4 +166,16 @@ def compile_ahead(
             f"new outputs {(m.output_size_in_bytes - m.alias_size_in_bytes) / GB:.2f}) and a "
             f"device can hold {limit / GB:.2f} GB: {fixes}"
         )
+    # Shown on accelerators and in multi-process jobs (a pod start-up fact, as the devices
+    # line is), logged quietly on a laptop.
+    level = logging.WARNING if limit is not None or jax.process_count() > 1 else logging.INFO
+    log.log(
+        level,
+        "%s compiled in %.1fs: %.2f GB per device (arguments %.2f, temporaries %.2f)",
+        what,
+        time.perf_counter() - t0,
+        need / GB,
+        m.argument_size_in_bytes / GB,
+        m.temp_size_in_bytes / GB,
+    )
     return compiled

@@ -199,3 +199,36 @@ def test_spar_validates_on_dev_questions_as_the_paper(tiny_bert, data_dir, tmp_p
     out = run.evaluate(run.state, 0)
     assert out["mrr"] == out["question_mrr"] and "sentence_mrr" in out
     assert out["questions"] == len(keep) and out["pool"] <= 2 * len(keep)
+
+
+@pytest.mark.parametrize(
+    "config, step, extra",
+    [
+        ("spar", "the SPAR train step", ()),
+        ("lapradoor", "the LaPraDoR train step", ()),
+        ("qgen", "the QGen generator's train step", ("generator.tokenizer",)),
+        (
+            "qgen",
+            "the QGen retriever's train step",
+            ("qgen.stage=retriever", "qgen.pairs=ict", f"data.train_dir={ROOT / 'data' / 'adi'}"),
+        ),
+    ],
+)
+def test_each_train_step_is_compiled_at_start_and_refused_if_it_cannot_fit(
+    tiny_bert, tmp_path, monkeypatch, capsys, config, step, extra
+):
+    """Every method's step is compiled while its run is built: on a device holding less
+    than it needs (a GPU's `bytes_limit`, here 1 MB) `jaxret train` stops before step 1 in
+    one line naming the step and what to change. Fails for a method whose runner leaves its
+    step to compile at the first call (then it trains: exit 0)."""
+    from jaxret import cli
+    from jaxret.train import state as st
+
+    monkeypatch.setattr(st, "device_bytes_limit", lambda: 10**6)
+    flags = [f"--config.{x}" if "=" in x else f"--config.{x}={tiny_bert}" for x in extra]
+    argv = ["train", f"--config=configs/{config}.py:tiny", f"--config.model.name={tiny_bert}"]
+    assert cli.main([*argv, *flags, "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err  # (with the store's progress bars, built inline)
+    (line,) = [x for x in err.splitlines() if x.startswith("jaxret: error:")]
+    assert f"{step} needs" in line and "train.batch_size" in line and "Traceback" not in err
+    assert not list(tmp_path.rglob("metrics.jsonl"))  # no step logged, no evaluation

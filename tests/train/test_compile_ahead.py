@@ -17,11 +17,12 @@ def two_matmuls(x):  # [N, N] → [N, N]; x @ x is a temporary the second matmul
     return jnp.tanh(x @ x) @ x
 
 
-def test_a_program_that_cannot_fit_is_refused_naming_the_fixes():
+def test_a_program_that_cannot_fit_is_refused_naming_the_fixes(caplog):
     """The bytes a device needs are arguments + new outputs + temporaries, reckoned from the
     arrays themselves: x, the result and at least the [N, N] product in between (3 · N² ·
     4 bytes). One byte less than that is refused with the fixes named; fails if the
-    temporaries are left out of `device_bytes_needed` (then 2 · N² · 4 fits)."""
+    temporaries are left out of `device_bytes_needed` (then 2 · N² · 4 fits). Where a limit
+    exists the compiled size is logged as a warning (seen on a pod), not on a refusal."""
     x = jax.ShapeDtypeStruct((N, N), jnp.float32)
     jitted = jax.jit(two_matmuls)
     floor = 3 * N * N * 4
@@ -29,7 +30,12 @@ def test_a_program_that_cannot_fit_is_refused_naming_the_fixes():
     assert floor <= need < floor + N * N * 4  # no second copy of anything
     with pytest.raises(RunError, match=r"needs 0\.00 GB per device .*: lower train\.batch_size"):
         st.compile_ahead(jitted, (x,), "the step", "lower train.batch_size", floor - 1)
+    ours = lambda: [r for r in caplog.records if r.name == st.log.name]
+    assert not ours()  # refused: the error line alone
     compiled = st.compile_ahead(jitted, (x,), "the step", "lower train.batch_size", need)
+    # A device with a limit (an accelerator): what it compiled to is shown, not just logged.
+    (record,) = ours()
+    assert record.levelname == "WARNING" and record.getMessage().startswith("the step compiled")
     a = np.random.RandomState(0).randn(N, N).astype(np.float32) / N
     np.testing.assert_allclose(
         np.asarray(compiled(a)), np.tanh(a.astype(np.float64) @ a) @ a, rtol=1e-4, atol=1e-6

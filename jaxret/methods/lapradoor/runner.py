@@ -34,6 +34,7 @@ from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.loop import Runner
 from jaxret.train.optim import make_optimizer, schedule, total_steps
 from jaxret.train.setup import batch_shardings, load_retriever, prepare_hint, store_folder
+from jaxret.train.state import compile_ahead
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,14 @@ class LapradoorRun(Runner):
         self.initial_params = params
         example = self.batch_at(0)
         in_shardings = (shardings, batch_shardings(mesh, example))
-        self.step_fn = icol.make_train_step(
-            self.encoder, self.optimizer, self.lr_at, self.icol, mesh, in_shardings
+        self.step_fn = compile_ahead(
+            icol.make_train_step(
+                self.encoder, self.optimizer, self.lr_at, self.icol, mesh, in_shardings
+            ),
+            (self.state, example),
+            "the LaPraDoR train step",
+            "a smaller train.batch_size or icol.queue_size, model.remat=both, "
+            "mesh.param_sharding=fsdp, or more devices",
         )
 
     def batch_at(self, step: int) -> dict[str, Any]:

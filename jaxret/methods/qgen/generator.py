@@ -27,6 +27,7 @@ from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.loop import Runner
 from jaxret.train.optim import start_training
 from jaxret.train.setup import batch_shardings
+from jaxret.train.state import compile_ahead
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +117,16 @@ class GeneratorRun(Runner):
         start = start_training(cfg, params, mesh, len(self.train_ids))
         self.total_steps, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
         self.state, self.shardings = start.state, start.shardings
-        in_shardings = (self.shardings, batch_shardings(mesh, self.batch_at(0)))
-        self.step_fn = gen_step.make_train_step(
-            self.generator, self.optimizer, mesh, in_shardings, dropout=g.dropout
+        example = self.batch_at(0)
+        in_shardings = (self.shardings, batch_shardings(mesh, example))
+        self.step_fn = compile_ahead(
+            gen_step.make_train_step(
+                self.generator, self.optimizer, mesh, in_shardings, dropout=g.dropout
+            ),
+            (self.state, example),
+            "the QGen generator's train step",
+            "a smaller train.batch_size or generator.max_input_length, generator.remat=True, "
+            "mesh.param_sharding=fsdp, or more devices",
         )
         self.dev_fn = jax.jit(self._dev_sums)
 

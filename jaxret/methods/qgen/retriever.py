@@ -36,6 +36,7 @@ from jaxret.train.setup import (
     rows_on_devices,
     store_folder,
 )
+from jaxret.train.state import RETRIEVER_FIXES, compile_ahead
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +126,19 @@ class RetrieverRun(RetrieverRunner):
         self.state, self.shardings = start.state, start.shardings
         self.initial_params = params
         ccfg = contrastive.ContrastiveConfig.for_encoder(self.encoder, dropout=cfg.qgen.dropout)
+        example = self.batch_at(0)
         in_shardings = (
             self.shardings,
-            batch_shardings(mesh, self.batch_at(0)),
+            batch_shardings(mesh, example),
             jax.tree.map(lambda _: row_sharding(mesh), self.tables),
         )
-        self.step_fn = contrastive.make_train_step(
-            encoder, self.optimizer, ccfg, mesh, in_shardings, self.layout
+        self.step_fn = compile_ahead(
+            contrastive.make_train_step(
+                encoder, self.optimizer, ccfg, mesh, in_shardings, self.layout
+            ),
+            (self.state, example, self.tables),
+            "the QGen retriever's train step",
+            RETRIEVER_FIXES,
         )
 
     def batch_at(self, step: int) -> dict[str, Any]:

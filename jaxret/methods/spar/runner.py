@@ -46,6 +46,7 @@ from jaxret.train.setup import (
     rows_on_devices,
     store_folder,
 )
+from jaxret.train.state import RETRIEVER_FIXES, compile_ahead
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +176,13 @@ class SparRun(RetrieverRunner):
             batch_shardings(mesh, example),
             jax.tree.map(lambda _: row_sharding(mesh), self.tables),
         )
-        self.step_fn = contrastive.make_train_step(
-            encoder, self.optimizer, ccfg, mesh, in_shardings, self.layout
+        self.step_fn = compile_ahead(
+            contrastive.make_train_step(
+                encoder, self.optimizer, ccfg, mesh, in_shardings, self.layout
+            ),
+            (self.state, example, self.tables),
+            "the SPAR train step",
+            RETRIEVER_FIXES,
         )
 
     def _eval_data(self) -> ev.EvalData | None:
