@@ -24,11 +24,19 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxret.index.gather import gather_rows
-from jaxret.index.mips import RowLayout
+from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.losses import contrastive_loss
 from jaxret.models.dual_encoder import DualEncoder
 from jaxret.parallel.axes import DATA
-from jaxret.train.state import TrainState, apply_gradients, jit_step, step_rng
+from jaxret.train.setup import batch_shardings
+from jaxret.train.state import (
+    RETRIEVER_FIXES,
+    TrainState,
+    apply_gradients,
+    compile_ahead,
+    jit_step,
+    step_rng,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,3 +143,26 @@ def make_train_step(
         return state, {**metrics, **update}
 
     return jit_step(step, mesh, in_shardings)
+
+
+def compile_train_step(
+    encoder: DualEncoder,
+    optimizer: optax.GradientTransformation,
+    cfg: ContrastiveConfig,
+    mesh: Mesh,
+    layout: RowLayout,
+    state: TrainState,
+    state_shardings: Any,
+    example: dict[str, Any],
+    tables: dict[str, jax.Array],
+    what: str,
+) -> Any:
+    """`make_train_step` for global batches like `example` over the row-sharded token
+    `tables`, compiled now (`compile_ahead`: refused in one line if a device cannot hold it)."""
+    in_shardings = (
+        state_shardings,
+        batch_shardings(mesh, example),
+        jax.tree.map(lambda _: row_sharding(mesh), tables),
+    )
+    step = make_train_step(encoder, optimizer, cfg, mesh, in_shardings, layout)
+    return compile_ahead(step, (state, example, tables), what, RETRIEVER_FIXES)

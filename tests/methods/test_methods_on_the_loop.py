@@ -205,12 +205,15 @@ def test_spar_validates_on_dev_questions_as_the_paper(tiny_bert, data_dir, tmp_p
     "config, step, extra",
     [
         ("spar", "the SPAR train step", ()),
-        ("lapradoor", "the LaPraDoR train step", ()),
+        # ~30-40 s each (their stores built inline): in make test-slow; the mechanism is
+        # tested fast in tests/train/test_compile_ahead.py
+        pytest.param("lapradoor", "the LaPraDoR train step", (), marks=pytest.mark.slow),
         ("qgen", "the QGen generator's train step", ("generator.tokenizer",)),
-        (
+        pytest.param(
             "qgen",
             "the QGen retriever's train step",
             ("qgen.stage=retriever", "qgen.pairs=ict", f"data.train_dir={ROOT / 'data' / 'adi'}"),
+            marks=pytest.mark.slow,
         ),
     ],
 )

@@ -10,7 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxret.configlib import ConfigError
@@ -20,7 +19,6 @@ from jaxret.data.readers import Corpus
 from jaxret.data.tokenization import Truncation, tokenize_queries
 from jaxret.eval import evaluate as ev
 from jaxret.index.encode import passage_table
-from jaxret.index.mips import row_sharding
 from jaxret.methods import contrastive
 from jaxret.methods.qgen.pairs import mined_pairs, pairs_fingerprint, read_pairs
 from jaxret.models import dual_encoder as de
@@ -30,13 +28,11 @@ from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.optim import start_training
 from jaxret.train.setup import (
     RetrieverRunner,
-    batch_shardings,
     load_retriever,
     prepare_hint,
     rows_on_devices,
     store_folder,
 )
-from jaxret.train.state import RETRIEVER_FIXES, compile_ahead
 
 log = logging.getLogger(__name__)
 
@@ -126,19 +122,17 @@ class RetrieverRun(RetrieverRunner):
         self.state, self.shardings = start.state, start.shardings
         self.initial_params = params
         ccfg = contrastive.ContrastiveConfig.for_encoder(self.encoder, dropout=cfg.qgen.dropout)
-        example = self.batch_at(0)
-        in_shardings = (
+        self.step_fn = contrastive.compile_train_step(
+            encoder,
+            self.optimizer,
+            ccfg,
+            mesh,
+            self.layout,
+            self.state,
             self.shardings,
-            batch_shardings(mesh, example),
-            jax.tree.map(lambda _: row_sharding(mesh), self.tables),
-        )
-        self.step_fn = compile_ahead(
-            contrastive.make_train_step(
-                encoder, self.optimizer, ccfg, mesh, in_shardings, self.layout
-            ),
-            (self.state, example, self.tables),
+            self.batch_at(0),
+            self.tables,
             "the QGen retriever's train step",
-            RETRIEVER_FIXES,
         )
 
     def batch_at(self, step: int) -> dict[str, Any]:

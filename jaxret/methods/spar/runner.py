@@ -17,7 +17,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxret.configlib import ConfigError
@@ -29,7 +28,6 @@ from jaxret.data.tokenization import Truncation, load_tokenizer, tokenize_querie
 from jaxret.eval import analysis
 from jaxret.eval import evaluate as ev
 from jaxret.index.encode import encode_rows, passage_table
-from jaxret.index.mips import row_sharding
 from jaxret.lexical.bm25 import BM25, BM25Config
 from jaxret.lexical.labels import LabelSpec, TeacherLabels, cached_labels
 from jaxret.methods import contrastive
@@ -40,13 +38,11 @@ from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.optim import start_training
 from jaxret.train.setup import (
     RetrieverRunner,
-    batch_shardings,
     load_retriever,
     prepare_hint,
     rows_on_devices,
     store_folder,
 )
-from jaxret.train.state import RETRIEVER_FIXES, compile_ahead
 
 log = logging.getLogger(__name__)
 
@@ -170,19 +166,17 @@ class SparRun(RetrieverRunner):
         self.state, self.shardings = start.state, start.shardings
         self.initial_params = params
         ccfg = contrastive.ContrastiveConfig.for_encoder(self.encoder, dropout=cfg.spar.dropout)
-        example = self.batch_at(0)
-        in_shardings = (
+        self.step_fn = contrastive.compile_train_step(
+            encoder,
+            self.optimizer,
+            ccfg,
+            mesh,
+            self.layout,
+            self.state,
             self.shardings,
-            batch_shardings(mesh, example),
-            jax.tree.map(lambda _: row_sharding(mesh), self.tables),
-        )
-        self.step_fn = compile_ahead(
-            contrastive.make_train_step(
-                encoder, self.optimizer, ccfg, mesh, in_shardings, self.layout
-            ),
-            (self.state, example, self.tables),
+            self.batch_at(0),
+            self.tables,
             "the SPAR train step",
-            RETRIEVER_FIXES,
         )
 
     def _eval_data(self) -> ev.EvalData | None:
