@@ -273,6 +273,7 @@ def abstract_index(layout: RowLayout, mesh: Mesh, dim: int, dtype: str) -> Shard
 
 
 def is_allocated(index: ShardedIndex) -> bool:
+    """Whether the index has memory behind it (not an `abstract_index`)."""
     return isinstance(index.embeddings, jax.Array)
 
 

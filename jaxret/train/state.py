@@ -157,6 +157,9 @@ def compile_ahead(
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
     m = compiled.memory_analysis()
+    if m is None:  # a backend without the analysis: nothing to check against
+        log.info("%s compiled in %.1fs", what, time.perf_counter() - t0)
+        return compiled
     need = device_bytes_needed(compiled)
     limit = device_bytes_limit() if bytes_limit is None else bytes_limit
     if limit is not None and need > limit:

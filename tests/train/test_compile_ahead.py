@@ -62,3 +62,23 @@ def test_the_need_is_per_device_for_a_sharded_argument():
     x = jax.ShapeDtypeStruct((8 * 1024, 64), jnp.float32, sharding=rows)
     step = jax.jit(lambda v: v * 2, in_shardings=rows, out_shardings=rows)
     assert st.device_bytes_needed(step.lower(x).compile()) == 2 * 1024 * 64 * 4
+
+
+def test_a_backend_without_memory_analysis_compiles_unchecked():
+    """A compiled program whose `memory_analysis()` is None (a backend without it) is
+    returned as it is, even under a limit: nothing to check it against. Fails if the
+    analysis is read without that guard (AttributeError)."""
+
+    class Compiled:
+        def memory_analysis(self):
+            return None
+
+    class Lowered:
+        def compile(self):
+            return Compiled()
+
+    class Step:
+        def lower(self, *args):
+            return Lowered()
+
+    assert isinstance(st.compile_ahead(Step(), (), "the step", "fixes", 1), Compiled)

@@ -246,7 +246,7 @@ class ArtRun(RetrieverRunner):
             (self.state, self.batch_at(0), *self._step_inputs(), *self.refresh.step_args()),
             "the ART train step",
             "use more devices (fewer rows each), a smaller train.batch_size or art.top_k, "
-            "encode.index_dtype=bfloat16, or teacher.param_sharding=fsdp",
+            "model.remat=both, encode.index_dtype=bfloat16, or teacher.param_sharding=fsdp",
         )
 
     # -- pieces ----------------------------------------------------------------------------
