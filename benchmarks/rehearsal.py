@@ -171,40 +171,56 @@ def proc_status(pid: int | str, key: str) -> int:
     return 0
 
 
-def cpu_sample(pids: list[int]) -> tuple[float, float, float, float]:
+def cpu_sample(pids: list[int]) -> tuple[float, ...]:
     """(unix time, core-seconds the machine spent busy, of them stolen by the hypervisor,
-    of them the run's processes') from /proc: the CPU beside the run is busy − ours."""
+    of them the run's processes', core-seconds idle waiting for the disk, the run's major
+    page faults, MB dirty or under writeback) from /proc: the CPU beside the run is busy −
+    ours; the last three show whether a slow step waited for the disk (the mapped store
+    read back, or the kernel writing a checkpoint's pages back)."""
     hz = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _, _, irq, softirq, steal = map(
+    user, nice, system, _, iowait, irq, softirq, steal = map(
         int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
     )
-    ours = 0
+    ours = majflt = 0
     for pid in pids:
-        try:  # utime, stime: fields 14 and 15, counted after the ")" that ends the name
+        try:  # majflt, utime, stime: fields 12, 14, 15, counted after the ")" ending the name
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             ours += int(fields[11]) + int(fields[12])
+            majflt += int(fields[9])
         except (OSError, IndexError):
             pass
+    meminfo = dict(x.split(":", 1) for x in Path("/proc/meminfo").read_text().splitlines())
+    dirty_kb = sum(int(meminfo[k].split()[0]) for k in ("Dirty", "Writeback"))
     busy = user + nice + system + irq + softirq + steal
-    return time.time(), busy / hz, steal / hz, ours / hz
+    return time.time(), busy / hz, steal / hz, ours / hz, iowait / hz, majflt, dirty_kb / 1024
 
 
 def cpu_beside(samples: list[tuple], stats: dict) -> dict:
-    """Cores busy beside the run (other processes and the kernel; and the hypervisor's steal)
-    during the gaps of `step_stats`' slow steps and of its other steps: each interval
-    between two samples counts for the step whose gap holds its midpoint."""
+    """In the gaps of `step_stats`' slow steps and of its other steps: cores busy beside the
+    run (other processes and the kernel), the hypervisor's steal, cores idle waiting for the
+    disk, the run's major faults per second, and the most MB dirty or under writeback. Each
+    interval between two samples counts for the step whose gap holds its midpoint."""
     times, slow, counted = stats["times"], stats["slow"], stats["gap_steps"]
     steps = sorted(times)
     ends = np.array([times[s] for s in steps])
-    sums = {True: np.zeros(3), False: np.zeros(3)}  # seconds, other core-s, steal core-s
-    for (t0, b0, s0, o0), (t1, b1, s1, o1) in zip(samples, samples[1:]):
+    # seconds, other core-s, steal core-s, iowait core-s, major faults; most dirty MB
+    sums = {True: np.zeros(5), False: np.zeros(5)}
+    dirty = {True: 0.0, False: 0.0}
+    for (t0, b0, s0, o0, w0, f0, _), (t1, b1, s1, o1, w1, f1, d1) in zip(samples, samples[1:]):
         i = int(np.searchsorted(ends, (t0 + t1) / 2))
         if i == 0 or i >= len(steps) or steps[i] not in counted or o1 < o0:
             continue  # before the first step, after the last, a restart's gap
         other = (b1 - b0) - (s1 - s0) - (o1 - o0)
-        sums[steps[i] in slow] += (t1 - t0, other, s1 - s0)
-    rate = lambda v: (v[1] / v[0], v[2] / v[0]) if v[0] else (float("nan"),) * 2
-    return {"slow": rate(sums[True]), "rest": rate(sums[False])}
+        sums[steps[i] in slow] += (t1 - t0, other, s1 - s0, w1 - w0, f1 - f0)
+        dirty[steps[i] in slow] = max(dirty[steps[i] in slow], d1)
+
+    def rates(slow_ones: bool) -> tuple[float, ...]:
+        v = sums[slow_ones]
+        if not v[0]:
+            return (float("nan"),) * 5
+        return (*(v[1:] / v[0]), dirty[slow_ones])
+
+    return {"slow": rates(True), "rest": rates(False)}
 
 
 def runtime_rss(devices: int) -> int:
@@ -397,7 +413,16 @@ def main() -> None:
     p.add_argument("--prepare-rate-passages", type=int, default=200_000)
     p.add_argument("--refresh-every", type=int, default=500)
     p.add_argument("--every", type=int, default=250, help="dev evaluation and checkpoint")
-    p.add_argument("--eval-slices", type=int, default=8, help="a dev evaluation's steps")
+    p.add_argument(
+        "--eval-slices",
+        type=int,
+        default=50,
+        help="a dev evaluation's steps (eval.slices). At the paper's size its search is ~5%% "
+        "of a rolling step (computed: 18 of 381 TFLOP per device, docs/scaling.md); here "
+        "the tiny model makes the step cheap and the search of 200 questions over "
+        "millions of rows ~3.5 steps, so 50 slices (4 questions each) keep each near "
+        "the paper's share; 8 slices stall ~45%% of a step each",
+    )
     p.add_argument(
         "--compile-cache",
         default="compile_cache",
@@ -539,11 +564,16 @@ def main() -> None:
             )
         )
         beside = cpu_beside(job.cpu, s)
+        (run / "cpu_samples.json").write_text(json.dumps(job.cpu))  # to look at a gap later
         table.append(
             (
-                f"{refresh}: cores busy beside the run (other processes, kernel; hypervisor "
-                "steal) in the gaps above 1.5 × p50 / in the others",
-                "{:.2f}; {:.2f} / {:.2f}; {:.2f}".format(*beside["slow"], *beside["rest"]),
+                f"{refresh}: in the gaps above 1.5 × p50 / in the others: cores busy beside "
+                "the run (other processes, kernel); hypervisor steal; cores waiting for the "
+                "disk; the run's major faults/s; most MB dirty or under writeback",
+                " / ".join(
+                    "{:.2f}; {:.2f}; {:.2f}; {:.1f}; {:.0f}".format(*beside[k])
+                    for k in ("slow", "rest")
+                ),
             )
         )
         table.append(

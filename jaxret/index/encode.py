@@ -273,8 +273,9 @@ def abstract_index(layout: RowLayout, mesh: Mesh, dim: int, dtype: str) -> Shard
 
 
 def is_allocated(index: ShardedIndex) -> bool:
-    """Whether the index has memory behind it (not an `abstract_index`)."""
-    return isinstance(index.embeddings, jax.Array)
+    """Whether the index has memory behind it: not an `abstract_index`, nor rows donated
+    away (a restore that found them damaged while reading them in)."""
+    return isinstance(index.embeddings, jax.Array) and not index.embeddings.is_deleted()
 
 
 def empty_index(layout: RowLayout, mesh: Mesh, dim: int, dtype: str) -> ShardedIndex:

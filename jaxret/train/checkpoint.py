@@ -149,6 +149,34 @@ def clear_unlinked_best(root: Path) -> list[Path]:
     return removed
 
 
+def newest_config(directory: Path) -> dict[str, Any] | None:
+    """The config saved with the newest step in `directory` (None: no step, or its metadata
+    unreadable — the resume proper then sets that step aside or falls back). Plain file
+    reads, no JAX (Orbax asks JAX for the process index, which would start the backend
+    before `jax.distributed.initialize`): it runs before the run is built. The metadata is
+    Orbax's JSON item `meta` (`<step>/meta/metadata`)."""
+    directory = Path(directory)
+    steps = (
+        [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    )
+    if not steps:
+        return None
+    try:
+        meta = json.loads((directory / str(max(steps)) / "meta" / "metadata").read_text())
+    except (OSError, ValueError):  # not this check's to judge
+        return None
+    return meta.get("config") if isinstance(meta, dict) else None
+
+
+def _agree(why: str) -> str:
+    """`why` (a problem this process found, "" if none), or another process's if it found
+    one: every process takes the same branch."""
+    if jax.process_count() > 1:
+        bad = multihost_utils.process_allgather(np.int32(why != ""))
+        why = why or ("not usable on another process" if bad.any() else "")
+    return why
+
+
 class Manager:
     def __init__(self, directory: Path, keep: int = 3, rows_save_steps: int = 50):
         self.directory = Path(directory).absolute()
@@ -331,18 +359,20 @@ class Manager:
     def restore_rows(self, step: int, like: Rows) -> dict[str, jax.Array] | None:
         """The rows saved with `step`, written into `like`'s arrays (donated: use the
         returned ones), each row read from wherever it was saved (a resume on another
-        device count or padding); None (said why, `like` untouched) when they are
-        missing, incomplete, damaged or of another row width or dtype. Processes agree."""
+        device count or padding) and read once, its CRC32 checked as it is read. None
+        (said why) when they are missing, incomplete or of another row width or dtype
+        (`like` untouched), or damaged (found while reading: `like` is consumed, the
+        method allocates its rows again to rebuild them). Processes agree."""
         folder = self.directory / f"{row_snapshot.PREFIX}{step}"
-        why = row_snapshot.check(folder, like.arrays) if folder.is_dir() else "none"
-        if jax.process_count() > 1:  # every process checked its blocks: agree, then load
-            bad = multihost_utils.process_allgather(np.int32(why != ""))
-            why = why or ("not usable on another process" if bad.any() else "")
+        why = row_snapshot.check(folder, like.arrays, verify=False) if folder.is_dir() else "none"
+        why = _agree(why)
         arrays = None
+        if not why:  # written into `like`'s buffers (donated): no second copy of the index
+            arrays, why = row_snapshot.load(folder, like.arrays)
+            why = _agree(why)
         if why:
+            arrays = None
             log.warning("checkpoint %d: its row state is not used (%s); it is rebuilt", step, why)
-        else:  # written into `like`'s buffers (donated): no second copy of the index
-            arrays = row_snapshot.load(folder, like.arrays)
         self.forget_rows_after(step)
         return arrays
 

@@ -40,7 +40,7 @@ from jaxret.configlib import RENAMED, ConfigError
 from jaxret.errors import RunError
 from jaxret.host_memory import return_free_heap
 from jaxret.train import compile_cache
-from jaxret.train.checkpoint import Manager
+from jaxret.train.checkpoint import Manager, newest_config
 from jaxret.train.logs import Logger, plot
 from jaxret.train.row_snapshot import Rows, compile_reader
 from jaxret.train.state import TrainState, all_finite
@@ -161,6 +161,9 @@ class Runner(abc.ABC):
         """Builds the method from `cfg` and trains it in `workdir` (resuming a run there)."""
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
+        # Before the runner: building it compiles the train step (minutes for a 3B teacher on
+        # a GPU host) and may encode; a resume that will be refused is refused first.
+        refuse_changed_config(cfg, workdir)
         with compile_cache.using(cfg.train.get("compile_cache", ""), workdir) as cache:
             runner = cls(cfg, workdir)  # type: ignore[call-arg]
             summary = run(cfg, runner, workdir, cache)
@@ -284,6 +287,24 @@ class WorkdirLock:
             self._file = None
 
 
+def _refuse(cfg: Any, problems: list[str], workdir: Path) -> None:
+    if problems and not cfg.train.get("allow_config_change", False):
+        raise ConfigError(
+            f"{workdir} holds a run with a different setting; resuming would mix two runs:\n  "
+            + "\n  ".join(problems)
+            + "\nUse another --workdir, restore the setting, or pass "
+            "--config.train.allow_config_change=true to resume anyway."
+        )
+
+
+def refuse_changed_config(cfg: Any, workdir: Path) -> None:
+    """Raises ConfigError when `workdir`'s newest checkpoint was saved with another config
+    (the data's fingerprints need the built run: `_check_resume` checks them)."""
+    saved_cfg = newest_config(Path(workdir) / "checkpoints")
+    if saved_cfg is not None:
+        _refuse(cfg, config_changes(saved_cfg, config_dict(cfg)), workdir)
+
+
 def _check_resume(cfg: Any, runner: Runner, meta: dict[str, Any], workdir: Path) -> None:
     current = config_dict(cfg)
     problems = []
@@ -294,13 +315,7 @@ def _check_resume(cfg: Any, runner: Runner, meta: dict[str, Any], workdir: Path)
         saved = meta.get("fingerprints", {}).get(key)
         if saved is not None and saved != value:
             problems.append(f"data fingerprint {key}: {saved!r} -> {value!r}")
-    if problems and not cfg.train.get("allow_config_change", False):
-        raise ConfigError(
-            f"{workdir} holds a run with a different setting; resuming would mix two runs:\n  "
-            + "\n  ".join(problems)
-            + "\nUse another --workdir, restore the setting, or pass "
-            "--config.train.allow_config_change=true to resume anyway."
-        )
+    _refuse(cfg, problems, workdir)
     if problems:
         log.warning("resuming with changed settings:\n  %s", "\n  ".join(problems))
 

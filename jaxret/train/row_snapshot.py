@@ -324,12 +324,12 @@ def _old_blocks(new_blocks: list[int], new_rps: int, old_rps: int, old_rows: int
 
 
 def _bad_piece(
-    path: Path, pos: int, rps: int, row_bytes: int, q: int, pieces: int, crcs: list[int]
+    path: Path, pos: int, rps: int, row_bytes: int, q: int, crcs: list[int], first: int = 0
 ) -> int | None:
-    """The first piece of the block at `pos` of `path` whose bytes differ from its CRC32,
-    or None: every piece is read once."""
+    """The first piece from `first` on of the block at `pos` of `path` whose bytes differ
+    from its CRC32, or None: each of those pieces is read once."""
     with open(path, "rb") as f:
-        for piece in range(min(pieces, math.ceil(rps / q))):
+        for piece in range(first, len(crcs)):
             lo, hi = piece * q, min((piece + 1) * q, rps)
             f.seek((pos * rps + lo) * row_bytes)
             if zlib.crc32(f.read((hi - lo) * row_bytes)) != crcs[piece]:
@@ -337,15 +337,61 @@ def _bad_piece(
     return None
 
 
+@dataclasses.dataclass
+class _Source:
+    """One saved block: where it is, and its pieces' CRC32s, checked as `load` reads it."""
+
+    path: Path
+    pos: int  # the block's position in its file
+    rps: int  # its rows
+    row_bytes: int
+    q: int  # rows per piece
+    crcs: list[int]  # one per piece that holds rows of the block
+    hashed: int = 0  # rows [0, hashed) fed in order (a piece's CRC compared at its end)
+    crc: int = 0  # of the piece being fed, up to `hashed`
+    bad: int | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.pos * self.rps * self.row_bytes
+
+    def feed(self, row: int, data: memoryview) -> None:
+        """The bytes of the block's rows from `row` on, as read: rows at the front of the
+        ones hashed so far extend the CRC; others (a read into another layout, out of
+        order) are left for `first_bad`, which reads them from the file."""
+        end = row + len(data) // self.row_bytes
+        if not row <= self.hashed < end:
+            return
+        while self.hashed < end and self.hashed // self.q < len(self.crcs):
+            piece = self.hashed // self.q
+            piece_end = min((piece + 1) * self.q, self.rps)
+            upto = min(piece_end, end)
+            lo, hi = (self.hashed - row) * self.row_bytes, (upto - row) * self.row_bytes
+            self.crc = zlib.crc32(data[lo:hi], self.crc)
+            self.hashed = upto
+            if upto == piece_end:
+                if self.crc != self.crcs[piece] and self.bad is None:
+                    self.bad = piece
+                self.crc = 0
+
+    def first_bad(self) -> int | None:
+        """The first damaged piece: of those fed, or of the rest read from the file (rows
+        the load skipped: padding past the saved rows, or fed out of order)."""
+        if self.bad is not None:
+            return self.bad
+        first = len(self.crcs) if self.hashed >= self.rps else self.hashed // self.q  # unfed
+        return _bad_piece(self.path, self.pos, self.rps, self.row_bytes, self.q, self.crcs, first)
+
+
 def _sources(
     folder: Path, like: dict[str, jax.Array], verify: bool = True
 ) -> tuple[dict | None, str]:
-    """({name: (saved rows per device, saved rows, {saved block: (file, byte offset)})} for
-    the saved blocks that hold this process's rows of `like`, "") when `folder` holds a
-    complete snapshot of arrays of `like`'s row width and dtype whose bytes match their
-    CRC32s (read piece by piece; `verify=False`: not read, for `load` after `check`), else
-    (None, why not). The saved layout (rows per device, padding) may differ from `like`'s:
-    a resume on another device count reads each row from wherever it was saved."""
+    """({name: (saved rows per device, saved rows, {saved block: _Source})} for the saved
+    blocks that hold this process's rows of `like`, "") when `folder` holds a complete
+    snapshot of arrays of `like`'s row width and dtype whose bytes match their CRC32s (read
+    piece by piece; `verify=False`: not read — `load` checks them as it reads), else (None,
+    why not). The saved layout (rows per device, padding) may differ from `like`'s: a
+    resume on another device count reads each row from wherever it was saved."""
     manifests = _manifests(folder)
     if manifests is None:
         return None, "incomplete (a save cut short)"
@@ -354,7 +400,7 @@ def _sources(
         for pos, block in enumerate(m["blocks"]):
             where[block] = (process, pos)
     m0 = manifests[0]
-    out: dict[str, tuple[int, int, dict[int, tuple[Path, int]]]] = {}
+    out: dict[str, tuple[int, int, dict[int, _Source]]] = {}
     for k, v in like.items():
         saved = m0["arrays"].get(k)
         if (
@@ -365,8 +411,8 @@ def _sources(
             return None, f"{k}: saved as {saved and (saved['shape'], saved['dtype'])}"
         old_rps, old_rows = m0["rows_per_shard"], saved["shape"][0]
         row_bytes = RowSnapshot._row_bytes(v)
-        q, pieces = m0["piece_rows"], m0["pieces"]
-        sources: dict[int, tuple[Path, int]] = {}
+        q, pieces = m0["piece_rows"], min(m0["pieces"], math.ceil(old_rps / m0["piece_rows"]))
+        sources: dict[int, _Source] = {}
         for block in _old_blocks(blocks_of(v), rows_per_shard(v), old_rps, old_rows):
             if block not in where:
                 return None, f"block {block} is in no process's file"
@@ -374,18 +420,20 @@ def _sources(
             path = folder / _name(k, process)
             if not path.is_file() or path.stat().st_size < (pos + 1) * old_rps * row_bytes:
                 return None, f"{path.name} is missing or truncated"
-            crcs = manifests[process]["arrays"][k]["crc32"][pos]
-            bad = _bad_piece(path, pos, old_rps, row_bytes, q, pieces, crcs) if verify else None
+            crcs = manifests[process]["arrays"][k]["crc32"][pos][:pieces]
+            source = _Source(path, pos, old_rps, row_bytes, q, crcs)
+            bad = source.first_bad() if verify else None
             if bad is not None:
                 return None, f"{path.name} block {block} piece {bad}: CRC32 differs"
-            sources[block] = (path, pos * old_rps * row_bytes)
+            sources[block] = source
         out[k] = (old_rps, old_rows, sources)
     return out, ""
 
 
-def check(folder: Path, like: dict[str, jax.Array]) -> str:
-    """ "" when `load` can restore `like` from `folder`, else why not (see `_sources`)."""
-    return _sources(folder, like)[1]
+def check(folder: Path, like: dict[str, jax.Array], verify: bool = True) -> str:
+    """ "" when `load` can restore `like` from `folder`, else why not (see `_sources`;
+    `verify=False`: the bytes are not read, `load` checks them as it reads them)."""
+    return _sources(folder, like, verify)[1]
 
 
 @functools.lru_cache(maxsize=8)
@@ -404,12 +452,15 @@ def _chunk_writer(mesh: Any, spec: PartitionSpec) -> Any:
 
 def load(
     folder: Path, like: dict[str, jax.Array], chunk_bytes: int = 32 << 20
-) -> dict[str, jax.Array]:
-    """The snapshot's arrays, written into `like`'s buffers in chunks of ~`chunk_bytes` per
-    device: the host holds one chunk, never a second copy of the index (`like`, e.g. the
-    run's empty donor index, is donated: use the returned arrays). Call after `check`
-    returned "" (on every process: the writes are programs over all devices); the bytes
-    are not checked again (at the paper's size another read of 2 GB per device)."""
+) -> tuple[dict[str, jax.Array], str]:
+    """(the snapshot's arrays, "") — written into `like`'s buffers in chunks of
+    ~`chunk_bytes` per device: the host holds one chunk, never a second copy of the index
+    (`like`, e.g. the run's empty donor index, is donated: use the returned arrays). Each
+    byte is read once, its piece's CRC32 checked as it is read (at the paper's size a
+    check before the load would read another 2 GB per device); a damaged piece is named in
+    the second item, and the arrays are then not the snapshot's (`like` is consumed all
+    the same). Call after `check(verify=False)` returned "", on every process: the writes
+    are programs over all devices, so a process that finds damage reads on to the end."""
     sources, why = _sources(folder, like, verify=False)
     if sources is None:
         raise ValueError(f"{folder}: {why}")
@@ -440,17 +491,24 @@ def load(
                     old = row // old_rps
                     n = min((old + 1) * old_rps, g + c, old_rows) - row
                     assert n > 0, (row, old, old_rps)  # each pass reads on: never a hang
-                    path, offset = saved[old]
-                    with open(path, "rb") as f:
-                        f.seek(offset + (row - old * old_rps) * row_bytes)
+                    source = saved[old]
+                    with open(source.path, "rb") as f:
+                        f.seek(source.offset + (row - old * old_rps) * row_bytes)
                         at = (row - g) * row_bytes
-                        f.readinto(memoryview(raw[at : at + n * row_bytes]))
+                        data = memoryview(raw[at : at + n * row_bytes])
+                        f.readinto(data)
+                    source.feed(row - old * old_rps, data)
                     row += n
                 pieces.append(jax.device_put(host, device))
             chunk = jax.make_array_from_single_device_arrays(chunk_shape, sharding, pieces)
             target = writer(target, chunk, np.int32(start))
         out[k] = target
-    return out
+    for _, _, saved in sources.values():
+        for block, source in sorted(saved.items()):
+            bad = source.first_bad()
+            if bad is not None:
+                return out, f"{source.path.name} block {block} piece {bad}: CRC32 differs"
+    return out, ""
 
 
 def pieces_per_step(pieces: int, steps: int) -> int:

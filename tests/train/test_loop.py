@@ -3,8 +3,10 @@ skipped and never checkpointed, a changed config is refused on resume, SIGTERM l
 exact checkpoint."""
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,15 +102,49 @@ def test_too_many_nonfinite_steps_stop_the_run(tiny_bert, tmp_path, monkeypatch)
     assert max(mgr.all_steps()) == 4  # steps 3 and 4 were skipped and saved (finite); 5 stops
 
 
-def test_resume_with_a_changed_config_is_refused(tiny_bert, tmp_path):
+def test_resume_with_a_changed_config_is_refused(tiny_bert, tmp_path, monkeypatch):
+    """Refused before the run is built (building it compiles the train step: minutes for a
+    3B teacher). Fails if `Runner.train` stops calling `refuse_changed_config` first."""
     cfg = config(tiny_bert, **{"train.steps": 3, "eval.test_at_end": False})
     art_train.train(cfg, tmp_path)
     changed = config(
         tiny_bert,
         **{"train.steps": 3, "optimizer.lr": 5e-4, "art.top_k": 3, "eval.test_at_end": False},
     )
+    build = art_train.ArtRun.__init__
+
+    def not_built(*a, **k):
+        raise AssertionError("the run was built before the changed config was refused")
+
+    monkeypatch.setattr(art_train.ArtRun, "__init__", not_built)
     with pytest.raises(ConfigError) as err:
         art_train.train(changed, tmp_path)
+    monkeypatch.setattr(art_train.ArtRun, "__init__", build)
+    # Before the run is built is before `jax.distributed.initialize`: the check must not
+    # start JAX's backend (fails if it reads through an Orbax manager, which asks JAX for
+    # the process index: the 7M rehearsal's resume died of it, run 4).
+    code = (
+        "import socket, sys, jax; from jaxret.configlib import load_config, ConfigError\n"
+        "from jaxret.train.loop import refuse_changed_config\n"
+        "cfg = load_config('configs/art.py:tiny', [('model.name', sys.argv[1]), "
+        "('optimizer.lr', '5e-4')])\n"
+        "try:\n    refuse_changed_config(cfg, sys.argv[2])\n"
+        "except ConfigError as e:\n    print('refused:', str(e).splitlines()[1])\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]; s.close()\n"
+        "jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=1, process_id=0)\n"
+        "print('initialized')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_bert), str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert out.stdout.split("\n")[:2] == [
+        "refused:   optimizer.lr: 0.001 -> 0.0005",
+        "initialized",
+    ], out.stderr[-1500:]
     message = str(err.value)
     assert "optimizer.lr: 0.001 -> 0.0005" in message and "art.top_k: 4 -> 3" in message
     assert "allow_config_change" in message

@@ -51,25 +51,68 @@ def _host(arrays):
     return {k: np.array(jax.device_get(v)) for k, v in arrays.items()}
 
 
-def test_load_after_check_reads_the_bytes_once(tmp_path, monkeypatch):
-    """`check` reads every saved piece for its CRC32; `load` (called after it) reads the rows
-    into the index and checks nothing again: no CRC32 computed. Before, `load` checked the
-    CRC32s again (a second pass over 2 GB per device at the paper's size, before the rows'
-    own read). Fails if `load` verifies (tried: `_sources(folder, like)` in `load`: 64
-    CRC32s, one per saved piece of each array)."""
+class _CountingFile:
+    """A file whose reads add their byte count to `n`."""
+
+    def __init__(self, f, n):
+        self.f, self.n = f, n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def seek(self, *a):
+        return self.f.seek(*a)
+
+    def read(self, *a):
+        out = self.f.read(*a)
+        self.n.append(len(out))
+        return out
+
+    def readinto(self, buf):
+        got = self.f.readinto(buf)
+        self.n.append(got)
+        return got
+
+
+def _flip(folder, name, block, row):
+    """Flips a bit of `block`'s row `row` in `name`'s file (wherever the block is in it)."""
+    pos = json.loads((folder / "manifest.process_0.json").read_text())["blocks"].index(block)
+    path = folder / f"{name}.process_0.bin"
+    raw = bytearray(path.read_bytes())
+    raw[(pos * RPS + row) * D * 4 + 1] ^= 0x40
+    path.write_bytes(bytes(raw))
+
+
+def test_a_restore_reads_each_byte_once_and_checks_it_as_read(tmp_path, monkeypatch):
+    """`check(verify=False)` then `load` read every saved byte exactly once (at the paper's
+    size a separate check first would read another 2 GB per device), and `load` names a
+    flipped bit: block 5, piece 1 (rows 3–5). Fails if the CRC32s are checked before the
+    load (tried: `load` calling `_sources(folder, like)`: every byte read twice), or if
+    `feed` does not compare a piece's CRC32 at its end (tried: the damage not reported)."""
     mesh = _mesh()
     arrays = _arrays(mesh)
     snap = RowSnapshot(tmp_path / "rows-1", Rows(arrays, Q, PIECES, 0), PIECES)
     snap.before_step(arrays)
     snap.join()
-    assert row_snapshot.check(tmp_path / "rows-1", _arrays(mesh)) == ""
-    crcs = []
-    real = row_snapshot.zlib.crc32
-    monkeypatch.setattr(row_snapshot.zlib, "crc32", lambda *a: crcs.append(1) or real(*a))
-    back = row_snapshot.load(tmp_path / "rows-1", _arrays(mesh))
-    assert crcs == []
+    folder = tmp_path / "rows-1"
+    assert row_snapshot.check(folder, _arrays(mesh), verify=False) == ""
+    read = []
+    monkeypatch.setattr(
+        row_snapshot, "open", lambda *a: _CountingFile(open(*a), read), raising=False
+    )
+    back, why = row_snapshot.load(folder, _arrays(mesh))
+    assert why == ""
+    assert sum(read) == sum(f.stat().st_size for f in folder.glob("*.bin"))
     for k, v in _host(arrays).items():
         np.testing.assert_array_equal(np.asarray(back[k]), v)
+    monkeypatch.undo()
+    _flip(folder, "embeddings", 5, 4)
+    assert row_snapshot.check(folder, _arrays(mesh), verify=False) == ""  # not read
+    _, why = row_snapshot.load(folder, _arrays(mesh))
+    assert why == "embeddings.process_0.bin block 5 piece 1: CRC32 differs"
 
 
 @pytest.mark.parametrize("per_step", [1, 2])
@@ -98,7 +141,8 @@ def test_snapshot_holds_the_rows_of_its_step_while_steps_overwrite_them(tmp_path
     now = _host(arrays)
     assert (now["embeddings"] != at_save["embeddings"]).all()  # every row rewritten since
     assert row_snapshot.check(tmp_path / "rows-7", _arrays(mesh)) == ""
-    back = row_snapshot.load(tmp_path / "rows-7", _arrays(mesh))
+    back, why = row_snapshot.load(tmp_path / "rows-7", _arrays(mesh))
+    assert why == ""
     for k in at_save:
         np.testing.assert_array_equal(np.asarray(back[k]), at_save[k])
         assert back[k].sharding.is_equivalent_to(arrays[k].sharding, arrays[k].ndim)
@@ -162,17 +206,25 @@ def test_a_snapshot_is_read_into_another_layout(tmp_path, devices, rows):
     layout that the saved one has equals the saved row, the rest are zero. Fails if a row is
     read from the block of the old layout's position in the new one (tried: `old = row //
     rps`, the new rows per device) or if a chunk that spans two saved blocks reads on in the
-    first block's file (tried: n without the block's end)."""
+    first block's file (tried: n without the block's end). A flipped bit in a saved block
+    this layout reads out of the saved order (3 devices: the block is split) is named too;
+    fails if the pieces not fed in order are not read back from the file (tried:
+    `first_bad` returning only the fed pieces' result)."""
     folder = _saved(tmp_path, _mesh())
     _blocks_in_file_order(folder, [1, 0, 3, 2, 5, 4, 7, 6])
     saved = _host(_arrays(_mesh()))
     like = _zeros(devices, rows)
     assert row_snapshot.check(folder, like) == ""
-    back = _host(row_snapshot.load(folder, like, chunk_bytes=7 * D * 4))  # chunks of 7 rows
+    loaded, why = row_snapshot.load(folder, like, chunk_bytes=7 * D * 4)  # chunks of 7 rows
+    assert why == ""
+    back = _host(loaded)
     n = min(rows, 80)
     for k in saved:
         np.testing.assert_array_equal(back[k][:n], saved[k][:n])
         assert not back[k][n:].any()
+    _flip(folder, "embeddings", 2, 8)  # global row 28: piece 2 of saved block 2
+    _, why = row_snapshot.load(folder, _zeros(devices, rows), chunk_bytes=7 * D * 4)
+    assert why == "embeddings.process_0.bin block 2 piece 2: CRC32 differs"
 
 
 def test_a_snapshot_is_not_used_when_incomplete_damaged_or_of_another_width(tmp_path):
@@ -269,7 +321,8 @@ def test_load_writes_into_the_donor_in_chunks(tmp_path):
     snap.join()
     donor = {k: jnp.zeros_like(v) for k, v in _arrays(mesh).items()}
     address = [s.data.unsafe_buffer_pointer() for s in donor["embeddings"].addressable_shards]
-    back = row_snapshot.load(folder, donor, chunk_bytes=3 * D * 4)
+    back, why = row_snapshot.load(folder, donor, chunk_bytes=3 * D * 4)
+    assert why == ""
     after = [s.data.unsafe_buffer_pointer() for s in back["embeddings"].addressable_shards]
     assert after == address
     for k in expect:

@@ -850,6 +850,35 @@ def test_the_train_step_compiles_before_the_index_exists(tiny_bert, tmp_path):
         assert not is_allocated(run.refresh.index)
 
 
+def test_rows_found_damaged_while_read_are_rebuilt(tiny_bert, tmp_path, caplog):
+    """A rolling run's row snapshot with a flipped bit: `restore_rows` reads it into the
+    run's index (one pass, its CRC32s checked as read), says why it is not used and returns
+    None; the run then allocates its index again (the one read into was consumed) and
+    encodes it: the same rows as before the save. Fails if a consumed index counts as
+    allocated (tried: `is_allocated` without `is_deleted`: the encode's donor is deleted)."""
+    from jaxret.methods.art.runner import ArtRun
+    from jaxret.train.checkpoint import Manager
+
+    run = ArtRun(config(tiny_bert, **{"art.refresh": "rolling"}), tmp_path / "run")
+    run.refresh.ensure(run.state)
+    before = {k: np.asarray(v) for k, v in run.rows().arrays.items()}
+    mgr = Manager(tmp_path / "ckpt", keep=2)
+    mgr.save(1, run.state, None, {}, run.rows(), True)
+    mgr.wait()
+    (data,) = (tmp_path / "ckpt" / "rows-1").glob("embedding*.process_0.bin")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    data.write_bytes(bytes(raw))
+    assert mgr.restore_rows(1, run.rows()) is None
+    assert "its row state is not used" in caplog.text and "CRC32 differs" in caplog.text
+    run.restore_aux(None, {"step": 1})
+    run.refresh.ensure(run.state)
+    after = {k: np.asarray(v) for k, v in run.rows().arrays.items()}
+    np.testing.assert_array_equal(after.pop("stale"), np.ones_like(before.pop("stale")))
+    for k in before:
+        np.testing.assert_allclose(after[k], before[k], rtol=1e-6)
+
+
 def test_a_train_step_that_cannot_fit_a_device_is_refused_before_any_encoding(
     tiny_bert, tmp_path, monkeypatch, capsys
 ):
