@@ -416,12 +416,11 @@ def main() -> None:
     p.add_argument(
         "--eval-slices",
         type=int,
-        default=50,
-        help="a dev evaluation's steps (eval.slices). At the paper's size its search is ~5%% "
-        "of a rolling step (computed: 18 of 381 TFLOP per device, docs/scaling.md); here "
-        "the tiny model makes the step cheap and the search of 200 questions over "
-        "millions of rows ~3.5 steps, so 50 slices (4 questions each) keep each near "
-        "the paper's share; 8 slices stall ~45%% of a step each",
+        default=8,
+        help="a dev evaluation's steps (eval.slices). A slice costs a scan of the process's "
+        "rows plus its questions (here, 3.5M rows per process: ~0.14 s + 6 ms per "
+        "question), so more slices shorten each by less and stall longer in all (50 "
+        "slices: 9.3 s held, against 3.5 s in 8; docs/scaling.md)",
     )
     p.add_argument(
         "--compile-cache",
