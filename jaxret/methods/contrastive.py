@@ -28,7 +28,7 @@ from jaxret.index.mips import RowLayout, row_sharding
 from jaxret.losses import contrastive_loss
 from jaxret.models.dual_encoder import DualEncoder
 from jaxret.parallel.axes import DATA
-from jaxret.train.setup import batch_shardings
+from jaxret.train.setup import RetrieverRunner, batch_shardings
 from jaxret.train.state import (
     RETRIEVER_FIXES,
     TrainState,
@@ -166,3 +166,30 @@ def compile_train_step(
     )
     step = make_train_step(encoder, optimizer, cfg, mesh, in_shardings, layout)
     return compile_ahead(step, (state, example, tables), what, RETRIEVER_FIXES)
+
+
+class ContrastiveRunner(RetrieverRunner):
+    """A retriever trained by this step (SPAR's Λ, QGen's retriever) over the row-sharded
+    token `tables` of its corpus (`layout`; empty for ICT batches that carry their tokens)."""
+
+    layout: RowLayout | None
+    tables: dict[str, jax.Array]
+
+    def compile_step(self, dropout: bool, what: str) -> None:
+        """The train step for this runner's batches, compiled now (after `start_training`)."""
+        cfg = ContrastiveConfig.for_encoder(self.encoder, dropout=dropout)
+        self.step_fn = compile_train_step(
+            self.encoder,
+            self.optimizer,
+            cfg,
+            self.mesh,
+            self.layout,
+            self.state,
+            self.shardings,
+            self.batch_at(0),
+            self.tables,
+            what,
+        )
+
+    def train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:
+        return self.step_fn(state, batch, self.tables)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from jaxret.configlib import RENAMED, ConfigError
 from jaxret.errors import RunError
 from jaxret.host_memory import return_free_heap
-from jaxret.train import compile_cache
+from jaxret.train import compile_cache, optim
 from jaxret.train.checkpoint import Manager, newest_config
 from jaxret.train.logs import Logger, plot
 from jaxret.train.row_snapshot import Rows, compile_reader
@@ -69,7 +69,8 @@ RESUMABLE_CHANGES = (
 
 class Runner(abc.ABC):
     """A method on the shared loop: subclass it, set the class attributes, and in `__init__`
-    place `state` and set `total_steps` (and `lr_at`); implement `train_step` and `batch_at`.
+    place `state` and set `total_steps` (and `lr_at`), by `start_training` or by hand;
+    implement `train_step` and `batch_at`.
     Every other hook does nothing unless overridden. `Runner.train` is the whole run.
     """
 
@@ -83,6 +84,13 @@ class Runner(abc.ABC):
     # The loop's SIGTERM check, bound before any long work: a corpus encoding or an
     # evaluation calls it between its programs; it raises `Preempted` after a SIGTERM.
     check_stop: Callable[[], None] | None = None
+
+    def start_training(self, cfg: Any, params: Any, mesh: Any, num_items: int) -> None:
+        """`total_steps`, `optimizer`, `lr_at` and the train state placed with `shardings`,
+        for `num_items` training items (`train.optim.start_training`)."""
+        start = optim.start_training(cfg, params, mesh, num_items)
+        self.total_steps, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
+        self.state, self.shardings = start.state, start.shardings
 
     @abc.abstractmethod
     def train_step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict]:

@@ -44,7 +44,6 @@ from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.axes import DATA
 from jaxret.teachers import t5_teacher
 from jaxret.train.batching import epoch_batch, process_rows
-from jaxret.train.optim import start_training
 from jaxret.train.row_snapshot import Rows
 from jaxret.train.setup import (
     RetrieverRunner,
@@ -204,10 +203,7 @@ class ArtRun(RetrieverRunner):
             ids, scores = sparse_teacher_table(data, self.art_cfg.teacher, cfg.teacher)
             self.host_batch["teacher_ids"], self.host_batch["teacher_scores"] = ids, scores
 
-        start = start_training(cfg, params, mesh, len(data.train_questions))
-        self.total_steps, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
-        self.state, self.shardings = start.state, start.shardings
-        self.initial_params = params  # host copy: the baseline of the final test
+        self.start_training(cfg, params, mesh, len(data.train_questions))
 
         self.encodings: list[tuple[int, str]] = []  # (step, why): every corpus encoding
         self.refresh = make_refresh(

@@ -25,7 +25,6 @@ from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.axes import DATA
 from jaxret.train.batching import epoch_batch, process_rows
 from jaxret.train.loop import Runner
-from jaxret.train.optim import start_training
 from jaxret.train.setup import batch_shardings
 from jaxret.train.state import compile_ahead
 
@@ -114,9 +113,7 @@ class GeneratorRun(Runner):
             g.data.dir,
             g.data.split,
         )
-        start = start_training(cfg, params, mesh, len(self.train_ids))
-        self.total_steps, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
-        self.state, self.shardings = start.state, start.shardings
+        self.start_training(cfg, params, mesh, len(self.train_ids))
         example = self.batch_at(0)
         in_shardings = (self.shardings, batch_shardings(mesh, example))
         self.step_fn = compile_ahead(

@@ -25,9 +25,7 @@ from jaxret.models import dual_encoder as de
 from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.axes import DATA
 from jaxret.train.batching import epoch_batch, process_rows
-from jaxret.train.optim import start_training
 from jaxret.train.setup import (
-    RetrieverRunner,
     load_retriever,
     prepare_hint,
     rows_on_devices,
@@ -58,7 +56,7 @@ def target_sets(
     return cap(dev), cap(test)
 
 
-class RetrieverRun(RetrieverRunner):
+class RetrieverRun(contrastive.ContrastiveRunner):
     name = "QGen-retriever"
     loss_label = "in-batch softmax loss"
 
@@ -117,23 +115,8 @@ class RetrieverRun(RetrieverRunner):
             self.items = sent.rows_with_sentences(counts)
             if not len(self.items):
                 raise ConfigError("no passage has two sentences: ICT has nothing to pair")
-        start = start_training(cfg, params, mesh, len(self.items))
-        self.total_steps, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
-        self.state, self.shardings = start.state, start.shardings
-        self.initial_params = params
-        ccfg = contrastive.ContrastiveConfig.for_encoder(self.encoder, dropout=cfg.qgen.dropout)
-        self.step_fn = contrastive.compile_train_step(
-            encoder,
-            self.optimizer,
-            ccfg,
-            mesh,
-            self.layout,
-            self.state,
-            self.shardings,
-            self.batch_at(0),
-            self.tables,
-            "the QGen retriever's train step",
-        )
+        self.start_training(cfg, params, mesh, len(self.items))
+        self.compile_step(cfg.qgen.dropout, "the QGen retriever's train step")
 
     def batch_at(self, step: int) -> dict[str, Any]:
         """Global batch `step`: pairs (or ICT passages) in a seeded per-epoch order."""
@@ -169,9 +152,6 @@ class RetrieverRun(RetrieverRunner):
             "passages": {k: v[:, None] for k, v in p.items()},  # [b, 1, L]
         }
         return global_batch(local, self.mesh, DATA)
-
-    def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
-        return self.step_fn(state, batch, self.tables)
 
     def _metrics(self, params: Any, data: ev.EvalData) -> dict[str, float]:
         scores, rows = ev.dense_search(

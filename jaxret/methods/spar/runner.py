@@ -35,9 +35,7 @@ from jaxret.models import dual_encoder as de
 from jaxret.parallel import global_batch, mesh_from_config
 from jaxret.parallel.axes import DATA
 from jaxret.train.batching import epoch_batch, process_rows
-from jaxret.train.optim import start_training
 from jaxret.train.setup import (
-    RetrieverRunner,
     load_retriever,
     prepare_hint,
     rows_on_devices,
@@ -100,7 +98,7 @@ def prepare(
     return out
 
 
-class SparRun(RetrieverRunner):
+class SparRun(contrastive.ContrastiveRunner):
     name = "SPAR-Λ"
     metric = "mrr"
     loss_label = "contrastive loss"
@@ -161,23 +159,8 @@ class SparRun(RetrieverRunner):
         self.queries = queries
         self.dev_questions = self._dev_questions(store, lspec, tokenizer, spec.max_query_length)
 
-        start = start_training(cfg, params, mesh, len(self.train_ids))
-        self.total_steps, self.optimizer, self.lr_at = start.total, start.optimizer, start.lr_at
-        self.state, self.shardings = start.state, start.shardings
-        self.initial_params = params
-        ccfg = contrastive.ContrastiveConfig.for_encoder(self.encoder, dropout=cfg.spar.dropout)
-        self.step_fn = contrastive.compile_train_step(
-            encoder,
-            self.optimizer,
-            ccfg,
-            mesh,
-            self.layout,
-            self.state,
-            self.shardings,
-            self.batch_at(0),
-            self.tables,
-            "the SPAR train step",
-        )
+        self.start_training(cfg, params, mesh, len(self.train_ids))
+        self.compile_step(cfg.spar.dropout, "the SPAR train step")
 
     def _eval_data(self) -> ev.EvalData | None:
         cfg = self.cfg
@@ -207,9 +190,6 @@ class SparRun(RetrieverRunner):
             "passage_rows": rows[mine],
         }
         return global_batch(local, self.mesh, DATA)
-
-    def train_step(self, state: Any, batch: Any) -> tuple[Any, dict]:
-        return self.step_fn(state, batch, self.tables)
 
     def _embed_rows(self, params: Any, rows: np.ndarray) -> np.ndarray:
         tokens = {k: np.asarray(v[rows], np.int32) for k, v in self.table.arrays.items()}
