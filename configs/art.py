@@ -110,6 +110,9 @@ def base():
     # slices: a dev evaluation on the training index searches its queries over this many
     # steps (one slice after each), a stall of 1/slices of the search; the parameters
     # evaluated are kept (one more copy of them) until the last slice.
+    # answer_workers: processes matching answers in the retrieved passages (DPR's has_answer,
+    # QA data) while training goes on; -1: none on CPU devices, else half the host's
+    # cores up to 8 (jaxret/eval/qa.py:workers_for).
     c.eval = ml_collections.ConfigDict(
         dict(
             metric="top20",
@@ -118,6 +121,7 @@ def base():
             test_baseline=True,
             index="training",
             slices=1,
+            answer_workers=-1,
         )
     )
     return c

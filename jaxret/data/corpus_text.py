@@ -58,6 +58,13 @@ class Strings(Sequence[str]):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def __reduce__(self) -> tuple:
+        # Sent to a worker process (answer matching) as the files it maps, not their bytes.
+        blob, offsets = self.blob, self.offsets
+        if _mapped(blob) and _mapped(offsets):
+            return (_open_strings, (blob.filename, offsets.filename))
+        return (Strings, (np.asarray(blob), np.asarray(offsets)))
+
     def _one(self, i: int) -> str:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.blob[a:b].tobytes().decode()
@@ -84,6 +91,14 @@ class Strings(Sequence[str]):
             cuts = self.offsets[start : stop + 1] - a
             for x, y in zip(cuts[:-1], cuts[1:]):
                 yield block[x:y].decode()
+
+
+def _mapped(a: np.ndarray) -> bool:
+    return isinstance(a, np.memmap) and a.filename is not None
+
+
+def _open_strings(blob: str, offsets: str) -> Strings:
+    return Strings(np.memmap(blob, np.uint8, "r"), np.load(offsets, mmap_mode="r"))
 
 
 class RowOf(Mapping[str, int]):

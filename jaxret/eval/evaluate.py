@@ -293,19 +293,33 @@ def bm25_search(
     return scores, rows, bm25.describe()
 
 
-def compute_metrics(data: EvalData, scores: np.ndarray, rows: np.ndarray) -> dict[str, float]:
-    """BEIR metrics when judged, top-k answer accuracy when answers are known."""
+def match_answers(
+    data: EvalData,
+    rows: np.ndarray,
+    part: slice = slice(None),
+    matcher: qa.AnswerMatcher | None = None,
+) -> qa.Matching | None:
+    """The answer hits [Q', K] of the questions `part` of `data` retrieving `rows` [Q', K]
+    (`matcher`'s workers, or at once); None when `data` has no answers."""
+    if data.answers is None:
+        return None
+    answers = data.answers[part]
+    args = ([e.answers for e in answers], [e.match_type for e in answers], rows, data.corpus.texts)
+    return matcher.submit(*args) if matcher else qa.match_now(*args)
+
+
+def compute_metrics(
+    data: EvalData, scores: np.ndarray, rows: np.ndarray, hits: np.ndarray | None = None
+) -> dict[str, float]:
+    """BEIR metrics when judged, top-k answer accuracy when answers are known (`hits`:
+    `match_answers`' result, matched now if not given)."""
     out: dict[str, float] = {}
     if data.qrels is not None:
         run = metrics.run_from_arrays(data.query_ids, data.corpus.ids, scores, rows)
         out.update(metrics.evaluate(data.qrels, run))
     if data.answers is not None:
-        hits = qa.hits_matrix(
-            [e.answers for e in data.answers],
-            [e.match_type for e in data.answers],
-            rows,
-            data.corpus.texts,
-        )
+        if hits is None:
+            hits = match_answers(data, rows).result()
         ks = [k for k in (1, 5, 20, 100) if k <= rows.shape[1]]
         out.update(qa.top_k_accuracy(hits, ks))
         out.setdefault("num_queries", float(len(data.answers)))

@@ -66,3 +66,71 @@ def test_hits_and_top_k_accuracy():
             assert hits[i, j] == (r >= 0 and has_answer(ans, texts[r]))
     with pytest.raises(ValueError, match="fuzzy"):
         has_answer(["a"], "a", "fuzzy")
+
+
+def _qa_case(n_passages=300, n_questions=40, k=12, seed=0):
+    """Passages of words, each question's answer taken from one passage (so hits exist),
+    string and regex answers mixed, some rows -1 (fewer than k found)."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(400)]
+    texts = [" ".join(rng.choice(words, 30)) + f" é{i}." for i in range(n_passages)]
+    rows = rng.integers(0, n_passages, (n_questions, k))
+    rows[::7, -3:] = -1
+    answers, types = [], []
+    for i in range(n_questions):
+        tokens = texts[rows[i, i % k]].split()
+        start = int(rng.integers(0, len(tokens) - 2))
+        answers.append([" ".join(tokens[start : start + 2]), "never there"])
+        types.append("regex" if i % 5 == 0 else "string")
+    return answers, types, rows, texts
+
+
+def test_answer_workers_match_as_the_calling_thread(tmp_path):
+    """`AnswerMatcher(2)` (spawned workers, questions split between them) returns what
+    `hits_matrix` returns in the calling thread, for a corpus held as strings (the
+    retrieved texts sent) and for the store's memory-mapped text table (sent as the files it
+    maps: a pickle of a few hundred bytes, whatever the corpus size). Fails if the rows sent
+    with the retrieved texts are not renumbered (`_portable`), if a chunk's questions are
+    misaligned with its rows, or if `Strings` pickles its bytes (the size check)."""
+    import pickle
+
+    from jaxret.data.corpus_text import stored_corpus, write_text_table
+    from jaxret.data.readers import read_corpus
+    from jaxret.eval.qa import AnswerMatcher
+
+    answers, types, rows, texts = _qa_case()
+    expected = hits_matrix(answers, types, rows, texts)
+    assert 0.05 < expected.mean() < 0.9  # hits and misses both
+    source = tmp_path / "corpus.jsonl"
+    source.write_text(
+        "".join(f'{{"_id": "d{i}", "title": "", "text": "{t}"}}\n' for i, t in enumerate(texts))
+    )
+    write_text_table(tmp_path / "store", source, read_corpus(source))
+    stored = stored_corpus(tmp_path / "store", source).texts
+    assert len(pickle.dumps(stored)) < 1000 < len(pickle.dumps(list(texts)))
+    assert list(pickle.loads(pickle.dumps(stored))) == texts
+    matcher = AnswerMatcher(2)
+    try:
+        for corpus in (texts, stored):
+            matching = matcher.submit(answers, types, rows, corpus)
+            np.testing.assert_array_equal(matching.result(), expected)
+            assert matching.done()
+        assert len(matcher._pool._processes) == 2  # the matching ran in the workers
+    finally:
+        matcher.close()
+    np.testing.assert_array_equal(
+        AnswerMatcher(0).submit(answers, types, rows, texts).result(), expected
+    )
+
+
+def test_answer_workers_setting():
+    """-1 (auto): none on CPU devices (their cores are the devices'), at least one and at
+    most 8 elsewhere; a given count is kept; anything else is refused. Fails if auto
+    starts workers on CPU devices."""
+    from jaxret.eval.qa import workers_for
+
+    assert workers_for(-1, "cpu") == 0
+    assert 1 <= workers_for(-1, "gpu") <= 8
+    assert workers_for(3, "cpu") == 3
+    with pytest.raises(ValueError, match="answer_workers=-2"):
+        workers_for(-2, "tpu")

@@ -31,6 +31,11 @@ def train_losses(workdir):
     return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
 
 
+def dev_rows(workdir):
+    rows = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "dev"]
+
+
 def test_tiny_config_runs_the_whole_loop(tiny_bert, tmp_path):
     summary = train(config(tiny_bert), tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -397,9 +402,16 @@ def test_two_processes_match_one_process(tiny_bert, tmp_path, refresh):
         )
     else:
         subprocess.run(prepare, env=env, cwd=ROOT, check=True, capture_output=True)
-    procs, outs = _two_processes(tiny_bert, tmp_path / "multi", extra)
+    # Each process matches the dev answers in a worker and waits, polling, until every
+    # process's worker is done (one flag gathered per poll: all take the same branch).
+    workers = "--config.eval.answer_workers=1"
+    procs, outs = _two_processes(tiny_bert, tmp_path / "multi", (*extra, workers))
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     single, multi = train_losses(tmp_path / "single"), train_losses(tmp_path / "multi")
+    dev = [dev_rows(tmp_path / run) for run in ("single", "multi")]
+    assert [r["step"] for r in dev[1]] == [3]
+    for k in ("top1", "top5", "top20", "top100"):  # a near tie may flip one of 40 questions
+        assert abs(dev[0][0][k] - dev[1][0][k]) <= 1 / 40 + 1e-9, (k, dev)
     assert [s for s, _ in multi] == [1, 2, 3]
     # Each process sealed the checkpoint files it wrote (no process hashes the others').
     step = tmp_path / "multi" / "checkpoints" / "3"
@@ -585,6 +597,46 @@ def test_dev_evaluation_reads_the_training_index(tiny_bert, tmp_path, monkeypatc
     calls.clear()
     train(config(tiny_bert, **base, **{"eval.index": "fresh"}), tmp_path / "fresh")
     assert len(calls) == (4 if refresh == "sync" else 3)  # + a scratch index at 3 and 6
+
+
+def test_dev_answers_are_matched_by_workers_beside_training(tiny_bert, tmp_path, monkeypatch):
+    """eval.answer_workers=2 with the search in 2 slices: DPR's answer matching runs in 2
+    spawned processes while the next steps run, and every dev row (steps 1 and 2) is the
+    one the calling thread's matching gives (answer_workers=0). Fails if ART's evaluation
+    matches in the training thread whatever the setting (no worker ever started), or if
+    a slice's answers are matched against another slice's passages."""
+    from jaxret.eval import qa
+
+    made = []
+
+    class Recording(qa.AnswerMatcher):
+        def __init__(self, workers):
+            super().__init__(workers)
+            made.append(self)
+
+    monkeypatch.setattr(qa, "AnswerMatcher", Recording)
+    base = {
+        "train.steps": 2,
+        "train.eval_every": 1,
+        "eval.at_start": False,
+        "eval.test_at_end": False,
+        "eval.slices": 2,
+    }
+    dev = {}
+    for workers in (0, 2):
+        workdir = tmp_path / str(workers)
+        train(config(tiny_bert, **base, **{"eval.answer_workers": workers}), workdir)
+        dev[workers] = [
+            {k: v for k, v in r.items() if k not in ("eval_seconds", "time")}
+            for r in dev_rows(workdir)
+        ]
+    try:
+        assert [m.workers for m in made] == [0, 2]
+        assert made[0]._pool is None and len(made[1]._pool._processes) == 2
+    finally:
+        made[1].close()
+    assert [r["step"] for r in dev[2]] == [1, 2] and "top20" in dev[2][0]
+    assert dev[2] == dev[0]
 
 
 def test_rolling_index_is_kept_in_the_newest_checkpoint_only(tiny_bert, tmp_path, monkeypatch):
