@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -306,6 +307,17 @@ def match_answers(
     answers = data.answers[part]
     args = ([e.answers for e in answers], [e.match_type for e in answers], rows, data.corpus.texts)
     return matcher.submit(*args) if matcher else qa.match_now(*args)
+
+
+def metrics_of_rankings(data: EvalData) -> Callable[[np.ndarray, np.ndarray], dict[str, float]]:
+    """`compute_metrics` of `data` for many rankings (a weight grid), each question's answer
+    matched in each retrieved passage once (`qa.RememberedHits`)."""
+    if data.answers is None:
+        return lambda scores, rows: compute_metrics(data, scores, rows)
+    hits = qa.RememberedHits(
+        [e.answers for e in data.answers], [e.match_type for e in data.answers], data.corpus.texts
+    )
+    return lambda scores, rows: compute_metrics(data, scores, rows, hits.matrix(rows))
 
 
 def compute_metrics(

@@ -273,8 +273,10 @@ def _spar_index_and_mu(
     )
     dev_queries = embed(dev) if (mu is None and dev is not None) else None
 
+    metrics = ev.metrics_of_rankings(dev) if dev_queries is not None else None
+
     def evaluate_at(m: float) -> dict[str, float]:
-        return ev.compute_metrics(dev, *search_combined(index, *dev_queries, m, kind, dev, k))
+        return metrics(*search_combined(index, *dev_queries, m, kind, dev, k))
 
     mu, info = _tuned(evaluate_at, dev, mu, grid, metric)
     search = lambda data, depth: search_combined(index, *embed(data), mu, kind, data, depth)
@@ -325,7 +327,8 @@ def _fused_with_bm25(
         return dense_search(data, depth), sparse
 
     dev_lists = lists(dev) if (weight is None and dev is not None) else None
-    evaluate_at = lambda w: ev.compute_metrics(dev, *fuse_normalized(*dev_lists, w, k))
+    metrics = ev.metrics_of_rankings(dev) if dev_lists is not None else None
+    evaluate_at = lambda w: metrics(*fuse_normalized(*dev_lists, w, k))
     weight, info = _tuned(evaluate_at, dev, weight, grid, metric)
     scores, rows = fuse_normalized(*lists(test), weight, k)
     return scores, rows, {"weight": weight, "depth": depth, "bm25": bm25.describe(), **info}

@@ -101,6 +101,37 @@ def hits_matrix(
     return out
 
 
+class RememberedHits:
+    """`hits_matrix` for many rankings of the same questions (SPAR's μ grid, a fusion weight
+    grid: 19 rankings of NQ dev's 8,757 questions × 100 passages, mostly the same pairs),
+    each (question, passage row) matched once and remembered."""
+
+    def __init__(
+        self, answers: Sequence[Sequence[str]], match_types: Sequence[str], texts: Sequence[str]
+    ):
+        self.answers, self.match_types, self.texts = answers, match_types, texts
+        self._known: list[dict[int, bool]] = [{} for _ in answers]
+        self.matched = 0  # pairs matched so far
+
+    def matrix(self, rows: np.ndarray) -> np.ndarray:  # rows [Q, K] → hits [Q, K]
+        todo = np.full(rows.shape, -1, rows.dtype)  # the pairs not matched yet, once each
+        for i, q in enumerate(rows):
+            new = {int(r) for r in q if r >= 0} - self._known[i].keys()
+            for j, r in enumerate(q):
+                if int(r) in new:
+                    todo[i, j] = r
+                    new.discard(int(r))
+        found = hits_matrix(self.answers, self.match_types, todo, self.texts)
+        self.matched += int((todo >= 0).sum())
+        out = np.zeros(rows.shape, bool)
+        for i, q in enumerate(rows):
+            seen = self._known[i]
+            for j in np.flatnonzero(todo[i] >= 0):
+                seen[int(todo[i, j])] = bool(found[i, j])
+            out[i] = [r >= 0 and seen[int(r)] for r in q]
+        return out
+
+
 def _ignore_stop_signals() -> None:
     # SLURM signals every process of the job step, these workers too: they finish the
     # matching a SIGTERM'd run still needs (its last evaluation) and end with their parent.

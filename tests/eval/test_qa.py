@@ -134,3 +134,24 @@ def test_answer_workers_setting():
     assert workers_for(3, "cpu") == 3
     with pytest.raises(ValueError, match="answer_workers=-2"):
         workers_for(-2, "tpu")
+
+
+def test_remembered_hits_match_each_pair_once():
+    """Three rankings of the same questions (reordered, overlapping, with -1 rows):
+    `RememberedHits.matrix` equals `hits_matrix` for each, and matches only pairs it has not
+    seen (the count is the distinct (question, row) pairs). Fails if a remembered pair is
+    matched again (the count) or is returned from another question's memory (the values)."""
+    from jaxret.eval.qa import RememberedHits
+
+    answers, types, rows, texts = _qa_case()
+    rng = np.random.default_rng(1)
+    rankings = [rows, rows[:, ::-1].copy(), np.where(rng.random(rows.shape) < 0.5, rows, 7)]
+    remembered = RememberedHits(answers, types, texts)
+    for ranking in rankings:
+        np.testing.assert_array_equal(
+            remembered.matrix(ranking), hits_matrix(answers, types, ranking, texts)
+        )
+    distinct = sum(
+        len({int(r) for k in rankings for r in k[i] if r >= 0}) for i in range(len(rows))
+    )
+    assert remembered.matched == distinct < sum(int((k >= 0).sum()) for k in rankings)
