@@ -281,6 +281,13 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-docs", type=_positive_int)
     v.add_argument("--store")
     v.add_argument("--run-out", help="write the run as a TREC run file")
+    v.add_argument(
+        "--answer-workers",
+        type=_number(int, 0),
+        help="processes matching answers in the retrieved passages (QA data: DPR's top-k "
+        f"accuracy); 0: in this process. Default: every core from {AUTO_MATCH_PAIRS:,} "
+        "(question, passage) pairs on (NQ test: 361,000), else 0",
+    )
     v.add_argument("--json", action="store_true", help="one JSON object on the last line")
 
     a = command("analyze", help="SPAR's analyses: RBO with BM25, token-shuffled queries")
@@ -592,7 +599,7 @@ def _evaluate(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[st
                 store=args.store,
                 progress=progress,
             )
-    result = ev.compute_metrics(data, scores, rows)
+    result = ev.compute_metrics(data, scores, rows, _answer_hits(data, rows, args.answer_workers))
     if args.run_out:
         from jaxret.eval.metrics import run_from_arrays
 
@@ -660,6 +667,26 @@ def _analyze(cfg: Any, args: argparse.Namespace, explicit: set[str]) -> dict[str
         shuffled = ev.compute_metrics(shuffled_data, *search(shuffled_data))
         info.update(original=original, shuffled=shuffled, seed=args.seed)
     return info
+
+
+# Below this many (question, passage) pairs the matching takes less than starting workers.
+AUTO_MATCH_PAIRS = 20_000
+
+
+def _answer_hits(data: Any, rows: Any, workers: int | None) -> Any:
+    """The answer hits [Q, K] of QA data (None otherwise), matched by `workers` processes."""
+    from jaxret.eval import evaluate as ev
+    from jaxret.eval import qa
+
+    if data.answers is None:
+        return None
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if rows.size >= AUTO_MATCH_PAIRS else 0
+    matcher = qa.AnswerMatcher(workers)
+    try:
+        return ev.match_answers(data, rows, matcher=matcher).result()
+    finally:
+        matcher.close()
 
 
 def cmd_eval(cfg: Any, args: argparse.Namespace) -> None:
