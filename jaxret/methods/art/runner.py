@@ -430,8 +430,8 @@ class ArtRun(RetrieverRunner):
     def _matched(self, matching: list[qa.Matching | None]) -> bool:
         """Whether every process's answer matching is done (all take the same branch: one
         flag gathered from each while it runs; none with workers = 0, all done at once)."""
-        if self.answer_matcher.workers == 0:
-            return True
+        if self.answer_matcher.workers == 0 or all(m is None for m in matching):
+            return True  # (every process has the same dev set)
         mine = all(m is None or m.done(timeout=0.01) for m in matching)
         if jax.process_count() == 1:
             return mine
