@@ -405,7 +405,7 @@ class ArtRun(RetrieverRunner):
         per_slice = -(-len(q) // min(slices, len(q)))
         found, matching = [], []
         for start in range(0, len(q), per_slice):
-            if start:
+            if slices > 1:  # each slice after one more step (the first: after the next)
                 yield
             part = slice(start, start + per_slice)
             scores, rows = ev.search_index(
