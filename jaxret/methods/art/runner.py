@@ -395,7 +395,8 @@ class ArtRun(RetrieverRunner):
         slices = int(self.cfg.eval.get("slices", 1))
         if slices < 1:
             raise ConfigError(f"eval.slices={slices}; expected an integer ≥ 1")
-        if self._eval_mode() == "fresh":
+        at_once = slices == 1 and self.answer_matcher.workers == 0
+        if at_once or self._eval_mode() == "fresh":
             yield from ()
             return self.evaluate(state, step)
         self.refresh.ensure(state)
