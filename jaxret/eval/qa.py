@@ -147,8 +147,8 @@ def _ignore_stop_signals() -> None:
 
 def _portable(rows: np.ndarray, texts: Sequence[str]) -> tuple[np.ndarray, Sequence[str]]:
     """(rows, texts) to send to a worker: a stored corpus's texts as the files it maps
-    (`corpus_text.Strings` pickles so), any other sequence as the retrieved texts only."""
-    from jaxret.data.corpus_text import Strings
+    (`data.strings.Strings` pickles so), any other sequence as the retrieved texts only."""
+    from jaxret.data.strings import Strings
 
     if isinstance(texts, Strings):
         return rows, texts
@@ -214,8 +214,9 @@ class AnswerMatcher:
     training thread did it. ART's released code splits it over its ranks and 2 pool workers
     per rank (qa_validation.py:54, `--num-workers 2` in
     examples/zero-shot-retriever-training/art-nq-T0-3B.sh:89) and training waits; here the
-    questions are split over `workers` spawned processes (importing only this module), which
-    run while training goes on. workers = 0: matched in the calling thread, at once."""
+    questions are split over `workers` spawned processes (no JAX in them: this module, numpy
+    and the store's `Strings`), which run while training goes on. workers = 0: matched in
+    the calling thread, at once."""
 
     def __init__(self, workers: int):
         if workers < 0:

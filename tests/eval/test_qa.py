@@ -91,8 +91,11 @@ def test_answer_workers_match_as_the_calling_thread(tmp_path):
     retrieved texts sent) and for the store's memory-mapped text table (sent as the files it
     maps: a pickle of a few hundred bytes, whatever the corpus size). Fails if the rows sent
     with the retrieved texts are not renumbered (`_portable`), if a chunk's questions are
-    misaligned with its rows, or if `Strings` pickles its bytes (the size check)."""
+    misaligned with its rows, if `Strings` pickles its bytes (the size check), or if
+    unpickling it imports JAX (`Strings` back in `corpus_text`, which does)."""
     import pickle
+    import subprocess
+    import sys
 
     from jaxret.data.corpus_text import stored_corpus, write_text_table
     from jaxret.data.readers import read_corpus
@@ -109,6 +112,15 @@ def test_answer_workers_match_as_the_calling_thread(tmp_path):
     stored = stored_corpus(tmp_path / "store", source).texts
     assert len(pickle.dumps(stored)) < 1000 < len(pickle.dumps(list(texts)))
     assert list(pickle.loads(pickle.dumps(stored))) == texts
+    # A worker maps the table without importing JAX (seconds and ~100 MB per worker).
+    code = (
+        "import pickle, sys; s = pickle.loads(sys.stdin.buffer.read()); "
+        "print(len(s), 'jax' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(stored), capture_output=True
+    )
+    assert out.stdout.split() == [b"300", b"False"], out.stderr.decode()[-2000:]
     matcher = AnswerMatcher(2)
     try:
         for corpus in (texts, stored):
