@@ -189,3 +189,33 @@ def test_hits_matrix_keeps_a_bounded_number_of_passages():
     np.testing.assert_array_equal(hits[0], hits[1])
     assert hits[1][:, 5].all()
     assert peaks[1] < peaks[0] / 5, peaks
+
+
+def test_a_lost_answer_worker_is_replaced_by_the_calling_thread(caplog):
+    """A worker killed (the OOM killer, a stray signal) breaks the pool: what was sent to it
+    is matched in the calling thread, with a warning, and the hits are the same. Fails if
+    `BrokenProcessPool` reaches the evaluation (the run would stop)."""
+    import os
+    import signal
+    import time
+
+    from jaxret.eval.qa import AnswerMatcher
+
+    answers, types, rows, texts = _qa_case(n_questions=10)
+    expected = hits_matrix(answers, types, rows, texts)
+    matcher = AnswerMatcher(1)
+    try:
+        matcher.submit(answers, types, rows, texts).result()  # the worker is up
+        pids = list(matcher._pool._processes)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 30
+        while any(p.is_alive() for p in matcher._pool._processes.values()):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        with caplog.at_level("WARNING"):
+            hits = matcher.submit(answers, types, rows, texts).result()
+    finally:
+        matcher.close()
+    np.testing.assert_array_equal(hits, expected)
+    assert "matched here instead" in caplog.text
