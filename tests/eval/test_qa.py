@@ -219,3 +219,30 @@ def test_a_lost_answer_worker_is_replaced_by_the_calling_thread(caplog):
         matcher.close()
     np.testing.assert_array_equal(hits, expected)
     assert "matched here instead" in caplog.text
+
+
+def test_answer_workers_outlive_a_sigterm(caplog):
+    """SLURM's SIGTERM reaches every process of the job step, the workers too: they keep
+    matching (the SIGTERM'd run still finishes its last evaluation before saving). Fails
+    if the workers take SIGTERM's default action (the pool breaks: a warning, and the
+    matching falls back to the training thread)."""
+    import os
+    import signal
+    import time
+
+    from jaxret.eval.qa import AnswerMatcher
+
+    answers, types, rows, texts = _qa_case(n_questions=10)
+    matcher = AnswerMatcher(1)
+    try:
+        matcher.submit(answers, types, rows, texts).result()  # the worker is up
+        (process,) = matcher._pool._processes.values()
+        os.kill(process.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        assert process.is_alive()
+        with caplog.at_level("WARNING"):
+            hits = matcher.submit(answers, types, rows, texts).result()
+    finally:
+        matcher.close()
+    np.testing.assert_array_equal(hits, hits_matrix(answers, types, rows, texts))
+    assert "instead" not in caplog.text
